@@ -1,0 +1,2730 @@
+#!/usr/bin/env python3
+"""mesh.py - one pool of Ollama machines over nothing but SSH.
+
+Every node keeps Ollama on its own localhost:11434 and exposes only sshd.
+The nodes are the Host entries of your SSH config.  mesh.py reaches each
+node's Ollama through one OpenSSH ControlMaster per node (a forward held by
+the master, else per-request ``ssh -W``, else ``ssh NODE curl``), routes each
+request to the least loaded node that has the model, fails over before the
+first byte, and streams tokens as they arrive.
+
+Command line::
+
+    python3 mesh.py test                 # check every node
+    python3 mesh.py nodes --json         # what the SSH config says
+    python3 mesh.py generate "Hello"     # ask the pool
+    python3 mesh.py chat                 # talk to the pool
+    python3 mesh.py serve                # look like one Ollama on 127.0.0.1:11500
+    python3 mesh.py bench                # time to first token, tokens/s per node
+
+Library::
+
+    from mesh import MeshOrchestrator
+    async with MeshOrchestrator(config="~/.ssh/config") as mesh:
+        reply = await mesh.generate("Hello", model="qwen2.5:7b")
+        async for chunk in await mesh.generate("Hi", stream=True):
+            print(chunk["response"], end="")
+
+Per-node settings ssh does not know live in comments inside the Host block::
+
+    Host vengeance
+        HostName 192.0.2.46
+        # mesh: name="Vengeance RTX 4090" weight=3 max_concurrent=16
+
+Standard library only; Python 3.9 or newer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import re
+import sys
+import time
+from typing import Any, AsyncIterator, Dict, Iterable, List, Optional, Sequence, Tuple
+
+__all__ = [
+    "MeshError", "ConfigError", "NodeError", "ModelNotFoundError", "NoNodeAvailableError",
+    "StreamInterruptedError", "SSHConfig", "HostInfo", "parse_mesh_settings",
+    "NDJSONDecoder", "SSHNode", "MeshOrchestrator", "main",
+]
+
+__version__ = "1.0.0"
+
+logger = logging.getLogger("mesh")
+
+DEFAULT_MODEL = "qwen2.5:7b"
+DEFAULT_OLLAMA_PORT = 11434
+DEFAULT_LISTEN = "127.0.0.1:11500"
+DEFAULT_MAX_CONCURRENT = 16
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_FIRST_BYTE_TIMEOUT = 600.0   # a cold load of a large model takes minutes
+DEFAULT_IDLE_TIMEOUT = 120.0
+DEFAULT_CONTROL_PERSIST = 300        # seconds an idle master stays for the next command
+LIVENESS_INTERVAL = 5.0              # while waiting for a first byte, ask the node this often
+PROBE_TIMEOUT = 5.0                  # a /api/version probe answers within this or the node is sick
+INVENTORY_TTL = 30.0                 # how long /api/tags and /api/ps answers are trusted
+COOLDOWN_MIN, COOLDOWN_MAX = 1.0, 30.0
+EXEC_SESSION_CAP = 8                 # below sshd's default MaxSessions 10 for `ssh node curl`
+
+
+# ---------------------------------------------------------------------------
+# Errors: one root; its message is what the user sees.
+# ---------------------------------------------------------------------------
+
+class MeshError(Exception):
+    """Root of every error mesh.py raises on purpose; str(e) is the user-facing message."""
+
+    exit_code = 1
+
+
+class UsageError(MeshError):
+    """Bad input from the user: unknown node, empty prompt, bad option value."""
+
+    exit_code = 2
+
+
+class ConfigError(MeshError):
+    """An SSH config ssh would reject (or that cannot be read): 'FILE:LINE: what'."""
+
+
+class NodeError(MeshError):
+    """One node failed a request.  `retryable` is true when nothing was relayed yet
+    and another node may answer; `status` is Ollama's HTTP status when there was one."""
+
+    def __init__(self, node: str, message: str, *, status: Optional[int] = None,
+                 retryable: bool = True, mark_down: bool = True) -> None:
+        super().__init__(f"{node}: {message}")
+        self.node = node
+        self.reason = message
+        self.status = status
+        self.retryable = retryable
+        self.mark_down = mark_down
+
+
+class ModelNotFoundError(MeshError):
+    """No node has the requested model (Ollama's 404)."""
+
+    status = 404
+
+
+class NoNodeAvailableError(MeshError):
+    """Nodes have the model but none could take the request."""
+
+    status = 503
+
+
+class StreamInterruptedError(MeshError):
+    """A stream failed after tokens were handed on; it is never retried (no duplicates)."""
+
+
+# ---------------------------------------------------------------------------
+# SSH config (pure): text in, hosts out.  The reference is `ssh -G -T -F FILE alias`
+# of OpenSSH 9.x; each rule below mirrors readconf.c.
+# ---------------------------------------------------------------------------
+
+# Every keyword OpenSSH 9.x accepts (lowercase).  Unknown ones are errors unless
+# IgnoreUnknown covers them, as in ssh.
+_KEYWORDS = frozenset("""
+host match include hostname user port identityfile certificatefile localforward remoteforward
+dynamicforward sendenv setenv addkeystoagent addressfamily batchmode bindaddress bindinterface
+canonicaldomains canonicalizefallbacklocal canonicalizehostname canonicalizemaxdots
+canonicalizepermittedcnames casignaturealgorithms challengeresponseauthentication checkhostip
+cipher ciphers clearallforwardings compression connectionattempts connecttimeout controlmaster
+controlpath controlpersist dsaauthentication enableescapecommandline enablesshkeysign
+escapechar exitonforwardfailure fingerprinthash forkafterauthentication forwardagent
+forwardx11 forwardx11timeout forwardx11trusted gatewayports globalknownhostsfile
+gssapiauthentication gssapidelegatecredentials gssapiclientidentity gssapikexalgorithms
+gssapikeyexchange gssapirenewalforcesrekey gssapiserveridentity gssapitrustdns
+hashknownhosts hostbasedacceptedalgorithms hostbasedauthentication hostbasedkeytypes
+hostkeyalgorithms hostkeyalias identitiesonly identityagent ignoreunknown ipqos
+kbdinteractiveauthentication kbdinteractivedevices kexalgorithms knownhostscommand
+localcommand loglevel logverbose macs nohostauthenticationforlocalhost numberofpasswordprompts
+passwordauthentication permitlocalcommand permitremoteopen pkcs11provider
+preferredauthentications protocol proxycommand proxyjump proxyusefdpass
+pubkeyacceptedalgorithms pubkeyacceptedkeytypes pubkeyauthentication rekeylimit remotecommand
+requesttty requiredrsasize revokedhostkeys securitykeyprovider serveralivecountmax
+serveraliveinterval sessiontype smartcarddevice stdinnull streamlocalbindmask
+streamlocalbindunlink stricthostkeychecking syslogfacility tcpkeepalive tunnel tunneldevice
+updatehostkeys userknownhostsfile verifyhostkeydns visualhostkey xauthlocation
+globalknownhostsfile2 userknownhostsfile2 identityfile2 skeyauthentication tisauthentication
+keepalive fallbacktorsh usersh useroaming useprivilegedport rhostsauthentication
+rsaauthentication rhostsrsaauthentication compressionlevel afstokenpassing
+kerberosauthentication kerberostgtpassing useblacklistedkeys protocolkeepalives setuptimeout
+""".split())
+
+# Keywords taking any number (>= 1) of arguments; the rest take exactly one.
+_MULTI_ARG = frozenset("""
+include sendenv setenv globalknownhostsfile userknownhostsfile canonicaldomains
+canonicalizepermittedcnames permitremoteopen logverbose
+""".split())
+# Keywords whose value is the rest of the line, verbatim.
+_COMMAND_ARG = frozenset("proxycommand localcommand remotecommand knownhostscommand".split())
+# Keywords that accumulate instead of first-wins.
+_ACCUMULATE = frozenset("identityfile identityfile2 certificatefile localforward remoteforward dynamicforward sendenv".split())
+_ALIASES = {"identityfile2": "identityfile", "globalknownhostsfile2": "globalknownhostsfile",
+            "userknownhostsfile2": "userknownhostsfile", "dsaauthentication": "pubkeyauthentication",
+            "skeyauthentication": "kbdinteractiveauthentication",
+            "tisauthentication": "kbdinteractiveauthentication",
+            "challengeresponseauthentication": "kbdinteractiveauthentication",
+            "pubkeyacceptedkeytypes": "pubkeyacceptedalgorithms",
+            "hostbasedkeytypes": "hostbasedacceptedalgorithms"}
+_FLAG_KEYWORDS = frozenset("""
+batchmode checkhostip clearallforwardings enablesshkeysign exitonforwardfailure forwardx11
+forwardx11trusted gatewayports gssapiauthentication gssapidelegatecredentials hashknownhosts
+hostbasedauthentication identitiesonly kbdinteractiveauthentication nohostauthenticationforlocalhost
+passwordauthentication permitlocalcommand proxyusefdpass streamlocalbindunlink tcpkeepalive
+visualhostkey compression forkafterauthentication stdinnull enableescapecommandline
+""".split())
+_MATCH_CRITERIA = frozenset("all canonical final exec host originalhost user localuser".split())
+_DEFAULT_IDENTITY_FILES = ("~/.ssh/id_rsa", "~/.ssh/id_ecdsa", "~/.ssh/id_ecdsa_sk",
+                           "~/.ssh/id_ed25519", "~/.ssh/id_ed25519_sk", "~/.ssh/id_xmss", "~/.ssh/id_dsa")
+_MAX_INCLUDE_DEPTH = 16
+_MESH_COMMENT = re.compile(r"^\s*#\s*mesh\s*:(.*)$", re.IGNORECASE)
+
+
+def split_args(text: str) -> List[str]:
+    """Split an ssh_config argument string the way OpenSSH's argv_split does.
+
+    Whitespace separates; "double" and 'single' quotes group; a backslash escapes a
+    quote, a backslash, or (outside quotes) a space; a token that *starts* with '#'
+    ends the line, so `h#x` stays literal.  An unbalanced quote raises ValueError.
+    """
+    args: List[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        if text[i] in " \t":
+            i += 1
+            continue
+        if text[i] == "#":
+            break
+        quote, buf = "", []
+        while i < n:
+            c = text[i]
+            if c == "\\" and i + 1 < n and (text[i + 1] in "'\"\\" or (not quote and text[i + 1] == " ")):
+                buf.append(text[i + 1])
+                i += 2
+                continue
+            if not quote and c in " \t":
+                break
+            if not quote and c in "'\"":
+                quote = c
+            elif quote and c == quote:
+                quote = ""
+            else:
+                buf.append(c)
+            i += 1
+        if quote:
+            raise ValueError("invalid quotes")
+        args.append("".join(buf))
+    return args
+
+
+def split_keyword(line: str) -> Optional[Tuple[str, str]]:
+    """(keyword, rest) of one config line, or None for blank and comment lines.
+
+    The keyword ends at whitespace or '='; `Key value`, `Key=value` and `Key = value`
+    are the same (OpenSSH's strdelim)."""
+    s = line.strip(" \t\r\n\f")
+    if not s or s.startswith("#"):
+        return None
+    m = re.match(r'([^\s="]*)([\s="]|$)', s)
+    assert m is not None
+    keyword, delim = m.group(1), m.group(2)
+    rest = s[m.end(1):]
+    if delim == "=":
+        rest = rest[1:].lstrip(" \t")
+    else:
+        rest = rest.lstrip(" \t")
+        if rest.startswith("="):
+            rest = rest[1:].lstrip(" \t")
+    if not keyword:
+        return None
+    return keyword.lower(), rest
+
+
+def match_pattern(text: str, pattern: str, *, fold: bool = False) -> bool:
+    """OpenSSH's match_pattern: only '*' and '?' are special (no [...] classes)."""
+    if fold:
+        text, pattern = text.lower(), pattern.lower()
+    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.fullmatch(regex, text, re.DOTALL) is not None
+
+
+def match_pattern_list(text: str, patterns: str, *, fold: bool = False) -> bool:
+    """A comma-separated list with '!' negation (Match criteria, IgnoreUnknown):
+    true when some positive pattern matches and no negated one does."""
+    found = False
+    for pat in patterns.split(","):
+        if pat.startswith("!"):
+            if match_pattern(text, pat[1:], fold=fold):
+                return False
+        elif match_pattern(text, pat, fold=fold):
+            found = True
+    return found
+
+
+def host_line_matches(patterns: Sequence[str], host: str) -> bool:
+    """A `Host` line: any positive pattern matches and no `!pattern` does (case-sensitive)."""
+    matched = False
+    for pat in patterns:
+        if pat.startswith("!"):
+            if match_pattern(host, pat[1:]):
+                return False
+        elif match_pattern(host, pat):
+            matched = True
+    return matched
+
+
+def is_concrete_alias(pattern: str) -> bool:
+    return not any(c in pattern for c in "*?!")
+
+
+def expand_hostname(value: str, alias: str) -> str:
+    """HostName accepts only %h (the alias) and %%; anything else is an error in ssh."""
+    out, i = [], 0
+    while i < len(value):
+        c = value[i]
+        if c == "%":
+            nxt = value[i + 1:i + 2]
+            if nxt == "%":
+                out.append("%")
+            elif nxt == "h":
+                out.append(alias)
+            else:
+                raise ValueError(f"unknown token %{nxt} in HostName" if nxt else "trailing % in HostName")
+            i += 2
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def parse_mesh_settings(text: str) -> Dict[str, str]:
+    """Parse the body of a `# mesh: key=value ...` comment (shell-like quoting).
+
+    A bare word is a flag: `off`/`skip` mean enabled=no, `on` means enabled=yes."""
+    import shlex
+    try:
+        words = shlex.split(text, comments=False)
+    except ValueError as exc:
+        raise ValueError(f"bad '# mesh:' comment: {exc}") from None
+    out: Dict[str, str] = {}
+    for word in words:
+        if "=" in word:
+            key, _, value = word.partition("=")
+            out[key.strip().lower().replace("-", "_")] = value
+        elif word.lower() in ("off", "skip", "ignore", "no"):
+            out["enabled"] = "no"
+        elif word.lower() in ("on", "yes", "node"):
+            out["enabled"] = "yes"
+        else:
+            raise ValueError(f"bad '# mesh:' setting {word!r} (expected key=value)")
+    return out
+
+
+class _Line:
+    __slots__ = ("path", "lineno", "keyword", "args", "rest", "mesh")
+
+    def __init__(self, path: str, lineno: int, keyword: str, args: List[str], rest: str,
+                 mesh: Optional[Dict[str, str]] = None) -> None:
+        self.path, self.lineno, self.keyword, self.args, self.rest, self.mesh = (
+            path, lineno, keyword, args, rest, mesh)
+
+
+class HostInfo:
+    """What the config says about one alias, as `ssh -G` would print it."""
+
+    def __init__(self, alias: str) -> None:
+        self.alias = alias
+        self.options: Dict[str, Any] = {}      # lowercase keyword -> first value (or list)
+        self.mesh: Dict[str, str] = {}         # '# mesh:' settings, first value wins
+        self.unresolved = False                # a `Match exec` decides; ask ssh -G
+
+    @property
+    def hostname(self) -> str:
+        return str(self.options.get("hostname", self.alias)).lower()
+
+    @property
+    def user(self) -> str:
+        return str(self.options.get("user", _local_user()))
+
+    @property
+    def port(self) -> int:
+        return int(self.options.get("port", 22))
+
+    @property
+    def identityfile(self) -> List[str]:
+        return list(self.options.get("identityfile") or _DEFAULT_IDENTITY_FILES)
+
+
+def _local_user() -> str:
+    try:
+        import pwd
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError):
+        return os.environ.get("USER", "user")
+
+
+def _home_dir() -> str:
+    """ssh takes ~ from the passwd entry, not $HOME."""
+    try:
+        import pwd
+        return pwd.getpwuid(os.getuid()).pw_dir
+    except (ImportError, KeyError):
+        return os.path.expanduser("~")
+
+
+def _port_value(arg: str) -> Optional[int]:
+    if arg.isdigit():
+        value = int(arg)
+        return value if 0 < value <= 65535 else None
+    import socket
+    try:
+        return socket.getservbyname(arg, "tcp")
+    except OSError:
+        return None
+
+
+class SSHConfig:
+    """An SSH client config file and everything it includes, read like OpenSSH reads it.
+
+    `SSHConfig.load(path)` reads and checks the syntax of every file (errors raise
+    ConfigError 'FILE:LINE: what'); `resolve(alias)` gives what ssh -G gives for it;
+    `aliases()` lists the concrete Host aliases, in file order."""
+
+    def __init__(self, path: str, *, home: Optional[str] = None, local_user: Optional[str] = None,
+                 reader: Optional[Any] = None) -> None:
+        self.path = path
+        self.home = home or _home_dir()
+        self.local_user = local_user or _local_user()
+        self._read = reader or _read_text
+        self._cache: Dict[str, List[_Line]] = {}
+
+    @classmethod
+    def load(cls, path: str, **kw: Any) -> "SSHConfig":
+        cfg = cls(path, **kw)
+        cfg._lines(path)  # an unreadable top file is an error; includes that match nothing are not
+        return cfg
+
+    # -- reading -----------------------------------------------------------
+    def _lines(self, path: str) -> List[_Line]:
+        if path in self._cache:
+            return self._cache[path]
+        text = self._read(path)
+        lines: List[_Line] = []
+        for lineno, raw in enumerate(text.splitlines(), 1):
+            mesh_comment = _MESH_COMMENT.match(raw)
+            if mesh_comment:
+                try:
+                    settings = parse_mesh_settings(mesh_comment.group(1))
+                except ValueError as exc:
+                    raise ConfigError(f"{path}:{lineno}: {exc}") from None
+                lines.append(_Line(path, lineno, "#mesh", [], "", settings))
+                continue
+            kw = split_keyword(raw)
+            if kw is None:
+                continue
+            keyword, rest = kw
+            lines.append(self._check_line(path, lineno, keyword, rest))
+        self._cache[path] = lines
+        return lines
+
+    def _check_line(self, path: str, lineno: int, keyword: str, rest: str) -> _Line:
+        def fail(msg: str) -> ConfigError:
+            return ConfigError(f"{path}:{lineno}: {msg}")
+
+        if keyword in _COMMAND_ARG:
+            if not rest:
+                raise fail(f'no argument after keyword "{keyword}"')
+            return _Line(path, lineno, keyword, [rest], rest)
+        try:
+            args = split_args(rest)
+        except ValueError:
+            raise fail("invalid quotes") from None
+        if not args:
+            raise fail(f'no argument after keyword "{keyword}"')
+        if keyword not in _KEYWORDS:
+            # Whether IgnoreUnknown covers it depends on the alias: decided in resolve().
+            return _Line(path, lineno, keyword, args, rest)
+        if keyword == "match":
+            self._check_match(args, fail)
+        elif keyword in ("localforward", "remoteforward"):
+            if keyword == "localforward" and len(args) < 2:
+                raise fail("Missing target argument.")
+            if len(args) > 2:
+                raise fail(f"keyword {keyword} extra arguments at end of line")
+        elif keyword not in _MULTI_ARG and keyword != "host" and len(args) > 1:
+            raise fail(f"keyword {keyword} extra arguments at end of line")
+        if keyword == "port" and _port_value(args[0]) is None:
+            raise fail(f"Bad port '{args[0]}'.")
+        if keyword in _FLAG_KEYWORDS and args[0].lower() not in ("yes", "no", "true", "false") and not (
+                keyword in ("controlmaster",) ):
+            raise fail(f'unsupported option "{args[0]}".')
+        if keyword == "hostname":
+            try:
+                expand_hostname(args[0], "x")
+            except ValueError as exc:
+                raise fail(str(exc)) from None
+        return _Line(path, lineno, keyword, args, rest)
+
+    @staticmethod
+    def _check_match(args: List[str], fail: Any) -> None:
+        i, seen = 0, 0
+        while i < len(args):
+            attr = args[i]
+            crit = attr[1:] if attr.startswith("!") else attr
+            crit_l = crit.lower()
+            if crit_l not in _MATCH_CRITERIA:
+                raise fail(f"Unsupported Match attribute {crit}")
+            if crit_l == "all":
+                if seen or i + 1 < len(args) or attr.startswith("!"):
+                    raise fail("'all' cannot be combined with other Match attributes")
+                i += 1
+                continue
+            if crit_l in ("canonical", "final"):
+                i += 1
+                continue
+            seen += 1
+            if i + 1 >= len(args):
+                raise fail(f"Missing Match criteria for {crit}")
+            i += 2
+
+    def _include_paths(self, args: List[str], line: _Line) -> List[str]:
+        import glob
+        paths: List[str] = []
+        for arg in args:
+            if arg.startswith("~"):
+                arg = self.home + arg[1:] if arg == "~" or arg.startswith("~/") else os.path.expanduser(arg)
+            elif not os.path.isabs(arg):
+                arg = os.path.join(self.home, ".ssh", arg)
+            if glob.has_magic(arg):
+                paths.extend(sorted(glob.glob(arg)))
+            elif os.path.exists(arg):
+                paths.append(arg)
+        return paths
+
+    # -- resolving ---------------------------------------------------------
+    def resolve(self, alias: str) -> HostInfo:
+        """Effective settings for `alias`, as ssh -G computes them (two passes when a
+        `Match final` is present)."""
+        info = HostInfo(alias)
+        state = {"final_wanted": False, "ignore": None}
+        self._walk(self.path, info, alias, alias, False, state, True, 0)
+        if "hostname" in info.options:
+            info.options["hostname"] = expand_hostname(info.options["hostname"], alias)
+        else:
+            info.options["hostname"] = alias
+        if state["final_wanted"]:
+            # ssh re-reads the config with Host lines matched against the lowercased HostName.
+            final_host = info.options["hostname"].lower()
+            self._walk(self.path, info, final_host, alias, True, state, True, 0)
+        return info
+
+    def _walk(self, path: str, info: HostInfo, host: str, original: str, final: bool,
+              state: Dict[str, Any], active: bool, depth: int) -> bool:
+        lines = self._lines(path)
+        for line in lines:
+            kw = line.keyword
+            if kw == "host":
+                active = state.get("never", False) is False and host_line_matches(line.args, host)
+                continue
+            if kw == "match":
+                active = state.get("never", False) is False and self._match(line, info, host, original, final, state)
+                continue
+            if kw == "#mesh":
+                if active and line.mesh:
+                    for key, value in line.mesh.items():
+                        info.mesh.setdefault(key, value)
+                continue
+            if kw == "include":
+                if depth + 1 > _MAX_INCLUDE_DEPTH:
+                    raise ConfigError(f"{line.path}:{line.lineno}: Too many recursive configuration includes")
+                saved_never = state.get("never", False)
+                if not active:
+                    state["never"] = True
+                for inc in self._include_paths(line.args, line):
+                    self._walk(inc, info, host, original, final, state, active, depth + 1)
+                state["never"] = saved_never
+                continue
+            if kw not in _KEYWORDS:
+                ignore = state.get("ignore")
+                if ignore is None or not match_pattern_list(kw, ignore, fold=True):
+                    raise ConfigError(f"{line.path}:{line.lineno}: Bad configuration option: {kw}")
+                continue
+            if not active:
+                continue
+            kw = _ALIASES.get(kw, kw)
+            if kw == "ignoreunknown":
+                if state.get("ignore") is None:
+                    state["ignore"] = line.args[0]
+                continue
+            if kw in _ACCUMULATE:
+                values = info.options.setdefault(kw, [])
+                for value in (line.args if kw == "sendenv" else [" ".join(line.args)]):
+                    if kw == "identityfile" and value in values:
+                        continue
+                    values.append(value)
+            elif kw not in info.options:
+                info.options[kw] = line.args[0] if len(line.args) == 1 else " ".join(line.args)
+        return active
+
+    def _match(self, line: _Line, info: HostInfo, host: str, original: str, final: bool,
+               state: Dict[str, Any]) -> bool:
+        args = line.args
+        # Match host compares the HostName obtained so far (with %h expanded).
+        current = info.options.get("hostname")
+        match_host = expand_hostname(current, original) if current else host
+        result = True
+        i = 0
+        while i < len(args):
+            attr = args[i]
+            negate = attr.startswith("!")
+            crit = (attr[1:] if negate else attr).lower()
+            if crit == "all":
+                return True
+            if crit in ("canonical", "final"):
+                if crit == "final":
+                    state["final_wanted"] = True
+                ok = final
+                i += 1
+            else:
+                value = args[i + 1]
+                i += 2
+                if not result:
+                    continue  # ssh skips the rest once one criterion failed (exec is not run)
+                if crit == "host":
+                    ok = match_pattern_list(match_host, value, fold=True)
+                elif crit == "originalhost":
+                    ok = match_pattern_list(original, value, fold=True)
+                elif crit == "user":
+                    ok = match_pattern_list(str(info.options.get("user", self.local_user)), value)
+                elif crit == "localuser":
+                    ok = match_pattern_list(self.local_user, value)
+                else:  # exec: only ssh can decide; never guess
+                    info.unresolved = True
+                    ok = not negate  # treat as "does not apply" below
+                    ok = False if not negate else True
+                    result = False
+                    continue
+            if ok == negate:
+                result = False
+        return result
+
+    def aliases(self) -> List[Tuple[str, Dict[str, str]]]:
+        """Concrete Host aliases (no '*', '?' or '!') in file order, following Includes
+        at top level and under `Host *`/`Match all`."""
+        seen: Dict[str, None] = {}
+
+        def walk(path: str, depth: int) -> None:
+            if depth > _MAX_INCLUDE_DEPTH:
+                raise ConfigError(f"{path}: Too many recursive configuration includes")
+            global_block = True
+            for line in self._lines(path):
+                if line.keyword == "host":
+                    global_block = all(p == "*" for p in line.args)
+                    for pat in line.args:
+                        if is_concrete_alias(pat):
+                            seen.setdefault(pat, None)
+                elif line.keyword == "match":
+                    global_block = [a.lower() for a in line.args] == ["all"]
+                elif line.keyword == "include" and global_block:
+                    for inc in self._include_paths(line.args, line):
+                        walk(inc, depth + 1)
+
+        walk(self.path, 0)
+        return [(alias, self.resolve(alias).mesh) for alias in seen]
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+# ---------------------------------------------------------------------------
+# Node settings (pure): what a node is, from its HostInfo.
+# ---------------------------------------------------------------------------
+
+_TRANSPORTS = ("auto", "forward", "stdio", "exec", "http")
+
+
+class NodeSpec:
+    """A node as configured: its ssh alias and its mesh settings."""
+
+    def __init__(self, name: str, *, display_name: Optional[str] = None, weight: float = 1.0,
+                 max_concurrent: int = DEFAULT_MAX_CONCURRENT, ollama_port: int = DEFAULT_OLLAMA_PORT,
+                 ollama_host: str = "localhost", transport: str = "auto",
+                 info: Optional[HostInfo] = None) -> None:
+        self.name = name
+        self.display_name = display_name or name
+        self.weight = weight
+        self.max_concurrent = max_concurrent
+        self.ollama_port = ollama_port
+        self.ollama_host = ollama_host
+        self.transport = transport
+        self.info = info
+
+    @classmethod
+    def from_settings(cls, alias: str, settings: Dict[str, str], info: Optional[HostInfo] = None,
+                      where: str = "") -> "NodeSpec":
+        def bad(key: str, why: str) -> ConfigError:
+            return ConfigError(f"{where or alias}: mesh setting {key}={settings[key]!r}: {why}")
+
+        known = {"name", "weight", "max_concurrent", "ollama_port", "ollama_host", "transport", "enabled"}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ConfigError(f"{where or alias}: unknown mesh setting {unknown[0]!r} "
+                              f"(known: {', '.join(sorted(known))})")
+        kw: Dict[str, Any] = {}
+        if "name" in settings:
+            kw["display_name"] = settings["name"]
+        if "weight" in settings:
+            try:
+                kw["weight"] = float(settings["weight"])
+            except ValueError:
+                raise bad("weight", "not a number") from None
+            if not kw["weight"] > 0:
+                raise bad("weight", "must be > 0")
+        for key in ("max_concurrent", "ollama_port"):
+            if key in settings:
+                try:
+                    kw[key] = int(settings[key])
+                except ValueError:
+                    raise bad(key, "not a whole number") from None
+                if kw[key] < 1 or (key == "ollama_port" and kw[key] > 65535):
+                    raise bad(key, "out of range")
+        if "ollama_host" in settings:
+            kw["ollama_host"] = settings["ollama_host"]
+        if "transport" in settings:
+            if settings["transport"] not in _TRANSPORTS:
+                raise bad("transport", f"one of {', '.join(_TRANSPORTS)}")
+            kw["transport"] = settings["transport"]
+        return cls(alias, info=info, **kw)
+
+    def as_dict(self) -> Dict[str, Any]:
+        info = self.info
+        return {
+            "name": self.name, "display_name": self.display_name,
+            "hostname": info.hostname if info else self.ollama_host,
+            "user": info.user if info else None,
+            "port": info.port if info else self.ollama_port,
+            "identityfile": info.identityfile if info else [],
+            "weight": self.weight, "max_concurrent": self.max_concurrent,
+            "ollama_port": self.ollama_port, "ollama_host": self.ollama_host,
+            "transport": self.transport,
+            "unresolved": bool(info and info.unresolved),
+        }
+
+
+def _mesh_enabled(settings: Dict[str, str]) -> bool:
+    return settings.get("enabled", "yes").lower() not in ("no", "false", "off", "0")
+
+
+def load_node_specs(config_path: str, *, only: Optional[Sequence[str]] = None,
+                    ollama_host_env: Optional[str] = None) -> List[NodeSpec]:
+    """Nodes from the SSH config: every concrete alias whose mesh settings don't say
+    `off`.  With no node at all, the local Ollama as the pseudo-node `local`."""
+    specs: List[NodeSpec] = []
+    if os.path.exists(config_path) or config_path != default_config_path():
+        cfg = SSHConfig.load(config_path)
+        for alias, settings in cfg.aliases():
+            if not _mesh_enabled(settings):
+                continue
+            specs.append(NodeSpec.from_settings(alias, settings, cfg.resolve(alias), where=config_path))
+        if not cfg.aliases():
+            cfg.resolve("local")  # still report a config ssh would reject
+    if not specs:
+        host, port = parse_host_port(ollama_host_env if ollama_host_env is not None
+                                     else os.environ.get("OLLAMA_HOST", ""), DEFAULT_OLLAMA_PORT)
+        specs = [NodeSpec("local", display_name=f"local Ollama ({host}:{port})",
+                          ollama_host=host, ollama_port=port, transport="http")]
+    if only:
+        names = {s.name for s in specs}
+        unknown = [n for n in only if n not in names]
+        if unknown:
+            raise UsageError(f"unknown node {unknown[0]!r} (configured: {', '.join(sorted(names))})")
+        specs = [s for s in specs if s.name in set(only)]
+    return specs
+
+
+def default_config_path() -> str:
+    return os.path.join(_home_dir(), ".ssh", "config")
+
+
+def parse_host_port(text: str, default_port: int, default_host: str = "127.0.0.1") -> Tuple[str, int]:
+    """'HOST:PORT', 'HOST', ':PORT', '[v6]:PORT' or 'http://HOST:PORT' -> (host, port)."""
+    text = text.strip()
+    text = re.sub(r"^[a-zA-Z]+://", "", text).rstrip("/")
+    if not text:
+        return default_host, default_port
+    m = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?|([^:]*)(?::(\d+))?", text)
+    if not m:
+        raise UsageError(f"bad address {text!r} (expected HOST:PORT)")
+    host = m.group(1) or m.group(3) or default_host
+    port_s = m.group(2) or m.group(4)
+    port = int(port_s) if port_s else default_port
+    if not 0 < port <= 65535:
+        raise UsageError(f"bad port in {text!r}")
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+    return host, port
+
+
+# ---------------------------------------------------------------------------
+# Ollama wire format (pure): NDJSON framing, HTTP heads, error shapes.
+# ---------------------------------------------------------------------------
+
+class ProtocolError(ValueError):
+    """What a node sent is not what Ollama sends."""
+
+
+class NDJSONDecoder:
+    """Feed bytes as they arrive; get each complete JSON line as soon as it is whole.
+
+    Lines split across reads are reassembled; blank lines and CRLF are tolerated.
+    A line that is not a JSON object raises ProtocolError with a short excerpt."""
+
+    def __init__(self, max_line: int = 64 * 1024 * 1024) -> None:
+        self._buf = bytearray()
+        self._max_line = max_line
+
+    def feed(self, data: bytes) -> List[Dict[str, Any]]:
+        self._buf += data
+        out: List[Dict[str, Any]] = []
+        while True:
+            nl = self._buf.find(b"\n")
+            if nl < 0:
+                if len(self._buf) > self._max_line:
+                    raise ProtocolError("a line longer than %d bytes" % self._max_line)
+                return out
+            line = bytes(self._buf[:nl])
+            del self._buf[:nl + 1]
+            obj = self._decode(line)
+            if obj is not None:
+                out.append(obj)
+
+    def finish(self) -> List[Dict[str, Any]]:
+        """End of stream: a last line without newline still counts if it is whole JSON."""
+        line, self._buf = bytes(self._buf), bytearray()
+        obj = self._decode(line, final=True)
+        return [obj] if obj is not None else []
+
+    @staticmethod
+    def _decode(line: bytes, final: bool = False) -> Optional[Dict[str, Any]]:
+        line = line.strip()
+        if not line:
+            return None
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            if final:
+                raise ProtocolError(f"stream ended in the middle of a line: {_excerpt(line)}") from None
+            raise ProtocolError(f"not JSON: {_excerpt(line)}") from None
+        if not isinstance(obj, dict):
+            raise ProtocolError(f"not a JSON object: {_excerpt(line)}")
+        return obj
+
+
+def _excerpt(data: bytes, limit: int = 80) -> str:
+    text = data.decode("utf-8", "replace").strip().replace("\n", " ")
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def parse_http_head(head: bytes) -> Tuple[int, Dict[str, str]]:
+    """Status and lowercased headers of an HTTP/1.x response head."""
+    lines = head.decode("latin-1").split("\r\n")
+    m = re.match(r"HTTP/1\.[01] (\d{3})", lines[0])
+    if not m:
+        raise ProtocolError(f"not an HTTP response: {_excerpt(head)}")
+    headers: Dict[str, str] = {}
+    for line in lines[1:]:
+        if ":" in line:
+            k, _, v = line.partition(":")
+            key = k.strip().lower()
+            headers[key] = (headers[key] + ", " + v.strip()) if key in headers else v.strip()
+    return int(m.group(1)), headers
+
+
+def error_message(status: int, body: bytes) -> str:
+    """Ollama's `{"error": ...}` text, or a description of what came instead."""
+    try:
+        obj = json.loads(body)
+        if isinstance(obj, dict) and isinstance(obj.get("error"), str):
+            return obj["error"]
+    except ValueError:
+        pass
+    if b"<html" in body[:512].lower() or b"<!doctype" in body[:512].lower():
+        return f"HTTP {status} with an HTML page (not Ollama?)"
+    return f"HTTP {status}: {_excerpt(body)}" if body.strip() else f"HTTP {status}"
+
+
+def model_key(name: str) -> str:
+    """Ollama treats 'llama3' and 'llama3:latest' as one model."""
+    name = name.strip()
+    return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
+
+
+def build_request(path: str, body: Optional[bytes], *, host: str, keep_alive: bool,
+                  token: Optional[str] = None) -> bytes:
+    method = "POST" if body is not None else "GET"
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", "User-Agent: mesh.py/" + __version__,
+             "Accept: application/json, application/x-ndjson",
+             "Connection: " + ("keep-alive" if keep_alive else "close")]
+    if body is not None:
+        lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
+
+
+# ---------------------------------------------------------------------------
+# Scoring and routing (pure).
+# ---------------------------------------------------------------------------
+
+def load_score(active: int, latency: Optional[float], weight: float, *,
+               neutral_latency: float = 0.0) -> float:
+    """In-flight requests weigh most, then recent latency (seconds, EWMA); weight
+    divides the whole, so a node with weight 3 takes about three times the load.
+    A node never measured gets the pool's typical latency, not zero, so it is
+    neither favoured nor starved."""
+    lat = neutral_latency if latency is None else latency
+    return (active * 100.0 + lat * 10.0) / max(weight, 1e-6)
+
+
+def ewma(previous: Optional[float], sample: float, alpha: float = 0.3) -> float:
+    return sample if previous is None else (1 - alpha) * previous + alpha * sample
+
+
+def rank_nodes(nodes: Sequence["SSHNode"], *, model: Optional[str] = None,
+               rng: Optional[random.Random] = None) -> List["SSHNode"]:
+    """Candidates best first: lowest score, then the one that has the model loaded,
+    then a random draw so ties don't always land on the same node."""
+    rng = rng or random
+    measured = sorted(n.avg_latency for n in nodes if n.avg_latency is not None)
+    neutral = measured[len(measured) // 2] if measured else 0.0
+    key = model_key(model) if model else None
+
+    def sort_key(n: "SSHNode") -> Tuple[float, int, float]:
+        loaded = 0 if key and key in n.loaded_models else 1
+        return (round(n.load_score(neutral_latency=neutral), 6), loaded, rng.random())
+
+    return sorted(nodes, key=sort_key)
+
+
+# ---------------------------------------------------------------------------
+# Transport: the only place that spawns ssh or opens sockets to nodes.
+# ---------------------------------------------------------------------------
+
+def control_dir() -> str:
+    """A short private directory for control sockets (0700, ours).
+
+    A master binds ControlPath plus 17 characters, and a UNIX socket path may hold
+    about 104 bytes (90 safely), so the directory must stay short."""
+    env = os.environ.get("MESH_CONTROL_DIR")
+    candidates = [env] if env else []
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        candidates.append(os.path.join(runtime, "mesh"))
+    candidates += [os.path.join(_home_dir(), ".ssh", "mesh"), f"/tmp/mesh-{os.getuid()}"]
+    for path in candidates:
+        if len(path) > 60 and path != env:
+            continue
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            st = os.lstat(path)
+        except OSError:
+            continue
+        import stat
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            continue
+        if st.st_mode & 0o077:
+            os.chmod(path, 0o700)
+        return path
+    raise MeshError("no private directory for SSH control sockets (set MESH_CONTROL_DIR to a short path)")
+
+
+_SSH_FAILURES = (
+    ("Permission denied", "authentication failed (permission denied)"),
+    ("Host key verification failed", "host key verification failed (unknown or changed host key)"),
+    ("REMOTE HOST IDENTIFICATION HAS CHANGED", "host key changed"),
+    ("Connection refused", "connection refused"),
+    ("Connection timed out", "connection timed out"),
+    ("timed out", "connection timed out"),
+    ("Could not resolve hostname", "could not resolve hostname"),
+    ("No route to host", "no route to host"),
+    ("Network is unreachable", "network unreachable"),
+    ("Connection closed by", "connection closed by the server"),
+    ("Connection reset", "connection reset"),
+    ("too long for Unix domain socket", "control socket path too long"),
+)
+
+
+def describe_ssh_failure(stderr: str, rc: Optional[int] = None) -> str:
+    """One line saying why ssh failed, from what it printed."""
+    for needle, meaning in _SSH_FAILURES:
+        if needle.lower() in stderr.lower():
+            return "ssh: " + meaning
+    lines = [ln.strip() for ln in stderr.splitlines()
+             if ln.strip() and not ln.startswith(("Warning: Permanently added", "Pseudo-terminal"))]
+    if lines:
+        return "ssh: " + lines[-1][:200]
+    return f"ssh exited with status {rc}" if rc is not None else "ssh failed"
+
+
+async def _kill(proc: "asyncio.subprocess.Process") -> None:
+    """End a child we started and reap it (no zombies, no orphans)."""
+    if proc.returncode is None:
+        try:
+            proc.kill()
+        except ProcessLookupError:
+            pass
+    try:
+        await asyncio.wait_for(proc.wait(), 5)
+    except asyncio.TimeoutError:  # pragma: no cover - a kill always lands
+        logger.warning("ssh child %s did not exit after SIGKILL", proc.pid)
+
+
+async def run_command(argv: Sequence[str], *, timeout: float, stdin: Optional[bytes] = None
+                      ) -> Tuple[int, bytes, str]:
+    """Run a short command without a shell; kill it on timeout or cancellation."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+    except asyncio.TimeoutError:
+        await _kill(proc)
+        raise
+    except BaseException:
+        await _kill(proc)
+        raise
+    return proc.returncode or 0, out, err.decode("utf-8", "replace")
+
+
+class _EmptyReply(Exception):
+    """The connection closed before a single byte of reply (a refused channel)."""
+
+
+class _Exchange:
+    """One HTTP request/response on a connection: a socket or an ssh child's pipes."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: Any, *, proc: Any = None,
+                 decoded: bool = False, reused: bool = False, on_done: Any = None) -> None:
+        self.reader, self.writer, self.proc = reader, writer, proc
+        self.decoded = decoded          # curl already took the chunked framing off
+        self.reused = reused            # came from the keep-alive pool
+        self.status = 0
+        self.headers: Dict[str, str] = {}
+        self._on_done = on_done
+        self._complete = False
+        self._closed = False
+
+    async def send(self, request: bytes) -> None:
+        self.writer.write(request)
+        await self.writer.drain()
+
+    async def read_head(self) -> Tuple[int, Dict[str, str]]:
+        try:
+            head = await self.reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError as exc:
+            if not exc.partial:
+                raise _EmptyReply() from None
+            raise ProtocolError(f"reply ended inside the HTTP head: {_excerpt(exc.partial)}") from None
+        except asyncio.LimitOverrunError:
+            raise ProtocolError("HTTP head too large (not Ollama?)") from None
+        except (ConnectionError, OSError):
+            raise _EmptyReply() from None
+        while head.startswith(b"HTTP/1.1 100"):  # curl may relay an interim 100 Continue
+            head = await self.reader.readuntil(b"\r\n\r\n")
+        self.status, self.headers = parse_http_head(head)
+        return self.status, self.headers
+
+    async def body(self, idle_timeout: Optional[float]) -> AsyncIterator[bytes]:
+        """The body as it arrives; each read waits at most idle_timeout."""
+        async def read(coro: Any) -> Any:
+            return await asyncio.wait_for(coro, idle_timeout) if idle_timeout else await coro
+
+        chunked = "chunked" in self.headers.get("transfer-encoding", "").lower() and not self.decoded
+        length = self.headers.get("content-length")
+        try:
+            if chunked:
+                while True:
+                    size_line = await read(self.reader.readline())
+                    if not size_line.endswith(b"\n"):
+                        raise ProtocolError("stream cut off (truncated chunk header)")
+                    size = int(size_line.split(b";")[0].strip() or b"0", 16)
+                    if size == 0:
+                        while (await read(self.reader.readline())).strip():
+                            pass
+                        break
+                    data = await read(self.reader.readexactly(size + 2))
+                    yield data[:-2]
+            elif length is not None and not self.decoded:
+                remaining = int(length)
+                while remaining > 0:
+                    data = await read(self.reader.read(min(remaining, 65536)))
+                    if not data:
+                        raise ProtocolError(f"reply cut off ({remaining} of {length} bytes missing)")
+                    remaining -= len(data)
+                    yield data
+            else:
+                while True:
+                    data = await read(self.reader.read(65536))
+                    if not data:
+                        break
+                    yield data
+        except asyncio.IncompleteReadError:
+            raise ProtocolError("stream cut off in the middle of a chunk") from None
+        except ValueError as exc:
+            raise ProtocolError(f"bad chunked framing: {exc}") from None
+        self._complete = True
+
+    async def read_body(self, idle_timeout: Optional[float], limit: int = 256 * 1024 * 1024) -> bytes:
+        parts, size = [], 0
+        async for data in self.body(idle_timeout):
+            parts.append(data)
+            size += len(data)
+            if size > limit:
+                raise ProtocolError("reply too large")
+        return b"".join(parts)
+
+    async def close(self) -> None:
+        """Give the connection back for reuse when the reply was complete, else end it."""
+        if self._closed:
+            return
+        self._closed = True
+        reusable = (self._complete and self.proc is None
+                    and self.headers.get("connection", "").lower() != "close")
+        if self._on_done is not None:
+            await self._on_done(self, reusable)
+
+
+class Transport:
+    """How one node's Ollama is reached.  Subclasses: direct HTTP (`local`), and SSH."""
+
+    mode = "http"
+
+    def __init__(self, name: str, host: str, port: int, *, connect_timeout: float) -> None:
+        self.name, self.host, self.port = name, host, port
+        self.connect_timeout = connect_timeout
+        self._idle: List[Tuple[asyncio.StreamReader, Any]] = []
+
+    async def prepare(self) -> float:
+        """Make the node reachable (start the SSH master); returns seconds it took."""
+        return 0.0
+
+    async def _open_socket(self) -> Tuple[asyncio.StreamReader, Any]:
+        try:
+            return await asyncio.wait_for(asyncio.open_connection(self.host, self.port, limit=1 << 20),
+                                          self.connect_timeout)
+        except asyncio.TimeoutError:
+            raise NodeError(self.name, f"Ollama at {self.host}:{self.port}: connection timed out") from None
+        except OSError as exc:
+            raise NodeError(self.name, f"Ollama not answering at {self.host}:{self.port} "
+                                       f"({exc.strerror or exc})") from None
+
+    async def start(self, path: str, body: Optional[bytes]) -> _Exchange:
+        """Send one request; the reply is read from the returned exchange."""
+        while self._idle:
+            reader, writer = self._idle.pop()
+            if reader.at_eof() or writer.is_closing():
+                writer.close()
+                continue
+            ex = _Exchange(reader, writer, reused=True, on_done=self._done)
+            try:
+                await ex.send(build_request(path, body, host=self._host_header(), keep_alive=True))
+                return ex
+            except (ConnectionError, OSError):
+                writer.close()
+        reader, writer = await self._open_socket()
+        ex = _Exchange(reader, writer, on_done=self._done)
+        await ex.send(build_request(path, body, host=self._host_header(), keep_alive=True))
+        return ex
+
+    def _host_header(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def _done(self, ex: _Exchange, reusable: bool) -> None:
+        if reusable and len(self._idle) < 32:
+            self._idle.append((ex.reader, ex.writer))
+        else:
+            ex.writer.close()
+
+    async def diagnose_empty(self) -> Tuple[str, bool]:
+        """Why a connection closed without a reply: (reason, retry_on_this_node)."""
+        return f"Ollama at {self.host}:{self.port} closed the connection without a reply", False
+
+    async def close(self, *, stop_master: bool = False) -> None:
+        while self._idle:
+            _, writer = self._idle.pop()
+            writer.close()
+
+
+class SSHTransport(Transport):
+    """A node reached through its sshd, over one ControlMaster that mesh.py starts.
+
+    Modes, tried in this order unless the node's `transport` setting pins one:
+      forward - the master holds a forward from a local UNIX socket to the node's
+                Ollama; requests are HTTP keep-alive over pooled connections to it
+                (no process per request, not capped by MaxSessions);
+      stdio   - `ssh -W host:port` per request through the master;
+      exec    - `ssh NODE curl ...` per request, for an sshd that refuses forwarding.
+    """
+
+    def __init__(self, name: str, host: str, port: int, *, config: Optional[str], ssh: str,
+                 connect_timeout: float, control_persist: int, mode: str = "auto",
+                 ctl_dir: Optional[str] = None) -> None:
+        super().__init__(name, host, port, connect_timeout=connect_timeout)
+        import hashlib
+        self.config, self.ssh = config, ssh
+        self.control_persist = control_persist
+        self.pinned = mode if mode in ("forward", "stdio", "exec") else None
+        self.mode = self.pinned or "forward"
+        ident = hashlib.sha1(f"{config or ''}\0{name}\0{host}:{port}".encode()).hexdigest()[:16]
+        self.dir = ctl_dir or control_dir()
+        self.ctl = os.path.join(self.dir, ident)
+        self.fwd = self.ctl + ".f"
+        self.log = self.ctl + ".log"
+        self._lock = asyncio.Lock()
+        self._master_ok = False
+        self._exec_slots = asyncio.Semaphore(EXEC_SESSION_CAP)
+        self.started_master = False
+
+    # -- ssh command lines ---------------------------------------------------
+    def _base(self, *extra: str) -> List[str]:
+        argv = [self.ssh]
+        if self.config:
+            argv += ["-F", self.config]
+        argv += ["-o", "BatchMode=yes", "-o", f"ControlPath={self.ctl}",
+                 "-o", f"ConnectTimeout={max(1, int(round(self.connect_timeout)))}"]
+        argv += list(extra)
+        return argv
+
+    async def _check_master(self) -> bool:
+        try:
+            rc, _, _ = await run_command(self._base("-O", "check", "--", self.name), timeout=self.connect_timeout)
+        except asyncio.TimeoutError:
+            return False
+        return rc == 0
+
+    async def prepare(self) -> float:
+        """Start the master exactly once, however many requests arrive together."""
+        if self._master_ok:
+            return 0.0
+        async with self._lock:
+            if self._master_ok:
+                return 0.0
+            started = time.monotonic()
+            if not (os.path.exists(self.ctl) and await self._check_master()):
+                await self._start_master()
+            if self.mode == "forward" and not self.pinned or self.pinned == "forward":
+                await self._add_forward()
+            self._master_ok = True
+            return time.monotonic() - started
+
+    async def _start_master(self) -> None:
+        for stale in (self.ctl, self.fwd):
+            try:
+                os.unlink(stale)  # a master killed by SIGKILL leaves its socket behind
+            except FileNotFoundError:
+                pass
+        try:
+            with open(self.log, "w"):
+                pass
+        except OSError:
+            pass
+        argv = self._base("-o", "ControlMaster=yes", "-o", f"ControlPersist={self.control_persist}",
+                          "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=3",
+                          "-o", "ClearAllForwardings=yes", "-o", "StreamLocalBindUnlink=yes",
+                          "-E", self.log, "-N", "-f", "--", self.name)
+        try:
+            rc, _, err = await run_command(argv, timeout=self.connect_timeout + 5)
+        except asyncio.TimeoutError:
+            raise NodeError(self.name, f"ssh: no connection within {self.connect_timeout:g}s "
+                                       "(connect timeout)") from None
+        if rc != 0:
+            err = err + self._log_tail(0)
+            raise NodeError(self.name, describe_ssh_failure(err, rc))
+        self.started_master = True
+        logger.debug("%s: master started", self.name)
+
+    async def _add_forward(self) -> None:
+        spec = f"{self.fwd}:{self.host}:{self.port}"
+        if os.path.exists(self.fwd):
+            try:  # a master left by an earlier command may still hold a working forward
+                _, writer = await asyncio.open_unix_connection(self.fwd)
+                writer.close()
+                return
+            except OSError:
+                pass
+        # The master may still list a forward whose socket file is gone: cancel it first,
+        # or it answers "forward exists" and nothing listens.
+        await run_command(self._base("-O", "cancel", "-L", spec, "--", self.name), timeout=self.connect_timeout)
+        try:
+            os.unlink(self.fwd)
+        except FileNotFoundError:
+            pass
+        argv = self._base("-O", "forward", "-L", spec, "--", self.name)
+        try:
+            rc, _, err = await run_command(argv, timeout=self.connect_timeout)
+        except asyncio.TimeoutError:
+            rc, err = 255, "timed out"
+        if rc != 0 or not os.path.exists(self.fwd):
+            logger.info("%s: no forward through the master (%s); using ssh -W per request",
+                        self.name, err.strip() or rc)
+            if not self.pinned:
+                self.mode = "stdio"
+
+    def _log_tail(self, since: int) -> str:
+        try:
+            with open(self.log, "rb") as fh:
+                fh.seek(since)
+                return fh.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def _log_size(self) -> int:
+        try:
+            return os.path.getsize(self.log)
+        except OSError:
+            return 0
+
+    def master_lost(self) -> None:
+        """Forget the master: the next request checks it and starts a new one."""
+        self._master_ok = False
+        while self._idle:
+            _, writer = self._idle.pop()
+            writer.close()
+
+    # -- requests ------------------------------------------------------------
+    async def _open_socket(self) -> Tuple[asyncio.StreamReader, Any]:
+        try:
+            return await asyncio.open_unix_connection(self.fwd, limit=1 << 20)
+        except OSError:
+            self.master_lost()  # the master (and its forward) is gone
+            await self.prepare()
+            try:
+                return await asyncio.open_unix_connection(self.fwd, limit=1 << 20)
+            except OSError as exc:
+                raise NodeError(self.name, f"forward through the ssh master failed: {exc.strerror}") from None
+
+    def _host_header(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def start(self, path: str, body: Optional[bytes]) -> _Exchange:
+        await self.prepare()
+        self._mark = self._log_size()
+        if self.mode == "forward":
+            return await super().start(path, body)
+        if self.mode == "stdio":
+            argv = self._base("-o", "ControlMaster=no", "-W", f"{self.host}:{self.port}", "--", self.name)
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, limit=1 << 20)
+            ex = _Exchange(proc.stdout, proc.stdin, proc=proc, on_done=self._done_proc)
+            # Connection: close, and stdin stays open until the reply is read: a half-close
+            # makes Ollama cancel the request.
+            try:
+                await ex.send(build_request(path, body, host=self._host_header(), keep_alive=False))
+            except (ConnectionError, OSError):
+                pass  # the child died; reading the head reports why
+            return ex
+        return await self._start_exec(path, body)
+
+    async def _start_exec(self, path: str, body: Optional[bytes]) -> _Exchange:
+        import shlex
+        url = f"http://{self.host}:{self.port}{path}"
+        if ":" in self.host:
+            url = f"http://[{self.host}]:{self.port}{path}"
+        remote = ["curl", "-sS", "-i", "-N", "-H", "Expect:", "-H", "Accept: application/x-ndjson"]
+        if body is not None:
+            remote += ["-H", "Content-Type: application/json", "--data-binary", "@-"]
+        remote.append(url)
+        await self._exec_slots.acquire()
+        try:
+            argv = self._base("-o", "ControlMaster=no", "-T", "--", self.name, " ".join(map(shlex.quote, remote)))
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, limit=1 << 20)
+        except BaseException:
+            self._exec_slots.release()
+            raise
+        ex = _Exchange(proc.stdout, proc.stdin, proc=proc, decoded=True, on_done=self._done_proc)
+        try:
+            if body is not None:
+                proc.stdin.write(body)
+                await proc.stdin.drain()
+            proc.stdin.close()  # curl reads the whole body before it sends: closing is safe here
+        except (ConnectionError, OSError):
+            pass
+        return ex
+
+    async def _done_proc(self, ex: _Exchange, reusable: bool) -> None:
+        proc = ex.proc
+        try:
+            if ex.writer is not None and not ex.writer.is_closing():
+                ex.writer.close()
+            if ex._complete:
+                try:
+                    await asyncio.wait_for(proc.wait(), 2)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            await _kill(proc)
+            if ex.decoded:
+                self._exec_slots.release()
+
+    async def proc_failure(self, ex: _Exchange) -> str:
+        """Why an ssh child produced no reply (stdio / exec modes)."""
+        proc = ex.proc
+        try:
+            await asyncio.wait_for(proc.wait(), 3)
+        except asyncio.TimeoutError:
+            pass
+        err = ""
+        if proc.stderr is not None:
+            try:
+                err = (await asyncio.wait_for(proc.stderr.read(), 1)).decode("utf-8", "replace")
+            except asyncio.TimeoutError:
+                pass
+        if ex.decoded:  # curl on the node
+            if proc.returncode == 7 or "Failed to connect" in err or "Couldn't connect" in err:
+                return f"Ollama not answering on {self.host}:{self.port} (connection refused)"
+            if proc.returncode == 127 or "not found" in err:
+                return "curl is not installed on the node (needed when sshd refuses forwarding)"
+        return err
+
+    async def diagnose_empty(self) -> Tuple[str, bool]:
+        """The master's log says why a channel closed at once."""
+        log = self._log_tail(getattr(self, "_mark", 0))
+        if "administratively prohibited" in log or "forwarding request failed" in log.lower():
+            if not self.pinned and self.mode != "exec":
+                logger.info("%s: sshd refuses TCP forwarding; falling back to ssh NODE curl", self.name)
+                self.mode = "exec"
+                return "sshd refuses TCP forwarding", True
+            return "sshd refuses TCP forwarding (AllowTcpForwarding no)", False
+        m = re.search(r"open failed: connect failed: ([^\r\n]+)", log)
+        if m:
+            return f"Ollama not answering on {self.host}:{self.port} ({m.group(1).strip().lower()})", False
+        if not await self._check_master():
+            self.master_lost()
+            return "ssh master connection lost", False
+        return f"Ollama on {self.host}:{self.port} closed the connection without a reply", False
+
+    async def close(self, *, stop_master: bool = False) -> None:
+        await super().close()
+        if stop_master and self.started_master:
+            try:
+                await run_command(self._base("-O", "exit", "--", self.name), timeout=5)
+            except (asyncio.TimeoutError, OSError):
+                pass
+            for path in (self.fwd, self.log):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+            self._master_ok = False
+
+
+# ---------------------------------------------------------------------------
+# Nodes: one per SSH alias; health, load and inventory.
+# ---------------------------------------------------------------------------
+
+class SSHNode:
+    """One node of the mesh.  `name` is its ssh alias; `display_name` is for people."""
+
+    def __init__(self, spec: NodeSpec, transport: Transport) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.ssh_alias = spec.name if spec.transport != "http" else None
+        self.display_name = spec.display_name
+        self.weight = spec.weight
+        self.max_concurrent = spec.max_concurrent
+        self.transport = transport
+        self.active_requests = 0
+        self.avg_latency: Optional[float] = None   # seconds to first byte, EWMA
+        self.healthy = True
+        self.reason: Optional[str] = None
+        self.version: Optional[str] = None
+        self.models: Dict[str, Dict[str, Any]] = {}   # model key -> /api/tags entry
+        self.loaded: Dict[str, Dict[str, Any]] = {}   # model key -> /api/ps entry
+        self.inventory_at = 0.0
+        self.failures = 0
+        self.down_since: Optional[float] = None
+        self.served = 0
+        self._probe_task: Optional[asyncio.Task] = None
+
+    def __repr__(self) -> str:
+        return f"<SSHNode {self.name} active={self.active_requests} healthy={self.healthy}>"
+
+    @property
+    def loaded_models(self) -> Dict[str, Dict[str, Any]]:
+        return self.loaded
+
+    def load_score(self, neutral_latency: float = 0.0) -> float:
+        return load_score(self.active_requests, self.avg_latency, self.weight, neutral_latency=neutral_latency)
+
+    def status(self) -> Dict[str, Any]:
+        return {"name": self.name, "display_name": self.display_name, "healthy": self.healthy,
+                "reason": self.reason, "in_flight": self.active_requests,
+                "max_concurrent": self.max_concurrent, "weight": self.weight,
+                "latency_ms": None if self.avg_latency is None else round(self.avg_latency * 1000, 1),
+                "models": sorted(m["name"] for m in self.models.values()),
+                "loaded": sorted(m["name"] for m in self.loaded.values()),
+                "version": self.version, "transport": self.transport.mode, "served": self.served}
+
+    # -- one HTTP exchange, with the first-byte watch --------------------------
+    async def open(self, path: str, body: Optional[bytes], *, first_byte_timeout: Optional[float],
+                   liveness_interval: Optional[float] = None) -> _Exchange:
+        """Send a request and wait for the reply's head.  Any failure here is a
+        NodeError with retryable=True: nothing has been relayed yet."""
+        for attempt in range(3):
+            try:
+                ex = await self.transport.start(path, body)
+            except NodeError:
+                raise
+            except (ConnectionError, OSError) as exc:
+                raise NodeError(self.name, f"cannot reach Ollama: {exc}") from None
+            try:
+                await self._await_head(ex, first_byte_timeout, liveness_interval)
+                return ex
+            except _EmptyReply:
+                await ex.close()
+                if ex.reused:
+                    continue  # an idle pooled connection the server had closed: try a fresh one
+                if ex.proc is not None:
+                    detail = await self.transport.proc_failure(ex)  # type: ignore[attr-defined]
+                    if detail and ("not answering" in detail or "curl" in detail):
+                        raise NodeError(self.name, detail) from None
+                    if "refused by peer" in detail or "forwarding" in detail.lower() or not detail:
+                        reason, again = await self.transport.diagnose_empty()
+                    else:
+                        reason, again = describe_ssh_failure(detail), False
+                        if reason.startswith("ssh:"):
+                            self.transport.master_lost() if isinstance(self.transport, SSHTransport) else None
+                else:
+                    reason, again = await self.transport.diagnose_empty()
+                if again and attempt < 2:
+                    continue
+                raise NodeError(self.name, reason) from None
+            except ProtocolError as exc:
+                await ex.close()
+                raise NodeError(self.name, f"not an Ollama reply: {exc}") from None
+            except BaseException:
+                await ex.close()
+                raise
+        raise NodeError(self.name, "connection closed without a reply")
+
+    async def _await_head(self, ex: _Exchange, first_byte_timeout: Optional[float],
+                          liveness_interval: Optional[float]) -> None:
+        """Wait for the first byte, but keep asking the node (its /api/version through
+        the same master) whether it is still there: a dead node fails fast, a node
+        busy loading a model gets the whole first_byte_timeout."""
+        task = asyncio.ensure_future(ex.read_head())
+        started = time.monotonic()
+        deadline = None if first_byte_timeout is None else started + first_byte_timeout
+        interval = liveness_interval or LIVENESS_INTERVAL
+        try:
+            while True:
+                wait = interval if deadline is None else min(interval, deadline - time.monotonic())
+                if wait <= 0:
+                    raise NodeError(self.name, f"no reply within first_byte_timeout={first_byte_timeout:g}s")
+                done, _ = await asyncio.wait({task}, timeout=wait)
+                if done:
+                    task.result()
+                    self.avg_latency = ewma(self.avg_latency, time.monotonic() - started)
+                    return
+                if deadline is not None and time.monotonic() >= deadline:
+                    continue
+                probe_error = await self.liveness()
+                if probe_error:
+                    raise NodeError(self.name, f"stopped answering while waiting for a reply ({probe_error})")
+        finally:
+            if not task.done():
+                task.cancel()
+                try:
+                    await task
+                except BaseException:
+                    pass
+
+    async def liveness(self) -> Optional[str]:
+        """None if the node's Ollama answers /api/version promptly, else why not."""
+        try:
+            await asyncio.wait_for(self.get_json("/api/version", timeout=PROBE_TIMEOUT), PROBE_TIMEOUT)
+            return None
+        except asyncio.TimeoutError:
+            return f"/api/version did not answer within {PROBE_TIMEOUT:g}s"
+        except MeshError as exc:
+            return getattr(exc, "reason", str(exc))
+
+    async def get_json(self, path: str, body: Optional[Dict[str, Any]] = None, *,
+                       timeout: float = PROBE_TIMEOUT) -> Dict[str, Any]:
+        """A small request answered with one JSON object (tags, ps, version, show)."""
+        raw = None if body is None else json.dumps(body).encode()
+        ex = await self.open(path, raw, first_byte_timeout=timeout, liveness_interval=timeout)
+        try:
+            data = await ex.read_body(timeout)
+        except asyncio.TimeoutError:
+            await ex.close()
+            raise NodeError(self.name, f"{path}: reply stalled") from None
+        except ProtocolError as exc:
+            await ex.close()
+            raise NodeError(self.name, f"{path}: {exc}") from None
+        await ex.close()
+        if ex.status != 200:
+            raise NodeError(self.name, f"{path}: {error_message(ex.status, data)}", status=ex.status,
+                            mark_down=ex.status >= 500 and ex.status != 503)
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            raise NodeError(self.name, f"{path}: not Ollama (reply is not JSON: {_excerpt(data)})") from None
+        if not isinstance(obj, dict):
+            raise NodeError(self.name, f"{path}: not Ollama (unexpected reply {_excerpt(data)})")
+        return obj
+
+    async def refresh(self) -> None:
+        """Version, models and loaded models, through the node's transport."""
+        version = await self.get_json("/api/version")
+        if "version" not in version:
+            raise NodeError(self.name, "not Ollama (/api/version has no version)")
+        tags = await self.get_json("/api/tags")
+        ps = await self.get_json("/api/ps")
+        if not isinstance(tags.get("models"), list):
+            raise NodeError(self.name, "not Ollama (/api/tags has no model list)")
+        self.version = str(version["version"])
+        self.models = {model_key(m.get("name") or m.get("model", "")): m
+                       for m in tags["models"] if isinstance(m, dict)}
+        self.loaded = {model_key(m.get("name") or m.get("model", "")): m
+                       for m in (ps.get("models") or []) if isinstance(m, dict)}
+        self.inventory_at = time.monotonic()
+
+
+# ---------------------------------------------------------------------------
+# Orchestrator: the public API.
+# ---------------------------------------------------------------------------
+
+class _Stream:
+    """What `await generate(..., stream=True)` returns: an async iterator of chunk
+    dicts that ends the node's request (and its ssh child) when closed early."""
+
+    def __init__(self, agen: Any) -> None:
+        self._agen = agen
+
+    def __aiter__(self) -> "_Stream":
+        return self
+
+    async def __anext__(self) -> Dict[str, Any]:
+        return await self._agen.__anext__()
+
+    async def aclose(self) -> None:
+        await self._agen.aclose()
+
+    async def __aenter__(self) -> "_Stream":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+
+class MeshOrchestrator:
+    """Routes Ollama requests over the nodes of an SSH config.
+
+    config: SSH config path (default: MESH_SSH_CONFIG, else ~/.ssh/config); it is
+    passed to every ssh call as -F when given.  nodes: restrict to these aliases.
+    Timeouts are in seconds: connect_timeout (ssh connect and master start),
+    first_byte_timeout (until the reply starts; a cold model load takes minutes),
+    idle_timeout (silence between chunks).  Masters stay up for control_persist
+    seconds after the last use so the next command starts warm; close(stop_masters=True)
+    ends the ones this orchestrator started.
+    """
+
+    def __init__(self, config: Optional[str] = None, nodes: Optional[Sequence[str]] = None, *,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 first_byte_timeout: Optional[float] = DEFAULT_FIRST_BYTE_TIMEOUT,
+                 idle_timeout: Optional[float] = DEFAULT_IDLE_TIMEOUT,
+                 control_persist: int = DEFAULT_CONTROL_PERSIST,
+                 liveness_interval: float = LIVENESS_INTERVAL,
+                 ssh: str = "ssh", default_model: Optional[str] = None) -> None:
+        explicit = config or os.environ.get("MESH_SSH_CONFIG") or None
+        self.config_path = os.path.expanduser(explicit) if explicit else default_config_path()
+        self.connect_timeout = connect_timeout
+        self.first_byte_timeout = first_byte_timeout
+        self.idle_timeout = idle_timeout
+        self.liveness_interval = liveness_interval
+        self.default_model = default_model or os.environ.get("MESH_MODEL") or DEFAULT_MODEL
+        specs = load_node_specs(self.config_path, only=nodes)
+        self.nodes: List[SSHNode] = []
+        for spec in specs:
+            if spec.transport == "http":
+                transport: Transport = Transport(spec.name, spec.ollama_host, spec.ollama_port,
+                                                 connect_timeout=connect_timeout)
+            else:
+                transport = SSHTransport(spec.name, spec.ollama_host, spec.ollama_port,
+                                         config=self.config_path if explicit else None, ssh=ssh,
+                                         connect_timeout=connect_timeout, control_persist=control_persist,
+                                         mode=spec.transport)
+            self.nodes.append(SSHNode(spec, transport))
+        self._by_name = {n.name: n for n in self.nodes}
+        self._cond: Optional[asyncio.Condition] = None
+        self._tasks: set = set()
+        self._inventory_lock: Optional[asyncio.Lock] = None
+        self._closed = False
+
+    async def __aenter__(self) -> "MeshOrchestrator":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def close(self, *, stop_masters: bool = False) -> None:
+        """Stop background probes and pooled connections.  Masters stay for
+        ControlPersist unless stop_masters=True."""
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            try:
+                await task
+            except BaseException:
+                pass
+        await asyncio.gather(*(n.transport.close(stop_master=stop_masters) for n in self.nodes),
+                             return_exceptions=True)
+
+    def node(self, name: str) -> SSHNode:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise UsageError(f"unknown node {name!r} (configured: {', '.join(sorted(self._by_name))})") from None
+
+    # -- health ------------------------------------------------------------
+    def _mark_down(self, node: SSHNode, reason: str) -> None:
+        if node.healthy:
+            logger.warning("%s: marked down: %s", node.name, reason)
+        node.healthy = False
+        node.reason = reason
+        node.failures += 1
+        node.down_since = node.down_since or time.monotonic()
+        if isinstance(node.transport, SSHTransport) and reason.startswith("ssh"):
+            node.transport.master_lost()
+        if not self._closed and (node._probe_task is None or node._probe_task.done()):
+            node._probe_task = self._spawn(self._reprobe(node))
+
+    def _mark_up(self, node: SSHNode) -> None:
+        if not node.healthy:
+            logger.warning("%s: back up", node.name)
+        node.healthy, node.reason, node.failures, node.down_since = True, None, 0, None
+        self._notify()
+
+    def _spawn(self, coro: Any) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _reprobe(self, node: SSHNode) -> None:
+        """Background: probe a node in cooldown with backoff until it answers again."""
+        delay = COOLDOWN_MIN
+        while not node.healthy and not self._closed:
+            await asyncio.sleep(delay)
+            try:
+                await node.transport.prepare()
+                await asyncio.wait_for(node.refresh(), self.connect_timeout + PROBE_TIMEOUT * 3)
+            except (MeshError, asyncio.TimeoutError, OSError) as exc:
+                node.reason = getattr(exc, "reason", None) or str(exc) or node.reason
+                delay = min(delay * 2, COOLDOWN_MAX)
+                continue
+            self._mark_up(node)
+
+    def _notify(self) -> None:
+        if self._cond is None:
+            return
+        cond = self._cond
+
+        async def wake() -> None:
+            async with cond:
+                cond.notify_all()
+        self._spawn(wake())
+
+    # -- inventory -----------------------------------------------------------
+    async def check_node(self, node: SSHNode) -> Dict[str, Any]:
+        """Reach one node and ask its Ollama what it has (for `test` and status)."""
+        result: Dict[str, Any] = {"name": node.name, "display_name": node.display_name, "ok": False,
+                                  "ssh_ms": None, "ollama_ms": None, "version": None, "models": [],
+                                  "loaded": [], "error": None, "transport": None}
+        try:
+            started = time.monotonic()
+            await node.transport.prepare()
+            if isinstance(node.transport, SSHTransport):
+                result["ssh_ms"] = round((time.monotonic() - started) * 1000, 1)
+            started = time.monotonic()
+            await node.refresh()
+            result["ollama_ms"] = round((time.monotonic() - started) * 1000, 1)
+        except NodeError as exc:
+            result["error"] = exc.reason
+            self._mark_down(node, exc.reason)
+        else:
+            result.update(ok=True, version=node.version,
+                          models=sorted(m["name"] for m in node.models.values()),
+                          loaded=sorted(m["name"] for m in node.loaded.values()))
+            self._mark_up(node)
+        result["transport"] = node.transport.mode
+        return result
+
+    async def refresh(self, *, force: bool = False) -> None:
+        """Bring every healthy node's model list up to date (concurrently)."""
+        if self._inventory_lock is None:
+            self._inventory_lock = asyncio.Lock()
+        async with self._inventory_lock:
+            now = time.monotonic()
+            stale = [n for n in self.nodes
+                     if n.healthy and (force or now - n.inventory_at > INVENTORY_TTL)]
+            if not stale:
+                return
+
+            async def one(node: SSHNode) -> None:
+                try:
+                    await asyncio.wait_for(self.check_node(node), self.connect_timeout + PROBE_TIMEOUT * 3)
+                except asyncio.TimeoutError:
+                    self._mark_down(node, "no answer within the connect and probe timeouts")
+            await asyncio.gather(*(one(n) for n in stale))
+
+    async def tags(self) -> List[Dict[str, Any]]:
+        """The union of models across healthy nodes, each once."""
+        await self.refresh()
+        merged: Dict[str, Dict[str, Any]] = {}
+        for node in self.nodes:
+            if node.healthy:
+                for key, entry in node.models.items():
+                    merged.setdefault(key, dict(entry))
+        return sorted(merged.values(), key=lambda m: m.get("name", ""))
+
+    async def ps(self) -> List[Dict[str, Any]]:
+        """Loaded models on every healthy node, each entry with a "node" key."""
+        await self.refresh(force=True)
+        return [dict(entry, node=node.name) for node in self.nodes if node.healthy
+                for entry in node.loaded.values()]
+
+    # -- routing ---------------------------------------------------------------
+    def select_best_node(self, model: Optional[str] = None) -> SSHNode:
+        """The node the next request for `model` would go to (no waiting, no I/O)."""
+        candidates = self._candidates(model, None, set())
+        return rank_nodes(candidates, model=model)[0]
+
+    def _candidates(self, model: Optional[str], pinned: Optional[str], exclude: set) -> List[SSHNode]:
+        if pinned:
+            node = self.node(pinned)
+            if node.name in exclude:
+                return []
+            return [node]
+        key = model_key(model) if model else None
+        have = [n for n in self.nodes if key is None or key in n.models or n.inventory_at == 0]
+        if key is not None and not have:
+            searched = [n.name for n in self.nodes if n.inventory_at]
+            down = [f"{n.name} ({n.reason})" for n in self.nodes if not n.inventory_at and not n.healthy]
+            msg = f'model "{model}" not found on any node'
+            if searched:
+                msg += f" (searched: {', '.join(searched)})"
+            if down:
+                msg += f"; unreachable: {', '.join(down)}"
+            raise ModelNotFoundError(msg)
+        healthy = [n for n in have if n.healthy and n.name not in exclude]
+        if not healthy:
+            reasons = "; ".join(f"{n.name}: {n.reason or 'failed'}" for n in have)
+            what = f'model "{model}"' if model else "requests"
+            raise NoNodeAvailableError(f"no healthy node can take {what}: {reasons}")
+        return healthy
+
+    async def _acquire(self, model: Optional[str], pinned: Optional[str], exclude: set) -> SSHNode:
+        """Pick a node and take one of its slots, queueing while all candidates are full."""
+        if self._cond is None:
+            self._cond = asyncio.Condition()
+        while True:
+            candidates = self._candidates(model, pinned, exclude)
+            free = [n for n in candidates if n.active_requests < n.max_concurrent]
+            if free:
+                node = rank_nodes(free, model=model)[0]
+                node.active_requests += 1
+                return node
+            async with self._cond:
+                await self._cond.wait()
+
+    def _release(self, node: SSHNode) -> None:
+        node.active_requests -= 1
+        self._notify()
+
+    async def request(self, path: str, payload: Dict[str, Any], *, node: Optional[str] = None,
+                      stream: Optional[bool] = None) -> Any:
+        """Send any Ollama API request through the router.  With stream true (Ollama's
+        default for generate/chat), returns an async iterator of chunk dicts; else a dict.
+        Every result carries "node"."""
+        payload = dict(payload)
+        if stream is not None:
+            payload["stream"] = stream
+        streaming = payload.get("stream", True) if path in ("/api/generate", "/api/chat", "/api/pull") \
+            else bool(payload.get("stream", False))
+        agen = self._route(path, payload, pinned=node, streaming=streaming)
+        if streaming:
+            return _Stream(agen)
+        try:
+            result = None
+            async for obj in agen:
+                result = obj
+            return result
+        finally:
+            await agen.aclose()
+
+    async def _route(self, path: str, payload: Dict[str, Any], *, pinned: Optional[str],
+                     streaming: bool) -> AsyncIterator[Dict[str, Any]]:
+        model = payload.get("model")
+        if pinned is None and model:
+            await self.refresh()
+        body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        tried: set = set()
+        failures: List[str] = []
+        while True:
+            try:
+                node = await self._acquire(model, pinned, tried)
+            except MeshError as exc:
+                if failures and not isinstance(exc, UsageError):
+                    raise NoNodeAvailableError("every node failed: " + "; ".join(failures)) from None
+                raise
+            relayed = False
+            try:
+                async for obj in self._relay(node, path, body, streaming):
+                    relayed = True
+                    yield obj
+                node.served += 1
+                return
+            except _ClientError:
+                raise
+            except NodeError as exc:
+                if relayed:
+                    raise StreamInterruptedError(
+                        f"{exc} (after part of the answer was sent; not retried)") from None
+                if not exc.retryable:
+                    raise
+                tried.add(node.name)
+                failures.append(str(exc))
+                if exc.status == 404 and model:
+                    node.models.pop(model_key(model), None)
+                    if pinned:
+                        raise ModelNotFoundError(f'model "{model}" not found on node {node.name}') from None
+                elif exc.mark_down:
+                    self._mark_down(node, exc.reason)
+                if pinned:
+                    raise
+                logger.info("%s failed before the first byte; trying another node: %s", node.name, exc.reason)
+            finally:
+                self._release(node)
+
+    async def _relay(self, node: SSHNode, path: str, body: bytes, streaming: bool
+                     ) -> AsyncIterator[Dict[str, Any]]:
+        ex = await node.open(path, body, first_byte_timeout=self.first_byte_timeout,
+                             liveness_interval=self.liveness_interval)
+        try:
+            if ex.status != 200:
+                try:
+                    data = await ex.read_body(self.idle_timeout, limit=1 << 20)
+                except (ProtocolError, asyncio.TimeoutError):
+                    data = b""
+                msg = error_message(ex.status, data)
+                if 400 <= ex.status < 500 and ex.status != 404:
+                    raise _ClientError(ex.status, msg, node.name)
+                raise NodeError(node.name, msg, status=ex.status,
+                                mark_down=ex.status >= 500 and ex.status != 503)
+            ctype = ex.headers.get("content-type", "")
+            if "json" not in ctype and "ndjson" not in ctype and ctype:
+                raise NodeError(node.name, f"not Ollama (reply is {ctype})")
+            decoder = NDJSONDecoder()
+            count = 0
+            last: Dict[str, Any] = {}
+            try:
+                async for data in ex.body(self.idle_timeout):
+                    for obj in decoder.feed(data):
+                        count += 1
+                        last = obj
+                        yield self._tag(obj, node, count)
+                for obj in decoder.finish():
+                    count += 1
+                    yield self._tag(obj, node, count)
+                    last = obj
+            except asyncio.TimeoutError:
+                raise NodeError(node.name, f"no data for idle_timeout={self.idle_timeout:g}s",
+                                retryable=count == 0) from None
+            except ProtocolError as exc:
+                raise NodeError(node.name, f"bad reply: {exc}", retryable=count == 0) from None
+            if count == 0:
+                raise NodeError(node.name, "empty reply")
+            if streaming and path in ("/api/generate", "/api/chat") and last.get("done") is not True:
+                # Ollama always ends a stream with a done chunk: anything else was cut off.
+                raise NodeError(node.name, "stream ended before the final chunk (truncated)", retryable=False)
+        finally:
+            await ex.close()
+
+    @staticmethod
+    def _tag(obj: Dict[str, Any], node: SSHNode, count: int) -> Dict[str, Any]:
+        if "error" in obj and len(obj) <= 2:
+            raise NodeError(node.name, f"Ollama error: {obj['error']}", retryable=count == 1,
+                            mark_down=False)
+        obj["node"] = node.name
+        return obj
+
+    # -- the familiar calls ------------------------------------------------------
+    async def generate(self, prompt: str, model: Optional[str] = None, *, node: Optional[str] = None,
+                       system: Optional[str] = None, stream: bool = False,
+                       options: Optional[Dict[str, Any]] = None, **extra: Any) -> Any:
+        """Ollama's /api/generate on the best node.  stream=False: the response dict
+        (plus "node"); stream=True: an async iterator of chunk dicts."""
+        payload: Dict[str, Any] = {"model": model or self.default_model, "prompt": prompt, **extra}
+        if system is not None:
+            payload["system"] = system
+        if options:
+            payload["options"] = options
+        return await self.request("/api/generate", payload, node=node, stream=stream)
+
+    async def chat(self, messages: List[Dict[str, Any]], model: Optional[str] = None, *,
+                   node: Optional[str] = None, stream: bool = False,
+                   options: Optional[Dict[str, Any]] = None, **extra: Any) -> Any:
+        """Ollama's /api/chat on the best node; shapes as generate()."""
+        payload: Dict[str, Any] = {"model": model or self.default_model, "messages": messages, **extra}
+        if options:
+            payload["options"] = options
+        return await self.request("/api/chat", payload, node=node, stream=stream)
+
+    async def embed(self, input: Any, model: Optional[str] = None, *, node: Optional[str] = None,
+                    **extra: Any) -> Dict[str, Any]:
+        """Ollama's /api/embed: {"embeddings": [[...]], "node": ...}."""
+        payload = {"model": model or self.default_model, "input": input, **extra}
+        return await self.request("/api/embed", payload, node=node, stream=False)
+
+
+class _ClientError(NodeError):
+    """Ollama rejected the request itself (400 and the like): not the node's fault,
+    not retried elsewhere."""
+
+    def __init__(self, status: int, message: str, node: str) -> None:
+        super().__init__(node, message, status=status, retryable=False, mark_down=False)
+
+
+# ---------------------------------------------------------------------------
+# HTTP front: the whole mesh behind one Ollama-compatible address.
+# ---------------------------------------------------------------------------
+
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+            405: "Method Not Allowed", 413: "Payload Too Large", 500: "Internal Server Error",
+            501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable"}
+_STREAMING_PATHS = ("/api/generate", "/api/chat", "/api/pull")
+_POST_PATHS = ("/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/show", "/api/pull")
+_MAX_BODY = 512 * 1024 * 1024
+
+
+class _HTTPError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class MeshServer:
+    """Ollama's HTTP API over asyncio streams, answered by a MeshOrchestrator."""
+
+    def __init__(self, orch: MeshOrchestrator, *, token: Optional[str] = None) -> None:
+        self.orch = orch
+        self.token = token
+        self.active: set = set()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self.active.add(task)
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                except asyncio.LimitOverrunError:
+                    await self._send_json(writer, 400, {"error": "request head too large"}, close=True)
+                    return
+                keep = await self._one(head, reader, writer)
+                if not keep:
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.active.discard(task)
+            writer.close()
+
+    async def _one(self, head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        lines = head.decode("latin-1").split("\r\n")
+        try:
+            method, target, version = lines[0].split(" ", 2)
+        except ValueError:
+            await self._send_json(writer, 400, {"error": "bad request line"}, close=True)
+            return False
+        headers: Dict[str, str] = {}
+        for line in lines[1:]:
+            if ":" in line:
+                k, _, v = line.partition(":")
+                headers[k.strip().lower()] = v.strip()
+        keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+        path = target.split("?", 1)[0]
+        try:
+            body = await self._read_body(reader, headers)
+            self._check_auth(headers)
+            await self._dispatch(method, path, headers, body, writer, reader)
+        except _HTTPError as exc:
+            await self._send_json(writer, exc.status, {"error": str(exc)}, close=not keep)
+        return keep
+
+    async def _read_body(self, reader: asyncio.StreamReader, headers: Dict[str, str]) -> bytes:
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            parts = []
+            while True:
+                size = int((await reader.readline()).split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while (await reader.readline()).strip():
+                        pass
+                    return b"".join(parts)
+                parts.append((await reader.readexactly(size + 2))[:-2])
+        length = int(headers.get("content-length") or 0)
+        if length > _MAX_BODY:
+            raise _HTTPError(413, "request body too large")
+        return await reader.readexactly(length) if length else b""
+
+    def _check_auth(self, headers: Dict[str, str]) -> None:
+        if not self.token:
+            return
+        import hmac
+        given = headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+            raise _HTTPError(401, "unauthorized: missing or wrong bearer token")
+
+    async def _dispatch(self, method: str, path: str, headers: Dict[str, str], body: bytes,
+                        writer: asyncio.StreamWriter, reader: asyncio.StreamReader) -> None:
+        if path == "/" and method in ("GET", "HEAD"):
+            await self._send(writer, 200, b"Ollama is running", "text/plain; charset=utf-8",
+                             head_only=method == "HEAD")
+            return
+        gets = {"/api/version": self._version, "/api/tags": self._tags, "/api/ps": self._ps,
+                "/mesh/status": self._status}
+        if path in gets:
+            if method not in ("GET", "HEAD"):
+                raise _HTTPError(405, f"method {method} not allowed on {path}")
+            await self._send_json(writer, 200, await gets[path]())
+            return
+        if path not in _POST_PATHS:
+            raise _HTTPError(404, f"404 page not found: {path}")
+        if method != "POST":
+            raise _HTTPError(405, f"method {method} not allowed on {path}")
+        try:
+            payload = json.loads(body) if body.strip() else None
+        except ValueError as exc:
+            raise _HTTPError(400, f"invalid JSON: {exc}") from None
+        if payload is None:
+            raise _HTTPError(400, "missing request body")
+        if not isinstance(payload, dict):
+            raise _HTTPError(400, "request body must be a JSON object")
+        if not payload.get("model") and not payload.get("name"):
+            raise _HTTPError(400, "model is required")
+        if "model" not in payload:
+            payload["model"] = payload["name"]
+        pinned = headers.get("x-mesh-node") or None
+        if pinned and pinned not in self.orch._by_name:
+            raise _HTTPError(400, f"unknown node {pinned!r} in X-Mesh-Node")
+        if path == "/api/pull":
+            await self._pull(payload, pinned, writer, reader)
+            return
+        streaming = path in _STREAMING_PATHS and payload.get("stream", True) is not False
+        try:
+            if not streaming:
+                result = await self.orch.request(path, payload, node=pinned, stream=False)
+                node = result.pop("node", None)
+                await self._send_json(writer, 200, result, node=node)
+                return
+            stream = await self.orch.request(path, payload, node=pinned, stream=True)
+        except MeshError as exc:
+            raise _HTTPError(_status_for(exc), str(exc)) from None
+        await self._relay_stream(stream, writer, reader)
+
+    async def _relay_stream(self, stream: _Stream, writer: asyncio.StreamWriter,
+                            reader: asyncio.StreamReader) -> None:
+        """NDJSON, chunked, each line passed on the moment it arrives.  The first
+        chunk is awaited before the status line so that failures before it still get
+        a proper status; a client that goes away cancels the node's request."""
+        async def pump() -> None:
+            try:
+                first = await stream.__anext__()
+            except StopAsyncIteration:
+                raise _HTTPError(502, "node sent no data")
+            except MeshError as exc:
+                raise _HTTPError(_status_for(exc), str(exc)) from None
+            node = first.pop("node", None)
+            await self._start_chunked(writer, node)
+            await self._chunk(writer, first)
+            try:
+                async for obj in stream:
+                    obj.pop("node", None)
+                    await self._chunk(writer, obj)
+            except MeshError as exc:
+                await self._chunk(writer, {"error": str(exc)})
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+        async def client_gone() -> None:
+            # A client sends nothing more while it reads a stream: EOF means it left.
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    return
+
+        pump_task = asyncio.ensure_future(pump())
+        watch = asyncio.ensure_future(client_gone())
+        try:
+            done, _ = await asyncio.wait({pump_task, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if pump_task not in done:
+                logger.info("client went away mid-stream; cancelling the node's request")
+                pump_task.cancel()
+                try:
+                    await pump_task
+                except BaseException:
+                    pass
+                raise ConnectionResetError("client disconnected")
+            pump_task.result()
+        finally:
+            watch.cancel()
+            await stream.aclose()
+
+    async def _pull(self, payload: Dict[str, Any], pinned: Optional[str], writer: asyncio.StreamWriter,
+                    reader: asyncio.StreamReader) -> None:
+        """Pull onto the X-Mesh-Node node, or onto every healthy node in turn; progress
+        lines carry "node"; the last line is {"status": "success"} only if all succeeded."""
+        targets = [pinned] if pinned else [n.name for n in self.orch.nodes if n.healthy]
+        if not targets:
+            raise _HTTPError(503, "no healthy node to pull onto")
+        stream_out = payload.get("stream", True) is not False
+        payload = dict(payload, stream=True)
+        failures = []
+        if stream_out:
+            await self._start_chunked(writer, ",".join(targets))
+        for name in targets:
+            try:
+                stream = await self.orch.request("/api/pull", payload, node=name, stream=True)
+                async for obj in stream:
+                    if stream_out and obj.get("status") != "success":
+                        await self._chunk(writer, obj)
+            except MeshError as exc:
+                failures.append(f"{name}: {exc}")
+        final = {"status": "success"} if not failures else {"error": "; ".join(failures)}
+        if stream_out:
+            await self._chunk(writer, final)
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        else:
+            await self._send_json(writer, 200 if not failures else 502, final, node=",".join(targets))
+        self.orch.nodes and [setattr(n, "inventory_at", 0.0) for n in self.orch.nodes]
+
+    async def _version(self) -> Dict[str, Any]:
+        await self.orch.refresh()
+        versions = sorted({n.version for n in self.orch.nodes if n.healthy and n.version})
+        return {"version": versions[0] if versions else "0.0.0", "mesh": __version__}
+
+    async def _tags(self) -> Dict[str, Any]:
+        return {"models": await self.orch.tags()}
+
+    async def _ps(self) -> Dict[str, Any]:
+        return {"models": await self.orch.ps()}
+
+    async def _status(self) -> Dict[str, Any]:
+        await self.orch.refresh()
+        return {"nodes": [n.status() for n in self.orch.nodes]}
+
+    # -- writing ---------------------------------------------------------------
+    async def _send(self, writer: asyncio.StreamWriter, status: int, body: bytes, ctype: str, *,
+                    node: Optional[str] = None, close: bool = False, head_only: bool = False) -> None:
+        head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", f"Content-Type: {ctype}",
+                f"Content-Length: {len(body)}"]
+        if node:
+            head.append(f"X-Mesh-Node: {node}")
+        if close:
+            head.append("Connection: close")
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (b"" if head_only else body))
+        await writer.drain()
+
+    async def _send_json(self, writer: asyncio.StreamWriter, status: int, obj: Any, *,
+                         node: Optional[str] = None, close: bool = False) -> None:
+        await self._send(writer, status, json.dumps(obj, ensure_ascii=False).encode("utf-8"),
+                         "application/json; charset=utf-8", node=node, close=close)
+
+    async def _start_chunked(self, writer: asyncio.StreamWriter, node: Optional[str]) -> None:
+        head = ["HTTP/1.1 200 OK", "Content-Type: application/x-ndjson", "Transfer-Encoding: chunked"]
+        if node:
+            head.append(f"X-Mesh-Node: {node}")
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+        await writer.drain()
+
+    async def _chunk(self, writer: asyncio.StreamWriter, obj: Dict[str, Any]) -> None:
+        line = json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n"
+        writer.write(b"%x\r\n%s\r\n" % (len(line), line))
+        await writer.drain()
+
+
+def _status_for(exc: MeshError) -> int:
+    if isinstance(exc, (ModelNotFoundError,)):
+        return 404
+    if isinstance(exc, _ClientError):
+        return exc.status or 400
+    if isinstance(exc, UsageError):
+        return 400
+    if isinstance(exc, NoNodeAvailableError):
+        return 503
+    return 502
+
+
+async def cmd_serve(orch: MeshOrchestrator, args: Any) -> int:
+    import signal
+    host, port = parse_host_port(args.listen, 11500)
+    if not _is_loopback(host) and not args.token and not args.allow_remote:
+        raise UsageError(f"refusing to listen on non-loopback {host} without --token "
+                         "(anyone who can reach it could use your GPUs); add --allow-remote to force")
+    front = MeshServer(orch, token=args.token)
+    try:
+        server = await asyncio.start_server(front.handle, host, port, limit=1 << 20)
+    except OSError as exc:
+        raise MeshError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    bound = server.sockets[0].getsockname()
+    _print(f"mesh: serving {len(orch.nodes)} node(s) as Ollama on http://{bound[0]}:{bound[1]}"
+           + (" (bearer token required)" if args.token else ""), file=sys.stderr)
+    orch._spawn(orch.refresh())
+    await stop.wait()
+    _print("mesh: shutting down: no new connections; waiting for running requests", file=sys.stderr)
+    server.close()
+    await server.wait_closed() if sys.version_info < (3, 12) else None
+    pending = {t for t in front.active if t is not None}
+    if pending:
+        done, pending = await asyncio.wait(pending, timeout=args.shutdown_grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=5)
+    return 0
+
+
+async def cmd_bench(orch: MeshOrchestrator, args: Any) -> int:
+    """Time to first token and tokens per second, node by node."""
+    model = args.model or orch.default_model
+    nodes = [orch.node(args.node)] if args.node else orch.nodes
+    _print(f"{'node':<16} {'runs':>4} {'first token ms':>15} {'tokens/s':>9}  note")
+    failed = 0
+    for node in nodes:
+        ttfts, rates, note = [], [], ""
+        for _ in range(max(1, args.runs)):
+            started = time.monotonic()
+            first = None
+            final: Dict[str, Any] = {}
+            try:
+                stream = await orch.generate(args.prompt, model=model, node=node.name, stream=True,
+                                             options={"temperature": 0})
+                async for chunk in stream:
+                    if first is None and (chunk.get("response") or chunk.get("done")):
+                        first = time.monotonic() - started
+                    final = chunk
+            except MeshError as exc:
+                note = str(exc)
+                break
+            ttfts.append((first or 0) * 1000)
+            count, dur = final.get("eval_count"), final.get("eval_duration")
+            if count and dur:
+                rates.append(count / (dur / 1e9))
+        if not ttfts:
+            failed += 1
+            _print(f"{node.name:<16} {0:>4} {'-':>15} {'-':>9}  {note}")
+            continue
+        ttft = sorted(ttfts)[len(ttfts) // 2]
+        rate = f"{sorted(rates)[len(rates) // 2]:.1f}" if rates else "-"
+        _print(f"{node.name:<16} {len(ttfts):>4} {ttft:>15.1f} {rate:>9}  {note}")
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------------------
+# Command line.
+# ---------------------------------------------------------------------------
+
+def _print(text: str = "", *, end: str = "\n", file: Any = None) -> None:
+    stream = file or sys.stdout
+    stream.write(text + end)
+    stream.flush()
+
+
+async def _ssh_g(node: SSHNode, config: Optional[str], ssh: str = "ssh") -> Dict[str, Any]:
+    """Ask ssh itself (ssh -G) for a node whose settings a `Match exec` decides."""
+    argv = [ssh] + (["-F", config] if config else []) + ["-G", "-T", "--", node.name]
+    rc, out, err = await run_command(argv, timeout=30)
+    if rc != 0:
+        raise ConfigError(f"{node.name}: ssh -G failed: {describe_ssh_failure(err, rc)}")
+    values: Dict[str, Any] = {"identityfile": []}
+    for line in out.decode("utf-8", "replace").splitlines():
+        key, _, value = line.partition(" ")
+        if key == "identityfile":
+            values["identityfile"].append(value)
+        elif key in ("hostname", "user", "port"):
+            values[key] = int(value) if key == "port" else value
+    return values
+
+
+async def cmd_nodes(orch: MeshOrchestrator, args: Any) -> int:
+    rows = []
+    for node in orch.nodes:
+        row = node.spec.as_dict()
+        if row["unresolved"]:
+            ssh_cfg = getattr(node.transport, "config", None)
+            row.update(await _ssh_g(node, ssh_cfg))
+        rows.append(row)
+    if args.json:
+        _print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        target = f"{r['user']}@{r['hostname']}:{r['port']}" if r["user"] else f"{r['hostname']}:{r['port']}"
+        extra = []
+        if r["display_name"] != r["name"]:
+            extra.append(repr(r["display_name"]))
+        if r["weight"] != 1:
+            extra.append(f"weight={r['weight']:g}")
+        extra.append(f"max_concurrent={r['max_concurrent']}")
+        if r["ollama_port"] != DEFAULT_OLLAMA_PORT:
+            extra.append(f"ollama_port={r['ollama_port']}")
+        if r["transport"] not in ("auto", "http"):
+            extra.append(f"transport={r['transport']}")
+        _print(f"{r['name']:<{width}}  {target}  {' '.join(extra)}")
+    return 0
+
+
+def _format_check(r: Dict[str, Any], width: int) -> str:
+    if not r["ok"]:
+        return f"FAIL  {r['name']:<{width}}  {r['error']}"
+    parts = []
+    if r["ssh_ms"] is not None:
+        parts.append(f"ssh {r['ssh_ms']:.0f} ms")
+    parts.append(f"ollama {r['version']} ({r['ollama_ms']:.0f} ms)")
+    parts.append("models: " + (", ".join(r["models"]) or "none"))
+    if r["loaded"]:
+        parts.append("loaded: " + ", ".join(r["loaded"]))
+    return f"ok    {r['name']:<{width}}  " + "  ".join(parts)
+
+
+async def cmd_test(orch: MeshOrchestrator, args: Any) -> int:
+    limit = asyncio.Semaphore(max(1, args.parallel))
+    timeout = args.timeout or (orch.connect_timeout + 3 * PROBE_TIMEOUT)
+    width = max(len(n.name) for n in orch.nodes)
+
+    async def one(node: SSHNode) -> Dict[str, Any]:
+        async with limit:
+            try:
+                return await asyncio.wait_for(orch.check_node(node), timeout)
+            except asyncio.TimeoutError:
+                reason = f"no answer within {timeout:g}s (node frozen or unreachable?)"
+                orch._mark_down(node, reason)
+                return {"name": node.name, "display_name": node.display_name, "ok": False,
+                        "ssh_ms": None, "ollama_ms": None, "version": None, "models": [], "loaded": [],
+                        "error": reason, "transport": node.transport.mode}
+
+    results: Dict[str, Dict[str, Any]] = {}
+    for fut in asyncio.as_completed([one(n) for n in orch.nodes]):
+        r = await fut
+        results[r["name"]] = r
+        if not args.json:
+            _print(_format_check(r, width))
+    ordered = [results[n.name] for n in orch.nodes]
+    if args.json:
+        _print(json.dumps(ordered, indent=2))
+    else:
+        bad = [r["name"] for r in ordered if not r["ok"]]
+        _print(f"{len(ordered) - len(bad)} of {len(ordered)} nodes healthy"
+               + (f"; failing: {', '.join(bad)}" if bad else ""), file=sys.stderr)
+    return 0 if all(r["ok"] for r in ordered) else 1
+
+
+def _read_prompt(arg: Optional[str]) -> str:
+    if arg is None or arg == "-":
+        if arg is None and sys.stdin.isatty():
+            raise UsageError("no prompt: give PROMPT, or pipe it on stdin")
+        prompt = sys.stdin.buffer.read().decode("utf-8", "surrogateescape")
+    else:
+        prompt = arg
+    if not prompt.strip():
+        raise UsageError("empty prompt")
+    return prompt
+
+
+async def cmd_generate(orch: MeshOrchestrator, args: Any) -> int:
+    prompt = _read_prompt(args.prompt)
+    extra: Dict[str, Any] = {}
+    if args.format:
+        extra["format"] = args.format
+    if args.keep_alive is not None:
+        extra["keep_alive"] = args.keep_alive
+    options = _parse_options(args.option)
+    if args.json or args.no_stream:
+        result = await orch.generate(prompt, model=args.model, node=args.node, system=args.system,
+                                     stream=False, options=options, **extra)
+        if args.verbose:
+            _print(f"mesh: served by {result.get('node')}", file=sys.stderr)
+        if args.json:
+            _print(json.dumps(result, ensure_ascii=False))
+        else:
+            text = result.get("response", "")
+            _print(text, end="" if text.endswith("\n") else "\n")
+        return 0
+    stream = await orch.generate(prompt, model=args.model, node=args.node, system=args.system,
+                                 stream=True, options=options, **extra)
+    last = ""
+    try:
+        first = True
+        async for chunk in stream:
+            if first and args.verbose:
+                _print(f"mesh: served by {chunk.get('node')}", file=sys.stderr)
+            first = False
+            piece = chunk.get("response") or ""
+            if piece:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+                last = piece
+    finally:
+        await stream.aclose()
+    if not last.endswith("\n"):
+        _print()
+    return 0
+
+
+def _parse_options(items: Optional[List[str]]) -> Optional[Dict[str, Any]]:
+    if not items:
+        return None
+    out: Dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"bad --option {item!r} (expected KEY=VALUE, e.g. temperature=0.2)")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+async def cmd_chat(orch: MeshOrchestrator, args: Any) -> int:
+    history: List[Dict[str, Any]] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    loop = asyncio.get_running_loop()
+    interactive = sys.stdin.isatty()
+    if interactive:
+        _print(f"mesh chat with {args.model or orch.default_model} - /bye or Ctrl-D to leave", file=sys.stderr)
+    while True:
+        if interactive:
+            sys.stderr.write(">>> ")
+            sys.stderr.flush()
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if not line:
+            break
+        text = line.rstrip("\n")
+        if text.strip() in ("/bye", "/exit", "/quit"):
+            break
+        if not text.strip():
+            continue
+        history.append({"role": "user", "content": text})
+        reply_parts: List[str] = []
+        stream = await orch.chat(history, model=args.model, node=args.node, stream=True)
+        try:
+            async for chunk in stream:
+                piece = (chunk.get("message") or {}).get("content") or ""
+                reply_parts.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except MeshError:
+            history.pop()
+            raise
+        finally:
+            await stream.aclose()
+        _print()
+        history.append({"role": "assistant", "content": "".join(reply_parts)})
+    return 0
+
+
+def _build_parser() -> Any:
+    import argparse
+
+    def seconds(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError("must be > 0")
+        return value
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> None:  # one line, exit 2
+            raise UsageError(message)
+
+    common = Parser(add_help=False)
+    g = common.add_argument_group("global options (also accepted before the command)")
+    g.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                   help="SSH config to read and pass to ssh as -F (default: $MESH_SSH_CONFIG, else ~/.ssh/config)")
+    g.add_argument("--nodes", metavar="A,B", default=argparse.SUPPRESS,
+                   help="use only these nodes (ssh aliases, comma-separated)")
+    g.add_argument("--connect-timeout", type=seconds, metavar="S", default=argparse.SUPPRESS,
+                   help=f"ssh connect and master start (default {DEFAULT_CONNECT_TIMEOUT:g})")
+    g.add_argument("--first-byte-timeout", type=seconds, metavar="S", default=argparse.SUPPRESS,
+                   help=f"wait for a reply to start; covers cold model loads (default {DEFAULT_FIRST_BYTE_TIMEOUT:g})")
+    g.add_argument("--idle-timeout", type=seconds, metavar="S", default=argparse.SUPPRESS,
+                   help=f"silence allowed between chunks (default {DEFAULT_IDLE_TIMEOUT:g})")
+    g.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                   help="say which node served; -vv logs routing and ssh events")
+
+    parser = Parser(prog="mesh.py", parents=[common],
+                    description="One pool of Ollama machines over nothing but SSH. Nodes are the Host "
+                                "entries of your SSH config; each node's Ollama stays on its own localhost.",
+                    epilog="Exit codes: 0 success, 1 node/model failure, 2 usage error. "
+                           "Per-node settings: '# mesh: name=\"...\" weight=N max_concurrent=N "
+                           "ollama_port=N' inside a Host block; '# mesh: off' keeps a host out.")
+    parser.add_argument("--version", action="version", version=f"mesh.py {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("test", parents=[common], help="check every node: ssh, Ollama, models",
+                       description="Check every node at once; each line prints as soon as that node is "
+                                   "known. Exit 0 only when every node is healthy.")
+    p.add_argument("--json", action="store_true", help="print a JSON array, one object per node")
+    p.add_argument("--timeout", type=seconds, metavar="S",
+                   help="give up on a node after S seconds (default: connect timeout + 15)")
+    p.add_argument("--parallel", type=int, default=64, metavar="N", help="nodes checked at once (default 64)")
+    p.set_defaults(func=cmd_test)
+
+    p = sub.add_parser("nodes", parents=[common], help="list the configured nodes (no network)",
+                       description="The nodes the SSH config defines and their mesh settings.")
+    p.add_argument("--json", action="store_true", help="print a JSON array")
+    p.set_defaults(func=cmd_nodes)
+
+    def model_opts(p: Any) -> None:
+        p.add_argument("--model", "-m", help=f"model (default: $MESH_MODEL, else {DEFAULT_MODEL})")
+        p.add_argument("--node", metavar="NAME", help="send to this node only (no failover)")
+        p.add_argument("--system", help="system prompt")
+
+    p = sub.add_parser("generate", parents=[common], help="ask the pool one prompt",
+                       description="Send a prompt to the best node; tokens stream to stdout as they arrive.")
+    p.add_argument("prompt", nargs="?", help="the prompt; '-' or absent reads it from stdin")
+    model_opts(p)
+    p.add_argument("--no-stream", action="store_true", help="print the answer only when complete")
+    p.add_argument("--json", action="store_true", help="print Ollama's final response object plus \"node\"")
+    p.add_argument("--format", help="'json' or a JSON schema, as Ollama's format")
+    p.add_argument("--keep-alive", help="how long the node keeps the model loaded (e.g. 5m, 0)")
+    p.add_argument("--option", "-o", action="append", metavar="KEY=VALUE",
+                   help="a model option, e.g. temperature=0.2 (repeatable)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", parents=[common], help="multi-turn chat in the terminal",
+                       description="Chat with the pool; history is kept for the session. /bye or Ctrl-D ends it.")
+    model_opts(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", parents=[common], help="look like one Ollama on a local address",
+                       description="An Ollama-compatible HTTP API in front of the whole mesh. Point any "
+                                   "Ollama client at it (OLLAMA_HOST=http://127.0.0.1:11500).")
+    p.add_argument("--listen", default=os.environ.get("MESH_LISTEN", DEFAULT_LISTEN), metavar="HOST:PORT",
+                   help=f"address to bind (default {DEFAULT_LISTEN}; env MESH_LISTEN)")
+    p.add_argument("--token", default=os.environ.get("MESH_TOKEN"),
+                   help="require 'Authorization: Bearer TOKEN' (env MESH_TOKEN); clients send OLLAMA_API_KEY")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow binding a non-loopback address without --token")
+    p.add_argument("--shutdown-grace", type=seconds, default=30.0, metavar="S",
+                   help="on SIGTERM/Ctrl-C, let running streams finish for up to S seconds (default 30)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("bench", parents=[common], help="time to first token and tokens/s per node",
+                       description="Measure each node's time to first token and generation speed, one "
+                                   "node at a time, through the mesh transport.")
+    model_opts(p)
+    p.add_argument("--prompt", default="Write one sentence about the sea.", help="prompt to time")
+    p.add_argument("--runs", type=int, default=3, help="runs per node (default 3)")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def _setup_logging(verbosity: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("mesh: %(message)s"))
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO if verbosity == 1 else logging.WARNING)
+
+
+async def _run(args: Any) -> int:
+    nodes = [n.strip() for n in args.nodes.split(",") if n.strip()] if getattr(args, "nodes", None) else None
+    kwargs: Dict[str, Any] = {}
+    for key in ("connect_timeout", "first_byte_timeout", "idle_timeout"):
+        if getattr(args, key, None) is not None:
+            kwargs[key] = getattr(args, key)
+    if os.environ.get("MESH_LIVENESS_INTERVAL"):
+        kwargs["liveness_interval"] = float(os.environ["MESH_LIVENESS_INTERVAL"])
+    if os.environ.get("MESH_CONTROL_PERSIST"):
+        kwargs["control_persist"] = int(os.environ["MESH_CONTROL_PERSIST"])
+    orch = MeshOrchestrator(config=getattr(args, "config", None), nodes=nodes, **kwargs)
+    try:
+        return await args.func(orch, args)
+    finally:
+        await orch.close()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line; returns the exit status (0 ok, 1 failure, 2 usage)."""
+    try:
+        args = _build_parser().parse_args(argv)
+        for key in ("verbose",):
+            if not hasattr(args, key):
+                setattr(args, key, 0)
+        _setup_logging(args.verbose)
+        if getattr(args, "config", None) is not None:
+            args.config = os.path.expanduser(args.config)
+            if not os.path.isfile(args.config):
+                raise UsageError(f"--config {args.config}: no such file")
+        return asyncio.run(_run(args))
+    except MeshError as exc:
+        sys.stderr.write(f"mesh: error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("mesh: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
