@@ -101,6 +101,9 @@ class FakeOllama:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
             disable_nagle_algorithm = True  # as Go (Ollama) does by default
+            # Go's net/http sends a small reply in one write; an unbuffered handler
+            # would send the head and the body as two segments.
+            wbufsize = 1 << 16
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -112,6 +115,7 @@ class FakeOllama:
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+                self.wfile.flush()
 
             def _chunk(self, obj: Any) -> None:
                 line = (obj if isinstance(obj, bytes) else json.dumps(obj).encode() + b"\n")
