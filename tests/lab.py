@@ -341,13 +341,20 @@ PrintMotd no
             except ProcessLookupError:
                 pass
 
+    def _signal_all(self, sig: int) -> None:
+        # the listener and every session process it forked (their cmdline names our config)
+        for pid in _pids_matching(self.config):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
     def freeze(self) -> None:
-        if self.proc:
-            os.kill(self.proc.pid, signal.SIGSTOP)
+        """Like a frozen machine: every sshd process of this node stops answering."""
+        self._signal_all(signal.SIGSTOP)
 
     def thaw(self) -> None:
-        if self.proc:
-            os.kill(self.proc.pid, signal.SIGCONT)
+        self._signal_all(signal.SIGCONT)
 
 
 def _pids_matching(needle: str) -> List[int]:

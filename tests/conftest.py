@@ -1,0 +1,33 @@
+import os
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+from lab import HAVE_SSHD, SSHLab  # noqa: E402
+
+needs_sshd = pytest.mark.skipif(not HAVE_SSHD, reason="OpenSSH sshd/ssh/ssh-keygen not installed "
+                                "(apt-get install openssh-server openssh-client)")
+
+
+@pytest.fixture
+def lab():
+    """A fresh lab of real sshd nodes; everything it started is stopped afterwards."""
+    if not HAVE_SSHD:
+        pytest.skip("OpenSSH sshd not installed")
+    the_lab = SSHLab()
+    try:
+        yield the_lab
+    finally:
+        the_lab.close()
+
+
+@pytest.fixture
+def mesh_env(lab, monkeypatch):
+    """In-process module API use: the lab's control dir."""
+    monkeypatch.setenv("MESH_CONTROL_DIR", lab.control_dir)
+    monkeypatch.delenv("MESH_MODEL", raising=False)
+    return lab

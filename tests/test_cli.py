@@ -1,0 +1,208 @@
+"""The real mesh.py CLI, through real sshd nodes on 127.0.0.1 (issue 2)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import needs_sshd
+from lab import MESH, FakeOllama, _pids_matching, wait_for
+
+pytestmark = needs_sshd
+
+HOSTILE = [
+    "quotes ' \" and `backticks` and $(echo pwned) and ${HOME} and \\ backslash",
+    "line one\nline two\n\ttabbed\r\nCRLF",
+    "non-ASCII: caf\u00e9 \u65e5\u672c\u8a9e \U0001F680 \u0645\u0631\u062d\u0628\u0627",
+    "-v --model x; rm -rf / && echo 'injected' | sh",
+]
+
+
+def three_nodes(lab):
+    lab.add_node("alpha", ["qwen2.5:7b", "llama3"])
+    lab.add_node("beta", ["qwen2.5:7b"])
+    lab.add_node("gamma", ["qwen2.5:7b", "only-gamma:1b"])
+
+
+def one_line_error(proc):
+    err = proc.stderr.decode()
+    assert err.startswith("mesh: error: "), err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_test_all_healthy_then_one_ollama_stopped(lab):
+    three_nodes(lab)
+    p = lab.run("test")
+    out = p.stdout.decode()
+    assert p.returncode == 0, p.stderr.decode()
+    for name in ("alpha", "beta", "gamma"):
+        assert any(line.startswith("ok") and f" {name} " in line for line in out.splitlines()), out
+    assert "only-gamma:1b" in out
+
+    lab.fakes["beta"].stop()
+    p = lab.run("test")
+    assert p.returncode == 1
+    bad = [line for line in p.stdout.decode().splitlines() if line.startswith("FAIL")]
+    assert len(bad) == 1 and "beta" in bad[0], p.stdout.decode()
+    assert "Ollama not answering" in bad[0] and "connection refused" in bad[0]
+    assert lab.ssh_processes() == []
+
+
+def test_test_json_shape(lab):
+    three_nodes(lab)
+    lab.nodes["gamma"].kill()
+    p = lab.run("test", "--json")
+    assert p.returncode == 1
+    rows = json.loads(p.stdout)
+    assert [r["name"] for r in rows] == ["alpha", "beta", "gamma"]
+    for r in rows:
+        assert {"name", "ok", "ssh_ms", "version", "models", "error"} <= set(r)
+    assert rows[0]["ok"] is True and rows[0]["error"] is None and rows[0]["version"] == "0.6.1"
+    assert isinstance(rows[0]["ssh_ms"], float) and rows[0]["models"] == ["llama3", "qwen2.5:7b"]
+    assert rows[2]["ok"] is False and "connection refused" in rows[2]["error"]
+
+
+def test_nodes_json_and_restriction(lab):
+    three_nodes(lab)
+    p = lab.run("nodes", "--json")
+    assert p.returncode == 0
+    rows = json.loads(p.stdout)
+    assert [r["name"] for r in rows] == ["alpha", "beta", "gamma"]
+    assert rows[0]["hostname"] == "127.0.0.1" and rows[0]["port"] == lab.nodes["alpha"].port
+    assert rows[0]["identityfile"] == [lab.userkey] and rows[0]["ollama_port"] == lab.fakes["alpha"].port
+    p = lab.run("--nodes", "beta,gamma", "nodes", "--json")
+    assert [r["name"] for r in json.loads(p.stdout)] == ["beta", "gamma"]
+    p = lab.run("--nodes", "beta,nosuch", "nodes")
+    assert p.returncode == 2
+    assert "unknown node 'nosuch'" in one_line_error(p)
+
+
+@pytest.mark.parametrize("prompt", HOSTILE)
+def test_generate_hostile_prompt_arrives_byte_for_byte(lab, prompt):
+    lab.add_node("alpha", ["qwen2.5:7b"])
+    p = lab.run("generate", "--", prompt)   # '--': a prompt may start with '-'
+    assert p.returncode == 0, p.stderr.decode()
+    assert p.stdout.decode() == "Hello from alpha.\n"
+    sent = lab.fakes["alpha"].requests[-1]
+    assert sent["body"]["prompt"] == prompt
+    assert sent["raw"] == json.dumps({"model": "qwen2.5:7b", "prompt": prompt, "stream": True},
+                                     ensure_ascii=False).encode()
+
+
+def test_generate_300kb_prompt_from_stdin_and_not_in_ps(lab):
+    lab.add_node("alpha", ["qwen2.5:7b"], delay=1.0)
+    marker = "MARKER-7f3a9"
+    prompt = (marker + " \"'$(x)`\n\u00e9") * (300_000 // 20)
+    assert len(prompt.encode()) > 300_000
+    proc = subprocess.Popen([sys.executable, MESH, "--config", lab.config_path, "generate", "-"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=lab.env())
+    proc.stdin.write(prompt.encode())
+    proc.stdin.close()
+    proc.stdin = None
+    wait_for(lambda: lab.fakes["alpha"].active == 1, 20, "the request to reach the node")
+    assert _pids_matching(marker) == []  # no process on either side carries the prompt in argv
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()
+    assert lab.fakes["alpha"].bodies("/api/generate")[0]["prompt"] == prompt
+
+
+def test_model_only_one_node_has_is_always_served_there(lab):
+    three_nodes(lab)
+    for _ in range(4):
+        p = lab.run("generate", "--json", "--model", "only-gamma:1b", "hi")
+        assert p.returncode == 0 and json.loads(p.stdout)["node"] == "gamma"
+    p = lab.run("-v", "generate", "--model", "llama3", "hi")   # tag-less name matches llama3:latest
+    assert "served by alpha" in p.stderr.decode()
+
+
+def test_unknown_model_is_one_line_error(lab):
+    three_nodes(lab)
+    p = lab.run("generate", "--model", "nosuch:70b", "hi")
+    assert p.returncode == 1
+    err = one_line_error(p)
+    assert 'model "nosuch:70b" not found on any node' in err
+    assert lab.ssh_processes() == []
+
+
+def test_generate_json_and_no_stream(lab):
+    lab.add_node("alpha", ["m:1"])
+    p = lab.run("generate", "--model", "m:1", "--json", "--system", "be brief", "x")
+    obj = json.loads(p.stdout)
+    assert obj["response"] == "Hello from alpha." and obj["done"] is True and obj["node"] == "alpha"
+    body = lab.fakes["alpha"].bodies("/api/generate")[0]
+    assert body["system"] == "be brief" and body["stream"] is False
+    p = lab.run("generate", "--model", "m:1", "--no-stream", "x")
+    assert p.stdout.decode() == "Hello from alpha.\n"
+
+
+def test_model_from_env(lab):
+    lab.add_node("alpha", ["envmodel:2b"])
+    p = lab.run("generate", "x", env=lab.env(MESH_MODEL="envmodel:2b"))
+    assert p.returncode == 0 and lab.fakes["alpha"].bodies("/api/generate")[0]["model"] == "envmodel:2b"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", ""], "empty prompt"),
+    (["generate", "--bogus", "x"], "unrecognized arguments: --bogus"),
+    (["frobnicate"], "invalid choice"),
+    (["--connect-timeout", "-1", "test"], "must be > 0"),
+])
+def test_usage_errors(lab, args, message):
+    lab.add_node("alpha", ["m"])
+    p = lab.run(*args)
+    assert p.returncode == 2
+    assert message in one_line_error(p)
+
+
+def test_unreadable_config_is_usage_error(lab, tmp_path):
+    p = subprocess.run([sys.executable, MESH, "--config", str(tmp_path / "nope"), "test"],
+                       capture_output=True, env=lab.env())
+    assert p.returncode == 2 and "no such file" in one_line_error(p)
+
+
+def test_chat_keeps_history(lab):
+    lab.add_node("alpha", ["qwen2.5:7b"])
+    p = lab.run("chat", input="first question\nsecond question\n".encode())
+    assert p.returncode == 0, p.stderr.decode()
+    assert p.stdout.decode() == "Hello from alpha.\nHello from alpha.\n"
+    second = lab.fakes["alpha"].bodies("/api/chat")[1]["messages"]
+    assert [m["role"] for m in second] == ["user", "assistant", "user"]
+    assert second[1]["content"] == "Hello from alpha." and second[2]["content"] == "second question"
+
+
+def test_ctrl_c_ends_cleanly_without_orphans(lab):
+    fake = lab.add_node("alpha", ["qwen2.5:7b"], token_delay=0.5, tokens=["t"] * 40)
+    proc = subprocess.Popen([sys.executable, MESH, "--config", lab.config_path, "generate", "hi"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=lab.env())
+    os.set_blocking(proc.stdout.fileno(), False)
+    wait_for(lambda: proc.stdout.read(1), 20, "the first token")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130 and "Traceback" not in err.decode(), err.decode()
+    wait_for(lambda: fake.active == 0, 10, "the node's request to end")
+    assert lab.ssh_processes() == []
+
+
+def test_local_pseudo_node_without_any_ssh_node(lab, tmp_path):
+    fake = FakeOllama(["qwen2.5:7b"], name="local")
+    try:
+        cfg = tmp_path / "empty_config"
+        cfg.write_text("Host *\n    ServerAliveInterval 60\n")
+        env = lab.env(OLLAMA_HOST=f"127.0.0.1:{fake.port}")
+        p = subprocess.run([sys.executable, MESH, "--config", str(cfg), "nodes"], capture_output=True, env=env)
+        assert p.stdout.decode().startswith("local ")
+        p = subprocess.run([sys.executable, MESH, "--config", str(cfg), "generate", "hi"],
+                           capture_output=True, env=env)
+        assert p.returncode == 0 and p.stdout.decode() == "Hello from local.\n", p.stderr.decode()
+    finally:
+        fake.close()
+
+
+def test_help_for_every_command():
+    for args in ([], ["test"], ["nodes"], ["generate"], ["chat"], ["serve"], ["bench"]):
+        p = subprocess.run([sys.executable, MESH, *args, "--help"], capture_output=True)
+        assert p.returncode == 0 and b"usage: mesh.py" in p.stdout

@@ -1,0 +1,122 @@
+"""Pure parts: NDJSON framing, HTTP heads, error shapes, names and addresses."""
+import pytest
+
+import mesh
+
+
+@pytest.mark.parametrize("pieces, expected", [
+    ([b'{"a":1}\n'], [{"a": 1}]),
+    ([b'{"a":', b'1}\n{"b"', b':2}\n'], [{"a": 1}, {"b": 2}]),          # split across reads
+    ([b'{"a":1}\r\n', b'\n', b'{"b":2}\n'], [{"a": 1}, {"b": 2}]),      # CRLF and blank lines
+    ([b'{"t":"caf\xc3', b'\xa9"}\n'], [{"t": "caf\u00e9"}]),             # UTF-8 split mid-character
+    ([b'{"a":1}\n{"b":2}'], [{"a": 1}]),                                 # last line not yet complete
+    ([b''], []),
+])
+def test_ndjson_feed(pieces, expected):
+    dec = mesh.NDJSONDecoder()
+    out = []
+    for p in pieces:
+        out += dec.feed(p)
+    assert out == expected
+
+
+@pytest.mark.parametrize("tail, expected", [
+    (b'{"done":true}', [{"done": True}]),    # a whole last line without newline counts
+    (b'', []),
+    (b'   ', []),
+])
+def test_ndjson_finish(tail, expected):
+    dec = mesh.NDJSONDecoder()
+    dec.feed(tail)
+    assert dec.finish() == expected
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"<html>oops</html>\n", "not JSON"),
+    (b"[1,2]\n", "not a JSON object"),
+    (b"not json\n", "not JSON"),
+])
+def test_ndjson_rejects(data, message):
+    with pytest.raises(mesh.ProtocolError, match=message):
+        mesh.NDJSONDecoder().feed(data)
+
+
+def test_ndjson_truncated_tail_is_an_error():
+    dec = mesh.NDJSONDecoder()
+    dec.feed(b'{"response":"hal')
+    with pytest.raises(mesh.ProtocolError, match="ended in the middle"):
+        dec.finish()
+
+
+@pytest.mark.parametrize("head, status, headers", [
+    (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 5\r\n\r\n", 200,
+     {"content-type": "application/json", "content-length": "5"}),
+    (b"HTTP/1.0 404 Not Found\r\nX-A: 1\r\nx-a: 2\r\n\r\n", 404, {"x-a": "1, 2"}),
+])
+def test_parse_http_head(head, status, headers):
+    assert mesh.parse_http_head(head) == (status, headers)
+
+
+def test_parse_http_head_rejects_non_http():
+    with pytest.raises(mesh.ProtocolError, match="not an HTTP response"):
+        mesh.parse_http_head(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+
+
+@pytest.mark.parametrize("status, body, expected", [
+    (404, b'{"error":"model \\"x\\" not found, try pulling it first"}', 'model "x" not found, try pulling it first'),
+    (502, b"<html><body>Bad gateway</body></html>", "HTTP 502 with an HTML page (not Ollama?)"),
+    (500, b"", "HTTP 500"),
+    (500, b"plain text", "HTTP 500: 'plain text'"),
+])
+def test_error_message(status, body, expected):
+    assert mesh.error_message(status, body) == expected
+
+
+@pytest.mark.parametrize("name, key", [
+    ("llama3", "llama3:latest"), ("llama3:latest", "llama3:latest"), ("qwen2.5:7b", "qwen2.5:7b"),
+    ("registry.example.com:5000/lib/m", "registry.example.com:5000/lib/m:latest"),
+    ("user/m:q4", "user/m:q4"),
+])
+def test_model_key(name, key):
+    assert mesh.model_key(name) == key
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("", ("127.0.0.1", 11434)), ("0.0.0.0", ("127.0.0.1", 11434)), ("http://box:8080/", ("box", 8080)),
+    (":9000", ("127.0.0.1", 9000)), ("[::1]:9001", ("::1", 9001)), ("example.org", ("example.org", 11434)),
+])
+def test_parse_host_port(text, expected):
+    assert mesh.parse_host_port(text, 11434) == expected
+
+
+def test_parse_host_port_rejects_bad_port():
+    with pytest.raises(mesh.UsageError):
+        mesh.parse_host_port("h:70000", 11434)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('name="Vengeance RTX 4090" weight=3', {"name": "Vengeance RTX 4090", "weight": "3"}),
+    ("off", {"enabled": "no"}),
+    ("on max-concurrent=4", {"enabled": "yes", "max_concurrent": "4"}),
+    ("ollama_port=11500 transport=exec", {"ollama_port": "11500", "transport": "exec"}),
+])
+def test_mesh_settings(text, expected):
+    assert mesh.parse_mesh_settings(text) == expected
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"weight": "fast"}, "not a number"), ({"weight": "0"}, "must be > 0"),
+    ({"max_concurrent": "0"}, "out of range"), ({"ollama_port": "99999"}, "out of range"),
+    ({"transport": "carrier-pigeon"}, "one of"), ({"colour": "red"}, "unknown mesh setting"),
+])
+def test_bad_node_settings(settings, message):
+    with pytest.raises(mesh.ConfigError, match=message):
+        mesh.NodeSpec.from_settings("n", settings)
+
+
+def test_request_bytes_carry_body_exactly():
+    body = '{"prompt": "$(rm -rf /) `x` \\\\ \\n caf\u00e9"}'.encode()
+    req = mesh.build_request("/api/generate", body, host="h:1", keep_alive=True)
+    head, _, rest = req.partition(b"\r\n\r\n")
+    assert rest == body
+    assert b"Content-Length: %d" % len(body) in head
