@@ -179,6 +179,54 @@ hostbasedauthentication identitiesonly kbdinteractiveauthentication nohostauthen
 passwordauthentication permitlocalcommand proxyusefdpass streamlocalbindunlink tcpkeepalive
 visualhostkey compression forkafterauthentication stdinnull enableescapecommandline
 """.split())
+_TIME = re.compile(r"^(\d+[smhdwSMHDW]?)+$")
+_YESNO = ("yes", "no", "true", "false")
+
+
+def _enum(*words: str) -> Any:
+    allowed = {w.lower() for w in words}
+    return lambda v: v.lower() in allowed
+
+
+def _flag_error(value: str) -> str:
+    return f'unsupported option "{value}".'
+
+
+# Value checks ssh makes while reading (a config ssh rejects is rejected the same way).
+_VALUE_RULES: Dict[str, Tuple[Any, Any]] = {
+    "connecttimeout": (lambda v: v == "none" or bool(_TIME.match(v)), "invalid time value."),
+    "serveraliveinterval": (lambda v: bool(_TIME.match(v)), "invalid time value."),
+    "forwardx11timeout": (lambda v: bool(_TIME.match(v)), "invalid time value."),
+    "setuptimeout": (lambda v: bool(_TIME.match(v)), "invalid time value."),
+    "serveralivecountmax": (lambda v: v.isdigit(), "integer value invalid."),
+    "connectionattempts": (lambda v: v.isdigit(), "integer value invalid."),
+    "numberofpasswordprompts": (lambda v: v.isdigit(), "integer value invalid."),
+    "canonicalizemaxdots": (lambda v: v.isdigit(), "integer value invalid."),
+    "requiredrsasize": (lambda v: v.isdigit(), "integer value invalid."),
+    "controlpersist": (lambda v: v.lower() in _YESNO or bool(_TIME.match(v)), "Bad ControlPersist argument."),
+    "controlmaster": (_enum(*_YESNO, "ask", "auto", "autoask"), _flag_error),
+    "stricthostkeychecking": (_enum(*_YESNO, "ask", "accept-new", "off"), _flag_error),
+    "requesttty": (_enum(*_YESNO, "auto", "force"), _flag_error),
+    "addressfamily": (_enum("any", "inet", "inet6"), _flag_error),
+    "canonicalizehostname": (_enum(*_YESNO, "always"), _flag_error),
+    "updatehostkeys": (_enum(*_YESNO, "ask"), _flag_error),
+    "verifyhostkeydns": (_enum(*_YESNO, "ask"), _flag_error),
+    "pubkeyauthentication": (_enum(*_YESNO, "unbound", "host-bound"), _flag_error),
+    "sessiontype": (_enum("none", "subsystem", "default"), _flag_error),
+    "tunnel": (_enum(*_YESNO, "point-to-point", "ethernet"), _flag_error),
+    "addkeystoagent": (lambda v: v.lower() in _YESNO + ("ask", "confirm") or bool(_TIME.match(v)),
+                       "unsupported option"),
+    "loglevel": (_enum("quiet", "fatal", "error", "info", "verbose", "debug", "debug1", "debug2", "debug3"),
+                 lambda v: f"unsupported log level '{v}'"),
+    "fingerprinthash": (_enum("md5", "sha256"), lambda v: f'Invalid hash algorithm "{v}".'),
+    "escapechar": (lambda v: v == "none" or len(v) == 1 or (len(v) == 2 and v[0] == "^"),
+                   "Bad escape character."),
+    "sendenv": (lambda v: "=" not in v, "Invalid environment name."),
+    "setenv": (lambda v: "=" in v, "Invalid SetEnv."),
+}
+for _kw in _FLAG_KEYWORDS:
+    _VALUE_RULES.setdefault(_kw, (_enum(*_YESNO), _flag_error))
+
 _MATCH_CRITERIA = frozenset("all canonical final exec host originalhost user localuser".split())
 _DEFAULT_IDENTITY_FILES = ("~/.ssh/id_rsa", "~/.ssh/id_ecdsa", "~/.ssh/id_ecdsa_sk",
                            "~/.ssh/id_ed25519", "~/.ssh/id_ed25519_sk", "~/.ssh/id_xmss", "~/.ssh/id_dsa")
@@ -354,7 +402,7 @@ class HostInfo:
 
     @property
     def port(self) -> int:
-        return int(self.options.get("port", 22))
+        return _port_value(str(self.options.get("port", 22))) or 22  # `Port ssh` is a service name
 
     @property
     def identityfile(self) -> List[str]:
@@ -422,14 +470,20 @@ class SSHConfig:
                 try:
                     settings = parse_mesh_settings(mesh_comment.group(1))
                 except ValueError as exc:
-                    raise ConfigError(f"{path}:{lineno}: {exc}") from None
+                    lines.append(_Line(path, lineno, "#error", [f"{path}:{lineno}: {exc}"], ""))
+                    continue
                 lines.append(_Line(path, lineno, "#mesh", [], "", settings))
                 continue
             kw = split_keyword(raw)
             if kw is None:
                 continue
             keyword, rest = kw
-            lines.append(self._check_line(path, lineno, keyword, rest))
+            try:
+                lines.append(self._check_line(path, lineno, keyword, rest))
+            except ConfigError as exc:
+                # Raised when the walk reaches it, so the first bad line in ssh's
+                # reading order is the one reported, as ssh does.
+                lines.append(_Line(path, lineno, "#error", [str(exc)], ""))
         self._cache[path] = lines
         return lines
 
@@ -461,9 +515,12 @@ class SSHConfig:
             raise fail(f"keyword {keyword} extra arguments at end of line")
         if keyword == "port" and _port_value(args[0]) is None:
             raise fail(f"Bad port '{args[0]}'.")
-        if keyword in _FLAG_KEYWORDS and args[0].lower() not in ("yes", "no", "true", "false") and not (
-                keyword in ("controlmaster",) ):
-            raise fail(f'unsupported option "{args[0]}".')
+        rule = _VALUE_RULES.get(keyword)
+        if rule is not None:
+            check, message = rule
+            for arg in (args if keyword in _MULTI_ARG else args[:1]):
+                if not check(arg):
+                    raise fail(message(arg) if callable(message) else message)
         if keyword == "hostname":
             try:
                 expand_hostname(args[0], "x")
@@ -481,14 +538,15 @@ class SSHConfig:
             if crit_l not in _MATCH_CRITERIA:
                 raise fail(f"Unsupported Match attribute {crit}")
             if crit_l == "all":
-                if seen or i + 1 < len(args) or attr.startswith("!"):
+                # ssh 9.x: nothing may follow `all`, and at most one criterion precede it
+                if seen > 1 or i + 1 < len(args):
                     raise fail("'all' cannot be combined with other Match attributes")
                 i += 1
                 continue
+            seen += 1
             if crit_l in ("canonical", "final"):
                 i += 1
                 continue
-            seen += 1
             if i + 1 >= len(args):
                 raise fail(f"Missing Match criteria for {crit}")
             i += 2
@@ -535,6 +593,8 @@ class SSHConfig:
             if kw == "match":
                 active = state.get("never", False) is False and self._match(line, info, host, original, final, state)
                 continue
+            if kw == "#error":
+                raise ConfigError(line.args[0])
             if kw == "#mesh":
                 if active and line.mesh:
                     for key, value in line.mesh.items():
@@ -577,7 +637,10 @@ class SSHConfig:
         args = line.args
         # Match host compares the HostName obtained so far (with %h expanded).
         current = info.options.get("hostname")
-        match_host = expand_hostname(current, original) if current else host
+        try:
+            match_host = (current if final else expand_hostname(current, original)) if current else host
+        except ValueError as exc:
+            raise ConfigError(f"{line.path}:{line.lineno}: {exc}") from None
         result = True
         i = 0
         while i < len(args):
@@ -585,7 +648,10 @@ class SSHConfig:
             negate = attr.startswith("!")
             crit = (attr[1:] if negate else attr).lower()
             if crit == "all":
-                return True
+                i += 1
+                if negate:
+                    result = False  # `!all` never matches
+                continue  # `all` does not undo a criterion that failed before it
             if crit in ("canonical", "final"):
                 if crit == "final":
                     state["final_wanted"] = True
@@ -604,10 +670,8 @@ class SSHConfig:
                     ok = match_pattern_list(str(info.options.get("user", self.local_user)), value)
                 elif crit == "localuser":
                     ok = match_pattern_list(self.local_user, value)
-                else:  # exec: only ssh can decide; never guess
+                else:  # exec: only ssh can decide; never guess - ssh -G answers for this node
                     info.unresolved = True
-                    ok = not negate  # treat as "does not apply" below
-                    ok = False if not negate else True
                     result = False
                     continue
             if ok == negate:

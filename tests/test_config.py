@@ -1,0 +1,157 @@
+"""The SSH config parser against OpenSSH's own resolution (issue 3).
+
+Every alias of every corpus case is resolved by mesh.py and compared with the
+values `ssh -G -T -F FILE alias` printed when the corpus was recorded; where ssh is
+installed, the recording is checked against the live ssh too."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import mesh
+from config_corpus import CASES, RECORD, _home, _local_user, materialize, normalise, ssh_g
+
+RECORDED = json.load(open(RECORD))["cases"]
+HAVE_SSH = shutil.which("ssh") is not None
+PARAMS = [pytest.param(name, files, alias, id=f"{name} / {alias}") for name, files, aliases in CASES
+          for alias in aliases]
+
+
+def test_corpus_is_large_and_recorded():
+    assert len(CASES) >= 40
+    assert sorted(RECORDED) == sorted(name for name, _, _ in CASES)
+
+
+@pytest.fixture
+def case_dir(tmp_path):
+    tag = "mesh-corpus-" + tmp_path.name
+    made = []
+
+    def make(files):
+        config, outside = materialize(files, str(tmp_path), tag)
+        made.extend(outside)
+        return config
+
+    yield make
+    for path in made:
+        os.unlink(path)
+
+
+@pytest.mark.parametrize("name, files, alias", PARAMS)
+def test_matches_ssh(name, files, alias, case_dir):
+    config = case_dir(files)
+    root = os.path.dirname(config)
+    expected = RECORDED[name][alias]
+    if HAVE_SSH:
+        live, err = ssh_g(config, alias)
+        live = {"error_line": err} if live is None else normalise(live, root, _home())
+        assert live == expected, "the recording is stale: re-run tests/config_corpus.py --record"
+    try:
+        info = mesh.SSHConfig.load(config).resolve(alias)
+    except mesh.ConfigError as exc:
+        assert "error_line" in expected, f"mesh rejected a config ssh accepts: {exc}"
+        m = re.match(r"(.+?):(\d+): ", str(exc))
+        assert m, f"error without FILE:LINE: {exc}"
+        assert os.path.exists(m.group(1))
+        if expected["error_line"]:
+            assert int(m.group(2)) == expected["error_line"], str(exc)
+        return
+    assert "error_line" not in expected, "ssh rejects this config, mesh accepted it"
+    if info.unresolved:
+        assert "exec" in name  # only `Match exec` may leave a value to ssh
+        return
+    got = normalise({"hostname": info.hostname, "user": info.user, "port": info.port,
+                     "identityfile": info.identityfile}, root, _home())
+    assert got == expected
+
+
+@pytest.mark.parametrize("line, args", [
+    ('User "x y"', ["User", "x y"]),
+    ("User 'a b' c", ["User", "a b", "c"]),
+    (r"User a\ b", ["User", "a b"]),
+    (r'IdentityFile "q\"uote"', ["IdentityFile", 'q"uote']),
+    (r"X a\b", ["X", r"a\b"]),
+    ("Port 22 # comment", ["Port", "22"]),
+    ("User h#x", ["User", "h#x"]),
+    ("a\t b", ["a", "b"]),
+])
+def test_split_args(line, args):
+    assert mesh.split_args(line) == args
+
+
+@pytest.mark.parametrize("line, result", [
+    ("Host a", ("host", "a")), ("HostName=1.2.3.4", ("hostname", "1.2.3.4")),
+    ("User = carol", ("user", "carol")), ("Port= 22", ("port", "22")), ("  # c", None), ("", None),
+    ("User==x", ("user", "=x")),
+])
+def test_split_keyword(line, result):
+    assert mesh.split_keyword(line) == result
+
+
+@pytest.mark.parametrize("pattern, text, matches", [
+    ("gpu*", "gpu12", True), ("gpu?", "gpu12", False), ("[ab]", "a", False), ("[ab]", "[ab]", True),
+    ("*.lan", "x.lan", True), ("a.b", "axb", False), ("A", "a", False),
+])
+def test_match_pattern(pattern, text, matches):
+    assert mesh.match_pattern(text, pattern) is matches
+
+
+def test_match_exec_is_asked_of_ssh(tmp_path):
+    """A value a `Match exec` decides is taken from ssh -G for that node only."""
+    if not HAVE_SSH:
+        pytest.skip("ssh not installed")
+    cfg = tmp_path / "config"
+    cfg.write_text("Host n1 n2\n  HostName 10.9.9.9\nMatch originalhost n1 exec true\n  User byexec\n  Port 2400\n")
+    p = subprocess.run([sys.executable, mesh.__file__, "--config", str(cfg), "nodes", "--json"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    rows = {r["name"]: r for r in json.loads(p.stdout)}
+    assert rows["n1"]["user"] == "byexec" and rows["n1"]["port"] == 2400 and rows["n1"]["unresolved"]
+    assert rows["n2"]["user"] == _local_user() and rows["n2"]["port"] == 22 and not rows["n2"]["unresolved"]
+
+
+def nodes_json(cfg, *extra):
+    p = subprocess.run([sys.executable, mesh.__file__, "--config", str(cfg), *extra, "nodes", "--json"],
+                       capture_output=True, text=True)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_discovery_follows_includes_and_skips_patterns(tmp_path):
+    d = tmp_path / "config.d"
+    d.mkdir()
+    (d / "10-gpu.conf").write_text("Host gpu1 gpu2\n  HostName 192.0.2.7\n  # mesh: weight=2\n")
+    (d / "20-cpu.conf").write_text("Host cpu1\n  # mesh: name=\"CPU box\" max_concurrent=2\n")
+    cfg = tmp_path / "config"
+    cfg.write_text(f"Include {d}/*.conf\n\nHost github.com\n  User git\n  # mesh: off\n\n"
+                   "Host *.internal !x.internal\n  User ops\n\nHost *\n  ServerAliveInterval 60\n")
+    rc, out, err = nodes_json(cfg)
+    assert rc == 0, err
+    rows = json.loads(out)
+    assert [r["name"] for r in rows] == ["gpu1", "gpu2", "cpu1"]
+    assert rows[0]["weight"] == 2 and rows[1]["hostname"] == "192.0.2.7"
+    assert rows[2]["display_name"] == "CPU box" and rows[2]["max_concurrent"] == 2
+
+
+def test_opt_in_with_host_star_off(tmp_path):
+    """`# mesh: off` under Host * (last) and `# mesh: on` in node blocks: only marked hosts are nodes."""
+    cfg = tmp_path / "config"
+    cfg.write_text("Host gpu\n  # mesh: on\nHost bastion github.com\n  User git\nHost *\n  # mesh: off\n")
+    rc, out, _ = nodes_json(cfg)
+    assert [r["name"] for r in json.loads(out)] == ["gpu"]
+
+
+@pytest.mark.parametrize("text, where", [
+    ("Host a\n  Bogus yes\n", ":2: Bad configuration option: bogus"),
+    ("Host a\n  User x y\n", ":2: keyword user extra arguments"),
+    ("Host a\n  # mesh: weight=heavy\n", "weight='heavy': not a number"),
+    ("Host a\n  # mesh: 'unbalanced\n", ":2: bad '# mesh:' comment"),
+])
+def test_config_errors_are_one_line_exit_1(tmp_path, text, where):
+    cfg = tmp_path / "config"
+    cfg.write_text(text)
+    rc, out, err = nodes_json(cfg)
+    assert rc == 1 and err.startswith("mesh: error: ") and err.count("\n") == 1 and where in err, err
