@@ -281,6 +281,11 @@ def split_keyword(line: str) -> Optional[Tuple[str, str]]:
         return None
     m = re.match(r'([^\s="]*)([\s="]|$)', s)
     assert m is not None
+    if not m.group(1) and m.group(2) == "=":
+        # ssh skips one empty token: `=User x` reads as `User x`
+        s = s[1:].lstrip(" \t")
+        m = re.match(r'([^\s="]*)([\s="]|$)', s)
+        assert m is not None
     keyword, delim = m.group(1), m.group(2)
     rest = s[m.end(1):]
     if delim == "=":
@@ -501,6 +506,8 @@ class SSHConfig:
             raise fail("invalid quotes") from None
         if not args:
             raise fail(f'no argument after keyword "{keyword}"')
+        if args[0] == "":
+            raise fail(f'empty argument after keyword "{keyword}"')
         if keyword not in _KEYWORDS:
             # Whether IgnoreUnknown covers it depends on the alias: decided in resolve().
             return _Line(path, lineno, keyword, args, rest)

@@ -132,6 +132,10 @@ CASES = [
     ("all after one criterion is accepted", {"config": "Match host gpu* all\n  User m\n"}, ["gpu1", "cpu1"]),
     ("all after two criteria is an error", {"config": "Match canonical final all\n  User m\n"}, ["a"]),
     ("negated all never matches", {"config": "Match !all\n  User m\n"}, ["a"]),
+    ("an empty quoted argument is an error", {"config": "Host a\n  User \"\"\n"}, ["a"]),
+    ("a leading = before the keyword is skipped", {"config": "Host a\n  =User lead\n"}, ["a"]),
+    ("quoted Host pattern", {"config": "Host \"q*\" r\n  User quoted\n"}, ["qq", "r", "s"]),
+    ("CRLF line endings", {"config": "Host a\r\n  User crlf\r\n  Port 2117\r\n"}, ["a"]),
     ("several blocks stack", {"config": "Host s1\n  User s\nHost s*\n  Port 2116\nHost *\n  HostName %h.lan\n"},
      ["s1", "t1"]),
 ]
