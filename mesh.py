@@ -1217,7 +1217,10 @@ class Transport:
                 writer.close()
         reader, writer = await self._open_socket()
         ex = _Exchange(reader, writer, on_done=self._done)
-        await ex.send(build_request(path, body, host=self._host_header(), keep_alive=True))
+        try:
+            await ex.send(build_request(path, body, host=self._host_header(), keep_alive=True))
+        except (ConnectionError, OSError):
+            pass  # closed at once (a refused channel): reading the reply finds EOF and says why
         return ex
 
     def _host_header(self) -> str:
@@ -1531,6 +1534,7 @@ class SSHNode:
         self.failures = 0
         self.down_since: Optional[float] = None
         self.served = 0
+        self.probe_timeout = PROBE_TIMEOUT
         self._probe_task: Optional[asyncio.Task] = None
 
     def __repr__(self) -> str:
@@ -1629,16 +1633,17 @@ class SSHNode:
     async def liveness(self) -> Optional[str]:
         """None if the node's Ollama answers /api/version promptly, else why not."""
         try:
-            await asyncio.wait_for(self.get_json("/api/version", timeout=PROBE_TIMEOUT), PROBE_TIMEOUT)
+            await asyncio.wait_for(self.get_json("/api/version"), self.probe_timeout)
             return None
         except asyncio.TimeoutError:
-            return f"/api/version did not answer within {PROBE_TIMEOUT:g}s"
+            return f"/api/version did not answer within {self.probe_timeout:g}s"
         except MeshError as exc:
             return getattr(exc, "reason", str(exc))
 
     async def get_json(self, path: str, body: Optional[Dict[str, Any]] = None, *,
-                       timeout: float = PROBE_TIMEOUT) -> Dict[str, Any]:
+                       timeout: Optional[float] = None) -> Dict[str, Any]:
         """A small request answered with one JSON object (tags, ps, version, show)."""
+        timeout = timeout or self.probe_timeout
         raw = None if body is None else json.dumps(body).encode()
         ex = await self.open(path, raw, first_byte_timeout=timeout, liveness_interval=timeout)
         try:
@@ -1746,7 +1751,10 @@ class MeshOrchestrator:
         self._by_name = {n.name: n for n in self.nodes}
         self._cond: Optional[asyncio.Condition] = None
         self._tasks: set = set()
-        self._inventory_lock: Optional[asyncio.Lock] = None
+        self._refreshing: Dict[str, Any] = {}
+        self.probe_timeout = min(PROBE_TIMEOUT, max(1.0, connect_timeout))
+        for node in self.nodes:
+            node.probe_timeout = self.probe_timeout
         self._closed = False
 
     async def __aenter__(self) -> "MeshOrchestrator":
@@ -1807,7 +1815,7 @@ class MeshOrchestrator:
             await asyncio.sleep(delay)
             try:
                 await node.transport.prepare()
-                await asyncio.wait_for(node.refresh(), self.connect_timeout + PROBE_TIMEOUT * 3)
+                await asyncio.wait_for(node.refresh(), self.connect_timeout + self.probe_timeout * 3)
             except (MeshError, asyncio.TimeoutError, OSError) as exc:
                 node.reason = getattr(exc, "reason", None) or str(exc) or node.reason
                 delay = min(delay * 2, COOLDOWN_MAX)
@@ -1849,23 +1857,41 @@ class MeshOrchestrator:
         result["transport"] = node.transport.mode
         return result
 
-    async def refresh(self, *, force: bool = False) -> None:
-        """Bring every healthy node's model list up to date (concurrently)."""
-        if self._inventory_lock is None:
-            self._inventory_lock = asyncio.Lock()
-        async with self._inventory_lock:
-            now = time.monotonic()
-            stale = [n for n in self.nodes
-                     if n.healthy and (force or now - n.inventory_at > INVENTORY_TTL)]
-            if not stale:
-                return
-
-            async def one(node: SSHNode) -> None:
+    def _refresh_task(self, node: SSHNode) -> "asyncio.Future[Any]":
+        """One inventory refresh per node at a time, shared by every caller."""
+        task = self._refreshing.get(node.name)
+        if task is None or task.done():
+            async def one() -> None:
                 try:
-                    await asyncio.wait_for(self.check_node(node), self.connect_timeout + PROBE_TIMEOUT * 3)
+                    await asyncio.wait_for(self.check_node(node), self.connect_timeout + self.probe_timeout * 3)
                 except asyncio.TimeoutError:
-                    self._mark_down(node, "no answer within the connect and probe timeouts")
-            await asyncio.gather(*(one(n) for n in stale))
+                    self._mark_down(node, f"no answer within {self.connect_timeout + self.probe_timeout * 3:g}s "
+                                          "(node frozen or unreachable?)")
+            task = self._spawn(one())
+            self._refreshing[node.name] = task
+        return task
+
+    async def refresh(self, *, force: bool = False, model: Optional[str] = None,
+                      grace: float = 1.0) -> None:
+        """Bring the healthy nodes' model lists up to date, concurrently.
+
+        With `model`, return once some node is known to have it and the others had
+        `grace` seconds more to answer: one frozen node does not hold every request."""
+        now = time.monotonic()
+        stale = [n for n in self.nodes if n.healthy and (force or now - n.inventory_at > INVENTORY_TTL)]
+        if not stale:
+            return
+        pending = {self._refresh_task(n) for n in stale}
+        key = model_key(model) if model else None
+        deadline: Optional[float] = None
+        while pending:
+            if key is not None and deadline is None and any(
+                    n.healthy and key in n.models for n in self.nodes):
+                deadline = time.monotonic() + grace
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                return  # grace is over; the slow nodes finish in the background
 
     async def tags(self) -> List[Dict[str, Any]]:
         """The union of models across healthy nodes, each once."""
@@ -1956,7 +1982,7 @@ class MeshOrchestrator:
                      streaming: bool) -> AsyncIterator[Dict[str, Any]]:
         model = payload.get("model")
         if pinned is None and model:
-            await self.refresh()
+            await self.refresh(model=model)
         body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
         tried: set = set()
         failures: List[str] = []
@@ -2509,7 +2535,7 @@ def _format_check(r: Dict[str, Any], width: int) -> str:
 
 async def cmd_test(orch: MeshOrchestrator, args: Any) -> int:
     limit = asyncio.Semaphore(max(1, args.parallel))
-    timeout = args.timeout or (orch.connect_timeout + 3 * PROBE_TIMEOUT)
+    timeout = args.timeout or (orch.connect_timeout + 3 * orch.probe_timeout)
     width = max(len(n.name) for n in orch.nodes)
 
     async def one(node: SSHNode) -> Dict[str, Any]:
