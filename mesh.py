@@ -1786,7 +1786,7 @@ class MeshOrchestrator:
     # -- health ------------------------------------------------------------
     def _mark_down(self, node: SSHNode, reason: str) -> None:
         if node.healthy:
-            logger.warning("%s: marked down: %s", node.name, reason)
+            logger.info("%s: marked down: %s", node.name, reason)
         node.healthy = False
         node.reason = reason
         node.failures += 1
@@ -1798,7 +1798,7 @@ class MeshOrchestrator:
 
     def _mark_up(self, node: SSHNode) -> None:
         if not node.healthy:
-            logger.warning("%s: back up", node.name)
+            logger.info("%s: back up", node.name)
         node.healthy, node.reason, node.failures, node.down_since = True, None, 0, None
         self._notify()
 

@@ -68,6 +68,7 @@ class FakeOllama:
         self.active = 0
         self.max_active = 0
         self.disconnects = 0
+        self.connections: set = set()
         self._lock = threading.Lock()
         self.release = threading.Event()  # lets a "hang" end
         self.port = free_port()
@@ -82,9 +83,14 @@ class FakeOllama:
         self.server.server_close()
 
     def stop(self) -> None:
-        """Like stopping Ollama: nothing listens on the port any more."""
+        """Like stopping Ollama: nothing listens any more and open connections drop."""
         self.server.shutdown()
         self.server.server_close()
+        for conn in list(self.connections):
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def start_again(self) -> None:
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
@@ -107,6 +113,17 @@ class FakeOllama:
 
             def log_message(self, *args: Any) -> None:
                 pass
+
+            def setup(self) -> None:
+                super().setup()
+                fake.connections.add(self.connection)
+
+            def finish(self) -> None:
+                fake.connections.discard(self.connection)
+                try:
+                    super().finish()
+                except OSError:
+                    pass
 
             def _json(self, status: int, obj: Any) -> None:
                 data = json.dumps(obj).encode()
@@ -329,25 +346,30 @@ PrintMotd no
         except OSError:
             return False
 
-    def kill(self) -> None:
-        """Kill this node's sshd (the listener; sessions already open die with it)."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        # sessions are separate sshd processes whose parent was the listener
-        for pid in _pids_matching(self.config):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    def _all_pids(self) -> List[int]:
+        """The listener and every session process it forked (those rename themselves
+        `sshd: user@notty`, so they are found through the process tree)."""
+        if not self.proc:
+            return []
+        return [self.proc.pid] + _descendants(self.proc.pid)
 
-    def _signal_all(self, sig: int) -> None:
-        # the listener and every session process it forked (their cmdline names our config)
-        for pid in _pids_matching(self.config):
+    def kill(self) -> None:
+        """Kill this node's sshd, listener and sessions, as a crashed machine would."""
+        pids = self._all_pids()
+        self._signal(pids, signal.SIGKILL)
+        if self.proc:
+            self.proc.wait()
+
+    @staticmethod
+    def _signal(pids: List[int], sig: int) -> None:
+        for pid in pids:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
+
+    def _signal_all(self, sig: int) -> None:
+        self._signal(self._all_pids(), sig)
 
     def freeze(self) -> None:
         """Like a frozen machine: every sshd process of this node stops answering."""
@@ -355,6 +377,24 @@ PrintMotd no
 
     def thaw(self) -> None:
         self._signal_all(signal.SIGCONT)
+
+
+def _descendants(root: int) -> List[int]:
+    children: Dict[int, List[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 def _pids_matching(needle: str) -> List[int]:

@@ -1,0 +1,305 @@
+"""Fault injection against real sshd nodes (issue 5): every request for a model a
+healthy node has succeeds; failures name the node; nothing waits past its timeout;
+no ssh process is left behind."""
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import mesh
+from conftest import needs_sshd
+from lab import MESH, _pids_matching, wait_for
+
+pytestmark = needs_sshd
+
+FAST = dict(connect_timeout=3, first_byte_timeout=30, idle_timeout=5, liveness_interval=0.5)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def two_nodes(lab, **kw):
+    a = lab.add_node("a", ["m:1"], **kw)
+    b = lab.add_node("b", ["m:1"], **kw)
+    return a, b
+
+
+async def ask_many(m, n, **kw):
+    return await asyncio.gather(*(m.generate(f"q{i}", model="m:1", **kw) for i in range(n)))
+
+
+def pinned_first(m, name):
+    """Make `name` the node the router tries first (lower score for it)."""
+    for node in m.nodes:
+        node.avg_latency = 0.0 if node.name == name else 5.0
+
+
+@pytest.mark.parametrize("fault", ["stop_ollama", "kill_sshd", "error500", "busy", "garbage", "html", "badhead"])
+def test_failover_before_first_byte(mesh_env, fault):
+    lab = mesh_env
+    a, b = two_nodes(lab)
+
+    async def go():
+        async with mesh.MeshOrchestrator(config=lab.config_path, **FAST) as m:
+            await m.refresh()
+            if fault == "stop_ollama":
+                a.stop()
+            elif fault == "kill_sshd":
+                lab.nodes["a"].kill()
+            else:
+                a.mode = fault
+            pinned_first(m, "a")
+            results = await ask_many(m, 10)
+            return results, m.node("a")
+
+    results, node_a = run(go())
+    assert len(results) == 10 and all(r["response"] == "Hello from b." for r in results)  # 10 of 10
+    if fault == "busy":
+        assert node_a.healthy   # 503 busy: try elsewhere, but the node is not sick
+    elif fault != "kill_sshd" or not node_a.healthy:
+        assert not node_a.healthy and node_a.reason
+    assert lab.ssh_processes() == []
+
+
+@pytest.mark.parametrize("fault, reason", [
+    ("garbage", "not JSON"), ("html", "HTML page"), ("error500", "llama runner process has terminated"),
+    ("badhead", "not an Ollama reply"),
+])
+def test_single_node_bad_reply_names_node(lab, fault, reason):
+    fake = lab.add_node("solo", ["m:1"])
+    fake.mode = fault
+    p = lab.run("--connect-timeout", "3", "generate", "--model", "m:1", "hi")
+    err = p.stderr.decode()
+    assert p.returncode == 1 and err.startswith("mesh: error: ") and err.count("\n") == 1, err
+    assert "solo" in err and reason in err, err
+    assert lab.ssh_processes() == []
+
+
+def test_model_missing_on_a_node_is_skipped_not_marked_down(mesh_env):
+    lab = mesh_env
+    a = lab.add_node("a", ["m:1"])
+    lab.add_node("b", ["m:1"])
+
+    async def go():
+        async with mesh.MeshOrchestrator(config=lab.config_path, **FAST) as m:
+            await m.refresh()
+            a.models.remove("m:1")             # deleted on the node after the inventory was read
+            pinned_first(m, "a")
+            r = await m.generate("x", model="m:1")
+            return r, m.node("a")
+
+    r, node_a = run(go())
+    assert r["node"] == "b" and node_a.healthy and "m:1" not in node_a.models
+
+
+def test_no_retry_after_first_byte_stream_ends_with_error(mesh_env):
+    lab = mesh_env
+    a, b = two_nodes(lab, token_delay=0.05, tokens=["one", " two", " three", " four"])
+    a.mode = "truncate"
+
+    async def go():
+        async with mesh.MeshOrchestrator(config=lab.config_path, **FAST) as m:
+            await m.refresh()
+            pinned_first(m, "a")
+            got = []
+            with pytest.raises(mesh.StreamInterruptedError, match="a: .*truncated.*not retried"):
+                async for chunk in await m.generate("x", model="m:1", stream=True):
+                    got.append(chunk["response"])
+            return got
+
+    got = run(go())
+    assert got == ["one", " two"]                          # what came, once; nothing from b appended
+    assert b.bodies("/api/generate") == []                 # never retried elsewhere
+
+
+def test_error_line_mid_stream(lab):
+    fake = lab.add_node("solo", ["m:1"])
+    fake.mode = "error_line"
+    p = lab.run("generate", "--model", "m:1", "hi")
+    assert p.returncode == 1
+    assert p.stdout.decode() == "Hello"                    # the token that came before the error
+    assert "solo: Ollama error: CUDA error: out of memory" in p.stderr.decode()
+
+
+def test_hung_node_fails_over_well_before_first_byte_timeout(mesh_env):
+    lab = mesh_env
+    a, b = two_nodes(lab)
+
+    async def go():
+        async with mesh.MeshOrchestrator(config=lab.config_path, **FAST) as m:
+            await m.refresh()
+            a.mode = "hang"                                # accepts, never answers anything
+            pinned_first(m, "a")
+            started = time.monotonic()
+            r = await m.generate("x", model="m:1")
+            return r, time.monotonic() - started, m.node("a")
+
+    r, elapsed, node_a = run(go())
+    assert r["node"] == "b" and not node_a.healthy and "stopped answering" in node_a.reason
+    assert elapsed < FAST["first_byte_timeout"] / 2, elapsed
+
+
+def test_frozen_machine_fails_over(mesh_env):
+    lab = mesh_env
+    a, b = two_nodes(lab)
+
+    async def go():
+        async with mesh.MeshOrchestrator(config=lab.config_path, **FAST) as m:
+            await m.refresh()
+            lab.nodes["a"].freeze()                        # every sshd process of node a stops
+            try:
+                pinned_first(m, "a")
+                results = await ask_many(m, 5)
+                return results, m.node("a")
+            finally:
+                lab.nodes["a"].thaw()
+
+    results, node_a = run(go())
+    assert all(r["node"] == "b" for r in results) and not node_a.healthy
+
+
+def test_slow_model_load_gets_the_full_first_byte_time(mesh_env):
+    lab = mesh_env
+    fake = lab.add_node("solo", ["m:1"], delay=2.5)        # answers /api/version, first token late
+
+    async def go():
+        async with mesh.MeshOrchestrator(config=lab.config_path, **FAST) as m:
+            return await m.generate("x", model="m:1"), m.node("solo")
+
+    r, node = run(go())
+    assert r["response"] == "Hello from solo." and node.healthy
+    assert fake.bodies("/api/generate") and len(fake.bodies("/api/generate")) == 1   # no retry
+
+
+def test_first_byte_and_idle_timeouts(lab):
+    fake = lab.add_node("solo", ["m:1"], delay=3)
+    p = lab.run("--first-byte-timeout", "1", "generate", "--model", "m:1", "x")
+    assert p.returncode == 1 and "no reply within first_byte_timeout=1s" in p.stderr.decode()
+    fake.delay = 0
+    fake.token_delay = 3
+    p = lab.run("--idle-timeout", "1", "generate", "--model", "m:1", "x")
+    assert p.returncode == 1 and "no data for idle_timeout=1s" in p.stderr.decode()
+    assert p.stdout.decode() == "Hello"
+    assert lab.ssh_processes() == []
+
+
+def test_test_command_finishes_on_time_with_a_frozen_node(lab):
+    lab.add_node("a", ["m:1"])
+    lab.add_node("b", ["m:1"])
+    lab.nodes["b"].freeze()
+    try:
+        started = time.monotonic()
+        p = lab.run("--connect-timeout", "2", "test", "--timeout", "3", "--json")
+        elapsed = time.monotonic() - started
+    finally:
+        lab.nodes["b"].thaw()
+    rows = {r["name"]: r for r in json.loads(p.stdout)}
+    assert p.returncode == 1 and rows["a"]["ok"] and not rows["b"]["ok"]
+    assert elapsed < 10, elapsed
+    assert lab.ssh_processes() == []
+
+
+def test_node_comes_back_by_itself(mesh_env):
+    lab = mesh_env
+    a, b = two_nodes(lab)
+
+    async def go():
+        async with mesh.MeshOrchestrator(config=lab.config_path, **FAST) as m:
+            await m.refresh()
+            a.stop()
+            pinned_first(m, "a")
+            await ask_many(m, 3)
+            node_a = m.node("a")
+            assert not node_a.healthy and "Ollama not answering" in node_a.reason
+            a.start_again()
+            while not node_a.healthy:                       # background re-probe with backoff
+                await asyncio.sleep(0.05)
+            pinned_first(m, "a")
+            return await m.generate("x", model="m:1")
+
+    r = asyncio.run(asyncio.wait_for(go(), 60))
+    assert r["node"] == "a"
+
+
+def test_killed_master_is_replaced(mesh_env):
+    lab = mesh_env
+    lab.add_node("solo", ["m:1"])
+
+    async def go():
+        async with mesh.MeshOrchestrator(config=lab.config_path, **FAST) as m:
+            await m.generate("x", model="m:1")
+            masters = lab.ssh_processes(include_masters=True)
+            assert len(masters) == 1
+            os.kill(int(masters[0].split(":")[0]), signal.SIGKILL)   # the socket file stays behind
+            wait_for(lambda: lab.ssh_processes(include_masters=True) == [], 10, "the master to die")
+            r = await m.generate("x", model="m:1")
+            return r, lab.ssh_processes(include_masters=True)
+
+    r, masters = run(go())
+    assert r["node"] == "solo" and len(masters) == 1
+
+
+def test_master_killed_mid_stream(mesh_env):
+    lab = mesh_env
+    lab.add_node("solo", ["m:1"], token_delay=0.3, tokens=["t"] * 20)
+
+    async def go():
+        async with mesh.MeshOrchestrator(config=lab.config_path, **FAST) as m:
+            got = []
+            with pytest.raises(mesh.StreamInterruptedError, match="solo"):
+                async for chunk in await m.generate("x", model="m:1", stream=True):
+                    got.append(chunk)
+                    if len(got) == 2:
+                        pid = int(lab.ssh_processes(include_masters=True)[0].split(":")[0])
+                        os.kill(pid, signal.SIGKILL)
+            return got
+
+    got = run(go())
+    assert 2 <= len(got) < 20
+    assert lab.ssh_processes() == []
+
+
+def test_hundred_concurrent_requests_for_one_node(mesh_env):
+    lab = mesh_env
+    only = lab.add_node("big", ["rare:70b"], delay=0.05)
+    lab.add_node("small", ["m:1"])
+
+    async def go():
+        async with mesh.MeshOrchestrator(config=lab.config_path, **FAST) as m:
+            results = await asyncio.gather(*(m.generate(f"q{i}", model="rare:70b") for i in range(100)))
+            return results, m.node("big").max_concurrent
+
+    results, cap = run(go())
+    assert len(results) == 100 and all(r["node"] == "big" and r["done"] for r in results)
+    assert only.max_active <= cap == 16                    # queued in mesh.py, not flooded onto the node
+    assert only.max_active >= 8
+
+
+def test_forwarding_refused_falls_back_to_curl(mesh_env):
+    lab = mesh_env
+    fake = lab.add_node("locked", ["m:1"], allow_forwarding=False)
+
+    async def go():
+        async with mesh.MeshOrchestrator(config=lab.config_path, **FAST) as m:
+            r = await m.generate("caf\u00e9 $(x) 'q'", model="m:1")
+            chunks = [c async for c in await m.generate("s", model="m:1", stream=True)]
+            return r, chunks, m.node("locked").transport.mode
+
+    r, chunks, mode = run(go())
+    assert mode == "exec" and r["response"] == "Hello from locked."
+    assert "".join(c["response"] for c in chunks) == "Hello from locked."
+    assert fake.bodies("/api/generate")[0]["prompt"] == "caf\u00e9 $(x) 'q'"
+    assert lab.ssh_processes() == []
+
+
+def test_control_dir_is_private(tmp_path, monkeypatch):
+    target = tmp_path / "ctl"
+    monkeypatch.setenv("MESH_CONTROL_DIR", str(target))
+    assert mesh.control_dir() == str(target)
+    assert oct(os.stat(target).st_mode & 0o777) == "0o700"
