@@ -832,8 +832,12 @@ def default_config_path() -> str:
     return os.path.join(_home_dir(), ".ssh", "config")
 
 
-def parse_host_port(text: str, default_port: int, default_host: str = "127.0.0.1") -> Tuple[str, int]:
-    """'HOST:PORT', 'HOST', ':PORT', '[v6]:PORT' or 'http://HOST:PORT' -> (host, port)."""
+def parse_host_port(text: str, default_port: int, default_host: str = "127.0.0.1", *,
+                    listen: bool = False) -> Tuple[str, int]:
+    """'HOST:PORT', 'HOST', ':PORT', '[v6]:PORT' or 'http://HOST:PORT' -> (host, port).
+
+    As a client address (OLLAMA_HOST), 0.0.0.0 means this machine, as Ollama's own
+    client reads it; as a listen address it means every interface, and port 0 any port."""
     text = text.strip()
     text = re.sub(r"^[a-zA-Z]+://", "", text).rstrip("/")
     if not text:
@@ -844,9 +848,9 @@ def parse_host_port(text: str, default_port: int, default_host: str = "127.0.0.1
     host = m.group(1) or m.group(3) or default_host
     port_s = m.group(2) or m.group(4)
     port = int(port_s) if port_s else default_port
-    if not 0 < port <= 65535:
+    if not (0 if listen else 1) <= port <= 65535:
         raise UsageError(f"bad port in {text!r}")
-    if host in ("0.0.0.0", "::"):
+    if host in ("0.0.0.0", "::") and not listen:
         host = "127.0.0.1" if host == "0.0.0.0" else "::1"
     return host, port
 
@@ -2139,19 +2143,67 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+class _ClientReader:
+    """A client connection's reader that can watch for the client leaving without
+    losing bytes: what it reads meanwhile (a next request) is kept for later."""
+
+    def __init__(self, reader: asyncio.StreamReader, limit: int = 1 << 20) -> None:
+        self._r = reader
+        self._buf = bytearray()
+        self._limit = limit
+
+    async def _fill(self) -> None:
+        data = await self._r.read(65536)
+        if not data:
+            raise asyncio.IncompleteReadError(bytes(self._buf), None)
+        self._buf += data
+
+    async def readuntil(self, sep: bytes) -> bytes:
+        while sep not in self._buf:
+            if len(self._buf) > self._limit:
+                raise asyncio.LimitOverrunError("request head too large", len(self._buf))
+            await self._fill()
+        end = self._buf.index(sep) + len(sep)
+        out = bytes(self._buf[:end])
+        del self._buf[:end]
+        return out
+
+    async def readline(self) -> bytes:
+        return await self.readuntil(b"\n")
+
+    async def readexactly(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            await self._fill()
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    async def until_eof(self) -> None:
+        """Return when the client has closed its side."""
+        while True:
+            data = await self._r.read(65536)
+            if not data:
+                return
+            self._buf += data
+
+
 class MeshServer:
     """Ollama's HTTP API over asyncio streams, answered by a MeshOrchestrator."""
 
     def __init__(self, orch: MeshOrchestrator, *, token: Optional[str] = None) -> None:
         self.orch = orch
         self.token = token
-        self.active: set = set()
+        self.active: set = set()     # connection handlers
+        self.idle: set = set()       # ... of which waiting for a next request
+        self.stopping = False
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         self.active.add(task)
+        reader = _ClientReader(reader)  # type: ignore[assignment]
         try:
-            while True:
+            while not self.stopping:
+                self.idle.add(task)
                 try:
                     head = await reader.readuntil(b"\r\n\r\n")
                 except (asyncio.IncompleteReadError, ConnectionError):
@@ -2159,6 +2211,8 @@ class MeshServer:
                 except asyncio.LimitOverrunError:
                     await self._send_json(writer, 400, {"error": "request head too large"}, close=True)
                     return
+                finally:
+                    self.idle.discard(task)
                 keep = await self._one(head, reader, writer)
                 if not keep:
                     return
@@ -2284,15 +2338,8 @@ class MeshServer:
             writer.write(b"0\r\n\r\n")
             await writer.drain()
 
-        async def client_gone() -> None:
-            # A client sends nothing more while it reads a stream: EOF means it left.
-            while True:
-                data = await reader.read(65536)
-                if not data:
-                    return
-
         pump_task = asyncio.ensure_future(pump())
-        watch = asyncio.ensure_future(client_gone())
+        watch = asyncio.ensure_future(reader.until_eof())  # type: ignore[attr-defined]
         try:
             done, _ = await asyncio.wait({pump_task, watch}, return_when=asyncio.FIRST_COMPLETED)
             if pump_task not in done:
@@ -2306,6 +2353,10 @@ class MeshServer:
             pump_task.result()
         finally:
             watch.cancel()
+            try:
+                await watch
+            except BaseException:
+                pass
             await stream.aclose()
 
     async def _pull(self, payload: Dict[str, Any], pinned: Optional[str], writer: asyncio.StreamWriter,
@@ -2396,7 +2447,7 @@ def _status_for(exc: MeshError) -> int:
 
 async def cmd_serve(orch: MeshOrchestrator, args: Any) -> int:
     import signal
-    host, port = parse_host_port(args.listen, 11500)
+    host, port = parse_host_port(args.listen, 11500, listen=True)
     if not _is_loopback(host) and not args.token and not args.allow_remote:
         raise UsageError(f"refusing to listen on non-loopback {host} without --token "
                          "(anyone who can reach it could use your GPUs); add --allow-remote to force")
@@ -2419,8 +2470,10 @@ async def cmd_serve(orch: MeshOrchestrator, args: Any) -> int:
     await stop.wait()
     _print("mesh: shutting down: no new connections; waiting for running requests", file=sys.stderr)
     server.close()
-    await server.wait_closed() if sys.version_info < (3, 12) else None
-    pending = {t for t in front.active if t is not None}
+    front.stopping = True
+    for task in list(front.idle):      # keep-alive connections between requests: close now
+        task.cancel()
+    pending = {t for t in front.active if t is not None and t not in front.idle}
     if pending:
         done, pending = await asyncio.wait(pending, timeout=args.shutdown_grace)
         for task in pending:

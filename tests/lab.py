@@ -225,6 +225,17 @@ class FakeOllama:
                 if self._fault():
                     return
                 model = body.get("model", "")
+                if self.path == "/api/pull":
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/x-ndjson")
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    self._chunk({"status": "pulling manifest"})
+                    self._chunk({"status": "success"})
+                    self._chunk(b"")
+                    if model not in fake.models:
+                        fake.models.append(model)
+                    return
                 known = {m if ":" in m else m + ":latest" for m in fake.models}
                 if (model if ":" in model else model + ":latest") not in known:
                     self._json(404, {"error": f'model "{model}" not found, try pulling it first'})
@@ -241,17 +252,6 @@ class FakeOllama:
                     return
                 if self.path == "/api/show":
                     self._json(200, {"modelfile": "FROM " + model, "details": {"family": "fake"}})
-                    return
-                if self.path == "/api/pull":
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/x-ndjson")
-                    self.send_header("Transfer-Encoding", "chunked")
-                    self.end_headers()
-                    self._chunk({"status": "pulling manifest"})
-                    self._chunk({"status": "success"})
-                    self._chunk(b"")
-                    if model not in fake.models:
-                        fake.models.append(model)
                     return
                 chat = self.path == "/api/chat"
                 if chat:
