@@ -36,7 +36,6 @@ Standard library only; Python 3.9 or newer.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -55,6 +54,23 @@ __all__ = [
 __version__ = "1.0.0"
 
 logger = logging.getLogger("mesh")
+
+
+class _LazyModule:
+    """A module imported on first use: `mesh.py --help` need not pay ~20 ms for
+    asyncio.  After the first attribute access the real module takes its place."""
+
+    def __init__(self, name: str) -> None:
+        self.__dict__["_name"] = name
+
+    def __getattr__(self, attr: str) -> Any:
+        import importlib
+        module = importlib.import_module(self._name)
+        globals()[self._name] = module
+        return getattr(module, attr)
+
+
+asyncio = _LazyModule("asyncio")
 
 DEFAULT_MODEL = "qwen2.5:7b"
 DEFAULT_OLLAMA_PORT = 11434
@@ -1067,12 +1083,27 @@ async def _kill(proc: "asyncio.subprocess.Process") -> None:
         logger.warning("ssh child %s did not exit after SIGKILL", proc.pid)
 
 
+def _which(program: str) -> str:
+    """An absolute path, so subprocess can use posix_spawn (much cheaper than fork
+    for a large process: it matters when `test` starts hundreds of masters)."""
+    import shutil
+    return shutil.which(program) or program
+
+
+async def spawn(argv: Sequence[str], *, stdin: Any, stdout: Any = None, stderr: Any = None
+                ) -> "asyncio.subprocess.Process":
+    """Start a child without a shell.  close_fds=False lets CPython use posix_spawn;
+    it passes nothing extra, since Python creates every descriptor non-inheritable."""
+    pipe = asyncio.subprocess.PIPE
+    return await asyncio.create_subprocess_exec(
+        *argv, stdin=stdin, stdout=pipe if stdout is None else stdout,
+        stderr=pipe if stderr is None else stderr, close_fds=False, limit=1 << 20)
+
+
 async def run_command(argv: Sequence[str], *, timeout: float, stdin: Optional[bytes] = None
                       ) -> Tuple[int, bytes, str]:
     """Run a short command without a shell; kill it on timeout or cancellation."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    proc = await spawn(argv, stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL)
     try:
         out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
     except asyncio.TimeoutError:
@@ -1262,7 +1293,7 @@ class SSHTransport(Transport):
                  ctl_dir: Optional[str] = None) -> None:
         super().__init__(name, host, port, connect_timeout=connect_timeout)
         import hashlib
-        self.config, self.ssh = config, ssh
+        self.config, self.ssh = config, _which(ssh)
         self.control_persist = control_persist
         self.pinned = mode if mode in ("forward", "stdio", "exec") else None
         self.mode = self.pinned or "forward"
@@ -1301,10 +1332,12 @@ class SSHTransport(Transport):
             if self._master_ok:
                 return 0.0
             started = time.monotonic()
+            fresh = False
             if not (os.path.exists(self.ctl) and await self._check_master()):
                 await self._start_master()
+                fresh = True
             if self.mode == "forward" and not self.pinned or self.pinned == "forward":
-                await self._add_forward()
+                await self._add_forward(fresh)
             self._master_ok = True
             return time.monotonic() - started
 
@@ -1319,10 +1352,15 @@ class SSHTransport(Transport):
                 pass
         except OSError:
             pass
+        # The master's own session is `true` on a pty: OpenSSH turns on TCP_NODELAY (at
+        # both ends) only for a connection that has had an interactive session, and
+        # without it every new channel's reply waits ~40 ms on Nagle and delayed ACKs.
+        # It runs after -f has backgrounded the master; ControlPersist keeps the master.
         argv = self._base("-o", "ControlMaster=yes", "-o", f"ControlPersist={self.control_persist}",
                           "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=3",
                           "-o", "ClearAllForwardings=yes", "-o", "StreamLocalBindUnlink=yes",
-                          "-E", self.log, "-N", "-f", "--", self.name)
+                          "-o", "RemoteCommand=none", "-o", "SessionType=default",
+                          "-E", self.log, "-f", "-tt", "--", self.name, "true")
         try:
             rc, _, err = await run_command(argv, timeout=self.connect_timeout + 5)
         except asyncio.TimeoutError:
@@ -1334,8 +1372,11 @@ class SSHTransport(Transport):
         self.started_master = True
         logger.debug("%s: master started", self.name)
 
-    async def _add_forward(self) -> None:
+    async def _add_forward(self, fresh: bool = False) -> None:
         spec = f"{self.fwd}:{self.host}:{self.port}"
+        if fresh:
+            await self._request_forward(spec)  # a new master holds no forward yet
+            return
         if os.path.exists(self.fwd):
             try:  # a master left by an earlier command may still hold a working forward
                 _, writer = await asyncio.open_unix_connection(self.fwd)
@@ -1346,6 +1387,9 @@ class SSHTransport(Transport):
         # The master may still list a forward whose socket file is gone: cancel it first,
         # or it answers "forward exists" and nothing listens.
         await run_command(self._base("-O", "cancel", "-L", spec, "--", self.name), timeout=self.connect_timeout)
+        await self._request_forward(spec)
+
+    async def _request_forward(self, spec: str) -> None:
         try:
             os.unlink(self.fwd)
         except FileNotFoundError:
@@ -1404,9 +1448,7 @@ class SSHTransport(Transport):
             return await super().start(path, body)
         if self.mode == "stdio":
             argv = self._base("-o", "ControlMaster=no", "-W", f"{self.host}:{self.port}", "--", self.name)
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, limit=1 << 20)
+            proc = await spawn(argv, stdin=asyncio.subprocess.PIPE)
             ex = _Exchange(proc.stdout, proc.stdin, proc=proc, on_done=self._done_proc)
             # Connection: close, and stdin stays open until the reply is read: a half-close
             # makes Ollama cancel the request.
@@ -1429,9 +1471,7 @@ class SSHTransport(Transport):
         await self._exec_slots.acquire()
         try:
             argv = self._base("-o", "ControlMaster=no", "-T", "--", self.name, " ".join(map(shlex.quote, remote)))
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, limit=1 << 20)
+            proc = await spawn(argv, stdin=asyncio.subprocess.PIPE)
         except BaseException:
             self._exec_slots.release()
             raise
@@ -2832,7 +2872,23 @@ def _setup_logging(verbosity: int) -> None:
     logger.setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO if verbosity == 1 else logging.WARNING)
 
 
+def _use_pidfd_watcher() -> None:
+    """CLI only: on Linux before Python 3.12 asyncio waits for each child in a thread
+    of its own; a pidfd watcher waits in the event loop (3.12 does this by itself).
+    Not done for library users: the child watcher is process-wide."""
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return  # kernel or sandbox without pidfd
+    watcher = asyncio.PidfdChildWatcher()
+    asyncio.set_child_watcher(watcher)
+    watcher.attach_loop(asyncio.get_running_loop())
+
+
 async def _run(args: Any) -> int:
+    _use_pidfd_watcher()
     nodes = [n.strip() for n in args.nodes.split(",") if n.strip()] if getattr(args, "nodes", None) else None
     kwargs: Dict[str, Any] = {}
     for key in ("connect_timeout", "first_byte_timeout", "idle_timeout"):

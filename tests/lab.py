@@ -47,6 +47,13 @@ def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> Any:
 # Stand-in Ollama
 # ---------------------------------------------------------------------------
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # socketserver listens with a backlog of 5: a burst of connections overflows it and
+    # the rest wait a second for a SYN retry.  Go's listener (Ollama) uses the system maximum.
+    request_queue_size = 1024
+
+
 class FakeOllama:
     """Speaks the parts of Ollama's API mesh.py uses.  `mode` injects faults:
     ok, hang (accept, never answer), garbage (200 with non-JSON), error500, html,
@@ -72,8 +79,7 @@ class FakeOllama:
         self._lock = threading.Lock()
         self.release = threading.Event()  # lets a "hang" end
         self.port = free_port()
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
-        self.server.daemon_threads = True
+        self.server = _Server(("127.0.0.1", self.port), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
@@ -93,8 +99,7 @@ class FakeOllama:
                 pass
 
     def start_again(self) -> None:
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
-        self.server.daemon_threads = True
+        self.server = _Server(("127.0.0.1", self.port), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
@@ -485,7 +490,7 @@ class SSHLab:
                     state = fh.read().rsplit(")", 1)[1].split()[0]
             except OSError:
                 continue
-            if not cmd.startswith("ssh") or state == "Z":
+            if os.path.basename(cmd.split(" ", 1)[0]) != "ssh" or state == "Z":
                 continue
             if "ControlMaster=yes" in cmd and not include_masters:
                 continue
@@ -517,3 +522,73 @@ class SSHLab:
                 pass
         shutil.rmtree(self.dir, ignore_errors=True)
         shutil.rmtree(self.control_dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# A link with latency, in user space (for the benchmark; netem needs a kernel module)
+# ---------------------------------------------------------------------------
+
+class DelayLink:
+    """A TCP relay on 127.0.0.1 that delivers every byte `one_way` seconds late in
+    each direction: a link with round-trip time 2*one_way in front of `target_port`."""
+
+    def __init__(self, target_port: int, one_way: float) -> None:
+        import asyncio
+        self.target_port, self.one_way = target_port, one_way
+        self.writers: set = set()
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(self._start())
+            ready.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        ready.wait(10)
+
+    async def _start(self) -> None:
+        import asyncio
+        self.server = await asyncio.start_server(self._conn, "127.0.0.1", self.port)
+
+    async def _conn(self, reader: Any, writer: Any) -> None:
+        import asyncio
+        try:
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        for sock in (writer, up_w):
+            sock.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.writers.add(sock)
+
+        async def pump(src: Any, dst: Any) -> None:
+            try:
+                while True:
+                    data = await src.read(65536)
+                    if not data:
+                        self.loop.call_later(self.one_way, dst.close)
+                        return
+                    self.loop.call_later(self.one_way, dst.write, data)
+            except (ConnectionError, OSError):
+                dst.close()
+
+        await asyncio.gather(pump(reader, up_w), pump(up_r, writer))
+
+    def close(self) -> None:
+        import asyncio
+
+        async def stop() -> None:
+            self.server.close()
+            for writer in list(self.writers):
+                writer.close()   # the pumps see EOF and end by themselves
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            if tasks:
+                await asyncio.wait(tasks, timeout=5)
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
