@@ -2524,13 +2524,23 @@ async def cmd_serve(orch: MeshOrchestrator, args: Any) -> int:
 
 
 async def cmd_bench(orch: MeshOrchestrator, args: Any) -> int:
-    """Time to first token and tokens per second, node by node."""
+    """Time to first token and tokens per second, node by node (masters warmed first)."""
     model = args.model or orch.default_model
+    key = model_key(model)
     nodes = [orch.node(args.node)] if args.node else orch.nodes
-    _print(f"{'node':<16} {'runs':>4} {'first token ms':>15} {'tokens/s':>9}  note")
-    failed = 0
+    await orch.refresh(force=True)
+    _print(f"{model}: {'node':<16} {'runs':>4} {'first token ms':>15} {'tokens/s':>9}  note")
+    measured = 0
     for node in nodes:
-        ttfts, rates, note = [], [], ""
+        if not node.healthy:
+            _print(f"{'':{len(model) + 2}}{node.name:<16} {0:>4} {'-':>15} {'-':>9}  down: {node.reason}")
+            continue
+        if key not in node.models:
+            _print(f"{'':{len(model) + 2}}{node.name:<16} {0:>4} {'-':>15} {'-':>9}  does not have the model")
+            continue
+        ttfts: List[float] = []
+        rates: List[float] = []
+        note = ""
         for _ in range(max(1, args.runs)):
             started = time.monotonic()
             first = None
@@ -2545,18 +2555,18 @@ async def cmd_bench(orch: MeshOrchestrator, args: Any) -> int:
             except MeshError as exc:
                 note = str(exc)
                 break
-            ttfts.append((first or 0) * 1000)
+            ttfts.append((first or 0.0) * 1000)
             count, dur = final.get("eval_count"), final.get("eval_duration")
             if count and dur:
                 rates.append(count / (dur / 1e9))
-        if not ttfts:
-            failed += 1
-            _print(f"{node.name:<16} {0:>4} {'-':>15} {'-':>9}  {note}")
-            continue
-        ttft = sorted(ttfts)[len(ttfts) // 2]
+        if ttfts:
+            measured += 1
+        ttft = f"{sorted(ttfts)[len(ttfts) // 2]:.1f}" if ttfts else "-"
         rate = f"{sorted(rates)[len(rates) // 2]:.1f}" if rates else "-"
-        _print(f"{node.name:<16} {len(ttfts):>4} {ttft:>15.1f} {rate:>9}  {note}")
-    return 1 if failed else 0
+        _print(f"{'':{len(model) + 2}}{node.name:<16} {len(ttfts):>4} {ttft:>15} {rate:>9}  {note}")
+    if not measured:
+        raise MeshError(f'no node could be measured with model "{model}"')
+    return 0
 
 
 # ---------------------------------------------------------------------------
@@ -2819,10 +2829,11 @@ def _build_parser() -> Any:
     p.add_argument("--json", action="store_true", help="print a JSON array")
     p.set_defaults(func=cmd_nodes)
 
-    def model_opts(p: Any) -> None:
+    def model_opts(p: Any, system: bool = True) -> None:
         p.add_argument("--model", "-m", help=f"model (default: $MESH_MODEL, else {DEFAULT_MODEL})")
         p.add_argument("--node", metavar="NAME", help="send to this node only (no failover)")
-        p.add_argument("--system", help="system prompt")
+        if system:
+            p.add_argument("--system", help="system prompt")
 
     p = sub.add_parser("generate", parents=[common], help="ask the pool one prompt",
                        description="Send a prompt to the best node; tokens stream to stdout as they arrive.")
@@ -2857,7 +2868,7 @@ def _build_parser() -> Any:
     p = sub.add_parser("bench", parents=[common], help="time to first token and tokens/s per node",
                        description="Measure each node's time to first token and generation speed, one "
                                    "node at a time, through the mesh transport.")
-    model_opts(p)
+    model_opts(p, system=False)
     p.add_argument("--prompt", default="Write one sentence about the sea.", help="prompt to time")
     p.add_argument("--runs", type=int, default=3, help="runs per node (default 3)")
     p.set_defaults(func=cmd_bench)

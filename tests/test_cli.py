@@ -206,3 +206,16 @@ def test_help_for_every_command():
     for args in ([], ["test"], ["nodes"], ["generate"], ["chat"], ["serve"], ["bench"]):
         p = subprocess.run([sys.executable, MESH, *args, "--help"], capture_output=True)
         assert p.returncode == 0 and b"usage: mesh.py" in p.stdout
+
+
+def test_bench_measures_nodes_that_have_the_model(lab):
+    lab.add_node("alpha", ["qwen2.5:7b"])
+    lab.add_node("beta", ["llama3"])
+    p = lab.run("bench", "--runs", "2")
+    out = p.stdout.decode()
+    assert p.returncode == 0, p.stderr.decode()
+    alpha = [line.split() for line in out.splitlines() if " alpha " in f" {line} "][0]
+    assert alpha[:2] == ["alpha", "2"] and float(alpha[2]) > 0 and alpha[3] == "4000.0"  # eval_count/eval_duration
+    assert any("beta" in line and "does not have the model" in line for line in out.splitlines())
+    p = lab.run("bench", "--model", "nosuch")
+    assert p.returncode == 1 and one_line_error(p)
