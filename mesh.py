@@ -121,6 +121,14 @@ class NodeError(MeshError):
         self.mark_down = mark_down
 
 
+class _ClientError(NodeError):
+    """Ollama rejected the request itself (400 and the like): not the node's fault,
+    not retried elsewhere."""
+
+    def __init__(self, status: int, message: str, node: str) -> None:
+        super().__init__(node, message, status=status, retryable=False, mark_down=False)
+
+
 class ModelNotFoundError(MeshError):
     """No node has the requested model (Ollama's 404)."""
 
@@ -574,7 +582,7 @@ class SSHConfig:
                 raise fail(f"Missing Match criteria for {crit}")
             i += 2
 
-    def _include_paths(self, args: List[str], line: _Line) -> List[str]:
+    def _include_paths(self, args: List[str]) -> List[str]:
         import glob
         paths: List[str] = []
         for arg in args:
@@ -629,7 +637,7 @@ class SSHConfig:
                 saved_never = state.get("never", False)
                 if not active:
                     state["never"] = True
-                for inc in self._include_paths(line.args, line):
+                for inc in self._include_paths(line.args):
                     self._walk(inc, info, host, original, final, state, active, depth + 1)
                 state["never"] = saved_never
                 continue
@@ -719,7 +727,7 @@ class SSHConfig:
                 elif line.keyword == "match":
                     global_block = [a.lower() for a in line.args] == ["all"]
                 elif line.keyword == "include" and global_block:
-                    for inc in self._include_paths(line.args, line):
+                    for inc in self._include_paths(line.args):
                         walk(inc, depth + 1)
 
         walk(self.path, 0)
@@ -824,11 +832,12 @@ def load_node_specs(config_path: str, *, only: Optional[Sequence[str]] = None,
     specs: List[NodeSpec] = []
     if os.path.exists(config_path) or config_path != default_config_path():
         cfg = SSHConfig.load(config_path)
-        for alias, settings in cfg.aliases():
+        aliases = cfg.aliases()
+        for alias, settings in aliases:
             if not _mesh_enabled(settings):
                 continue
             specs.append(NodeSpec.from_settings(alias, settings, cfg.resolve(alias), where=config_path))
-        if not cfg.aliases():
+        if not aliases:
             cfg.resolve("local")  # still report a config ssh would reject
     if not specs:
         host, port = parse_host_port(ollama_host_env if ollama_host_env is not None
@@ -1302,10 +1311,24 @@ class SSHTransport(Transport):
         self.ctl = os.path.join(self.dir, ident)
         self.fwd = self.ctl + ".f"
         self.log = self.ctl + ".log"
-        self._lock = asyncio.Lock()
+        # Made on first use, inside the event loop (Python 3.9 binds them when created).
+        self._lock_obj: Optional[asyncio.Lock] = None
+        self._slots_obj: Optional[asyncio.Semaphore] = None
         self._master_ok = False
-        self._exec_slots = asyncio.Semaphore(EXEC_SESSION_CAP)
+        self._mark = 0                  # master log size when the current request started
         self.started_master = False
+
+    @property
+    def _lock(self) -> "asyncio.Lock":
+        if self._lock_obj is None:
+            self._lock_obj = asyncio.Lock()
+        return self._lock_obj
+
+    @property
+    def _exec_slots(self) -> "asyncio.Semaphore":
+        if self._slots_obj is None:
+            self._slots_obj = asyncio.Semaphore(EXEC_SESSION_CAP)
+        return self._slots_obj
 
     # -- ssh command lines ---------------------------------------------------
     def _base(self, *extra: str) -> List[str]:
@@ -1625,10 +1648,10 @@ class SSHNode:
                         raise NodeError(self.name, detail) from None
                     if "refused by peer" in detail or "forwarding" in detail.lower() or not detail:
                         reason, again = await self.transport.diagnose_empty()
-                    else:
+                    else:  # ssh itself failed (e.g. the master died and a new connection could not be made)
                         reason, again = describe_ssh_failure(detail), False
-                        if reason.startswith("ssh:"):
-                            self.transport.master_lost() if isinstance(self.transport, SSHTransport) else None
+                        if isinstance(self.transport, SSHTransport):
+                            self.transport.master_lost()
                 else:
                     reason, again = await self.transport.diagnose_empty()
                 if again and attempt < 2:
@@ -2147,14 +2170,6 @@ class MeshOrchestrator:
         return await self.request("/api/embed", payload, node=node, stream=False)
 
 
-class _ClientError(NodeError):
-    """Ollama rejected the request itself (400 and the like): not the node's fault,
-    not retried elsewhere."""
-
-    def __init__(self, status: int, message: str, node: str) -> None:
-        super().__init__(node, message, status=status, retryable=False, mark_down=False)
-
-
 # ---------------------------------------------------------------------------
 # HTTP front: the whole mesh behind one Ollama-compatible address.
 # ---------------------------------------------------------------------------
@@ -2426,7 +2441,8 @@ class MeshServer:
             await writer.drain()
         else:
             await self._send_json(writer, 200 if not failures else 502, final, node=",".join(targets))
-        self.orch.nodes and [setattr(n, "inventory_at", 0.0) for n in self.orch.nodes]
+        for node in self.orch.nodes:
+            node.inventory_at = 0.0  # the model lists changed: read them again
 
     async def _version(self) -> Dict[str, Any]:
         await self.orch.refresh()

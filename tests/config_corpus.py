@@ -143,14 +143,13 @@ CASES = [
 
 def materialize(files, root, tag):
     """Write a case's files; return (config path, files written outside root)."""
-    from lab import _user  # noqa: F401  (tests import path)
     home = _home()
     outside = []
     for rel, text in files.items():
         text = text.format(dir=root, home=home, tag=tag, user=_local_user())
         rel = rel.format(tag=tag)
         path = os.path.join(home, rel[2:]) if rel.startswith("~/") else os.path.join(root, rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         with open(path, "w") as fh:
             fh.write(text)
         if rel.startswith("~/"):

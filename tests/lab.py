@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -476,7 +477,7 @@ class SSHLab:
     def run(self, *args: str, input: Optional[bytes] = None, timeout: float = 60,
             env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
         """Run the real mesh.py CLI with this lab's config."""
-        return subprocess.run([os.environ.get("MESH_PYTHON", "python3"), MESH, "--config", self.config_path, *args],
+        return subprocess.run([sys.executable, MESH, "--config", self.config_path, *args],
                               input=input, capture_output=True, timeout=timeout, env=env or self.env())
 
     def ssh_processes(self, include_masters: bool = False) -> List[str]:

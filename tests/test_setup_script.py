@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from conftest import needs_sshd
-from lab import MESH, SSHD, _pids_matching, free_port, wait_for
+from lab import MESH, SSHD, _pids_matching, _user, free_port, wait_for
 
 pytestmark = needs_sshd
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,7 +90,7 @@ def env(tmp_path):
     x = Env()
     x.base, x.home, x.config, x.user_part, x.env, x.nodes, x.known = base, home, config, user_part, e, nodes, known
     x.key = f"{home}/.ssh/mesh_ed25519"
-    x.specs = [f"{name}={os.environ.get('USER', 'root')}@127.0.0.1:{n.port}" for name, n in nodes.items()]
+    x.specs = [f"{name}={_user()}@127.0.0.1:{n.port}" for name, n in nodes.items()]
     yield x
     for pid in _pids_matching(e["MESH_CONTROL_DIR"]):
         os.kill(pid, signal.SIGKILL)
