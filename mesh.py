@@ -1141,6 +1141,7 @@ class _Exchange:
         self._on_done = on_done
         self._complete = False
         self._closed = False
+        self.log_mark = 0               # SSH transport: where the master's log stood at the start
 
     async def send(self, request: bytes) -> None:
         self.writer.write(request)
@@ -1276,7 +1277,7 @@ class Transport:
         else:
             ex.writer.close()
 
-    async def diagnose_empty(self) -> Tuple[str, bool]:
+    async def diagnose_empty(self, ex: _Exchange) -> Tuple[str, bool]:
         """Why a connection closed without a reply: (reason, retry_on_this_node)."""
         return f"Ollama at {self.host}:{self.port} closed the connection without a reply", False
 
@@ -1315,7 +1316,6 @@ class SSHTransport(Transport):
         self._lock_obj: Optional[asyncio.Lock] = None
         self._slots_obj: Optional[asyncio.Semaphore] = None
         self._master_ok = False
-        self._mark = 0                  # master log size when the current request started
         self.started_master = False
 
     @property
@@ -1466,7 +1466,12 @@ class SSHTransport(Transport):
 
     async def start(self, path: str, body: Optional[bytes]) -> _Exchange:
         await self.prepare()
-        self._mark = self._log_size()
+        mark = self._log_size()   # the master's log from here on tells why a channel failed
+        ex = await self._start_mode(path, body)
+        ex.log_mark = mark
+        return ex
+
+    async def _start_mode(self, path: str, body: Optional[bytes]) -> _Exchange:
         if self.mode == "forward":
             return await super().start(path, body)
         if self.mode == "stdio":
@@ -1543,15 +1548,19 @@ class SSHTransport(Transport):
                 return "curl is not installed on the node (needed when sshd refuses forwarding)"
         return err
 
-    async def diagnose_empty(self) -> Tuple[str, bool]:
+    async def diagnose_empty(self, ex: _Exchange) -> Tuple[str, bool]:
         """The master's log says why a channel closed at once."""
-        log = self._log_tail(getattr(self, "_mark", 0))
+        log = self._log_tail(ex.log_mark)
+        if "open failed" not in log and "forwarding" not in log.lower():
+            await asyncio.sleep(0.05)  # the master logs as it fails the channel: give it a moment
+            log = self._log_tail(ex.log_mark)
         if "administratively prohibited" in log or "forwarding request failed" in log.lower():
-            if not self.pinned and self.mode != "exec":
+            if self.pinned:
+                return "sshd refuses TCP forwarding (AllowTcpForwarding no)", False
+            if self.mode != "exec":
                 logger.info("%s: sshd refuses TCP forwarding; falling back to ssh NODE curl", self.name)
                 self.mode = "exec"
-                return "sshd refuses TCP forwarding", True
-            return "sshd refuses TCP forwarding (AllowTcpForwarding no)", False
+            return "sshd refuses TCP forwarding", True  # retry this request in exec mode
         m = re.search(r"open failed: connect failed: ([^\r\n]+)", log)
         if m:
             return f"Ollama not answering on {self.host}:{self.port} ({m.group(1).strip().lower()})", False
@@ -1647,13 +1656,13 @@ class SSHNode:
                     if detail and ("not answering" in detail or "curl" in detail):
                         raise NodeError(self.name, detail) from None
                     if "refused by peer" in detail or "forwarding" in detail.lower() or not detail:
-                        reason, again = await self.transport.diagnose_empty()
+                        reason, again = await self.transport.diagnose_empty(ex)
                     else:  # ssh itself failed (e.g. the master died and a new connection could not be made)
                         reason, again = describe_ssh_failure(detail), False
                         if isinstance(self.transport, SSHTransport):
                             self.transport.master_lost()
                 else:
-                    reason, again = await self.transport.diagnose_empty()
+                    reason, again = await self.transport.diagnose_empty(ex)
                 if again and attempt < 2:
                     continue
                 raise NodeError(self.name, reason) from None
@@ -1734,12 +1743,16 @@ class SSHNode:
         return obj
 
     async def refresh(self) -> None:
-        """Version, models and loaded models, through the node's transport."""
-        version = await self.get_json("/api/version")
+        """Version, models and loaded models, through the node's transport.  The three
+        requests go out together: one round trip on a real link, not three."""
+        results = await asyncio.gather(self.get_json("/api/version"), self.get_json("/api/tags"),
+                                       self.get_json("/api/ps"), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        version, tags, ps = results
         if "version" not in version:
             raise NodeError(self.name, "not Ollama (/api/version has no version)")
-        tags = await self.get_json("/api/tags")
-        ps = await self.get_json("/api/ps")
         if not isinstance(tags.get("models"), list):
             raise NodeError(self.name, "not Ollama (/api/tags has no model list)")
         self.version = str(version["version"])

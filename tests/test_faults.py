@@ -303,3 +303,28 @@ def test_control_dir_is_private(tmp_path, monkeypatch):
     monkeypatch.setenv("MESH_CONTROL_DIR", str(target))
     assert mesh.control_dir() == str(target)
     assert oct(os.stat(target).st_mode & 0o777) == "0o700"
+
+
+@pytest.mark.parametrize("transport", ["stdio", "exec"])
+def test_cancelled_request_ends_its_ssh_child(lab, monkeypatch, transport):
+    """Per-request ssh children (ssh -W, ssh NODE curl) end with the request."""
+    monkeypatch.setenv("MESH_CONTROL_DIR", lab.control_dir)
+    fake = lab.add_node("solo", ["m:1"], settings=f"transport={transport}", token_delay=0.3, tokens=["t"] * 40)
+
+    async def go():
+        async with mesh.MeshOrchestrator(config=lab.config_path, **FAST) as m:
+            async def consume():
+                async for _ in await m.generate("x", model="m:1", stream=True):
+                    pass
+            task = asyncio.ensure_future(consume())
+            while fake.active == 0:
+                await asyncio.sleep(0.02)
+            assert lab.ssh_processes() != []          # the request's own ssh child is running
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return m.nodes[0].active_requests
+
+    assert run(go()) == 0
+    assert lab.ssh_processes() == []
+    wait_for(lambda: fake.active == 0, 10, "the node to see the request end")
