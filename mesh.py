@@ -2710,7 +2710,7 @@ def _read_prompt(arg: Optional[str]) -> str:
 
 
 async def cmd_generate(orch: MeshOrchestrator, args: Any) -> int:
-    prompt = _read_prompt(args.prompt)
+    prompt = args.prompt_text  # read in main(), before the event loop: no blocking read in async code
     extra: Dict[str, Any] = {}
     if args.format:
         extra["format"] = args.format
@@ -2764,11 +2764,29 @@ def _parse_options(items: Optional[List[str]]) -> Optional[Dict[str, Any]]:
     return out
 
 
+def _stdin_lines() -> "asyncio.Queue[Optional[str]]":
+    """Lines of stdin as they are typed, read on a daemon thread: a thread of the
+    default executor would keep Ctrl-C from ending the program until Enter."""
+    import threading
+    loop = asyncio.get_running_loop()
+    queue: "asyncio.Queue[Optional[str]]" = asyncio.Queue()
+
+    def pump() -> None:
+        while True:
+            line = sys.stdin.readline()
+            loop.call_soon_threadsafe(queue.put_nowait, line or None)
+            if not line:
+                return
+
+    threading.Thread(target=pump, name="mesh-stdin", daemon=True).start()
+    return queue
+
+
 async def cmd_chat(orch: MeshOrchestrator, args: Any) -> int:
     history: List[Dict[str, Any]] = []
     if args.system:
         history.append({"role": "system", "content": args.system})
-    loop = asyncio.get_running_loop()
+    lines = _stdin_lines()
     interactive = sys.stdin.isatty()
     if interactive:
         _print(f"mesh chat with {args.model or orch.default_model} - /bye or Ctrl-D to leave", file=sys.stderr)
@@ -2776,8 +2794,8 @@ async def cmd_chat(orch: MeshOrchestrator, args: Any) -> int:
         if interactive:
             sys.stderr.write(">>> ")
             sys.stderr.flush()
-        line = await loop.run_in_executor(None, sys.stdin.readline)
-        if not line:
+        line = await lines.get()
+        if line is None:
             break
         text = line.rstrip("\n")
         if text.strip() in ("/bye", "/exit", "/quit"):
@@ -2957,6 +2975,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.config = os.path.expanduser(args.config)
             if not os.path.isfile(args.config):
                 raise UsageError(f"--config {args.config}: no such file")
+        if args.func is cmd_generate:
+            args.prompt_text = _read_prompt(args.prompt)
         return asyncio.run(_run(args))
     except MeshError as exc:
         sys.stderr.write(f"mesh: error: {exc}\n")
