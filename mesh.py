@@ -380,6 +380,39 @@ def expand_hostname(value: str, alias: str) -> str:
     return "".join(out)
 
 
+def expand_tokens(value: str, tokens: Dict[str, str], *, home: str,
+                  env: Optional[Dict[str, str]] = None) -> str:
+    """ssh's expansion of a path-like value (ControlPath, IdentityAgent, ...):
+    a leading ~ or ~/ (home from the passwd entry), ${VAR} from the environment,
+    then %-tokens from `tokens` (%% is a percent).  Unknown tokens or variables
+    raise ValueError, as ssh fails on them."""
+    env = os.environ if env is None else env
+    if value == "~" or value.startswith("~/"):
+        value = home + value[1:]
+
+    def var(m: "re.Match[str]") -> str:
+        name = m.group(1)
+        if name not in env:
+            raise ValueError(f"environment variable ${{{name}}} is not set")
+        return env[name]
+    value = re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", var, value)
+    out, i = [], 0
+    while i < len(value):
+        if value[i] == "%":
+            key = value[i + 1:i + 2]
+            if key == "%":
+                out.append("%")
+            elif key in tokens:
+                out.append(tokens[key])
+            else:
+                raise ValueError(f"unknown token %{key}" if key else "trailing %")
+            i += 2
+        else:
+            out.append(value[i])
+            i += 1
+    return "".join(out)
+
+
 def parse_mesh_settings(text: str) -> Dict[str, str]:
     """Parse the body of a `# mesh: key=value ...` comment (shell-like quoting).
 
@@ -435,7 +468,31 @@ class HostInfo:
 
     @property
     def identityfile(self) -> List[str]:
+        """As ssh -G prints it: unexpanded (ssh expands IdentityFile when it loads the key)."""
         return list(self.options.get("identityfile") or _DEFAULT_IDENTITY_FILES)
+
+    def tokens(self) -> Dict[str, str]:
+        """The %-tokens ssh expands in path-like keywords, for this host."""
+        import socket
+        local = socket.gethostname()
+        t = {"d": _home_dir(), "h": self.hostname, "i": str(os.getuid()), "L": local.split(".")[0],
+             "l": local, "n": self.alias, "p": str(self.port), "r": self.user, "u": _local_user()}
+        # %C as OpenSSH 9.2 computes it; used for display only, never for a socket of ours
+        # (newer OpenSSH hashes more fields, so ssh's own value is the one that counts).
+        import hashlib
+        t["C"] = hashlib.sha1((t["l"] + t["h"] + t["p"] + t["r"]).encode()).hexdigest()
+        return t
+
+    def expanded(self, keyword: str) -> Optional[str]:
+        """ControlPath, IdentityAgent or UserKnownHostsFile with ~, ${VAR} and %-tokens
+        expanded as ssh -G shows them; None when unset (or "none")."""
+        raw = self.options.get(keyword)
+        if raw is None:
+            return None
+        if keyword in ("controlpath", "identityagent") and str(raw).lower() == "none":
+            return "none"
+        parts = split_args(str(raw)) if keyword == "userknownhostsfile" else [str(raw)]
+        return " ".join(expand_tokens(p, self.tokens(), home=_home_dir()) for p in parts)
 
 
 def _local_user() -> str:

@@ -136,6 +136,14 @@ CASES = [
     ("a leading = before the keyword is skipped", {"config": "Host a\n  =User lead\n"}, ["a"]),
     ("quoted Host pattern", {"config": "Host \"q*\" r\n  User quoted\n"}, ["qq", "r", "s"]),
     ("CRLF line endings", {"config": "Host a\r\n  User crlf\r\n  Port 2117\r\n"}, ["a"]),
+    ("ControlPath tokens",
+     {"config": "Host cp\n  HostName Box.Example\n  User bob\n  Port 2201\n"
+                "  ControlPath ~/.ssh/cm-%r@%h:%p-%n-%l-%L-%u-%d-%%\n"}, ["cp"]),
+    ("ControlPath %C is SHA-1 of %l%h%p%r", {"config": "Host c9\n  User u9\n  ControlPath /tmp/x-%C\n"}, ["c9"]),
+    ("ControlPath none", {"config": "Host cn\n  ControlPath none\n"}, ["cn"]),
+    ("IdentityAgent and UserKnownHostsFile expand ~ and ${VAR}",
+     {"config": "Host ia\n  IdentityAgent ~/agent-%u.sock\n  UserKnownHostsFile ${{HOME}}/kh-%h ~/.ssh/kh2\n"}, ["ia"]),
+    ("IdentityFile keeps its tokens as ssh -G shows", {"config": "Host it\n  IdentityFile ~/.ssh/id-%r@%h\n"}, ["it"]),
     ("several blocks stack", {"config": "Host s1\n  User s\nHost s*\n  Port 2116\nHost *\n  HostName %h.lan\n"},
      ["s1", "t1"]),
 ]
@@ -167,8 +175,11 @@ def _local_user():
     return pwd.getpwuid(os.getuid()).pw_name
 
 
+EXPANDED = ("controlpath", "identityagent", "userknownhostsfile")   # recorded when a case sets them
+
+
 def ssh_g(config, alias):
-    """What ssh says: ({hostname, user, port, identityfile}, None) or (None, line-or-0)."""
+    """What ssh says: ({hostname, user, port, identityfile, ...}, None) or (None, line-or-0)."""
     p = subprocess.run(["ssh", "-G", "-T", "-F", config, "--", alias], capture_output=True, text=True, timeout=30)
     if p.returncode != 0:
         m = re.search(r"line (\d+)", p.stderr)
@@ -182,17 +193,29 @@ def ssh_g(config, alias):
             out[key] = value
         elif key == "port":
             out[key] = int(value)
+        elif key in EXPANDED and key.lower() in open(config).read().lower():
+            out[key] = value
     return out, None
 
 
 def normalise(values, root, home):
     """Make recorded values portable: temp dir, home and local user as placeholders."""
+    import socket
+
     def sub(s):
-        return s.replace(root, "{dir}").replace(home, "{home}")
+        s = re.sub(r"\b[0-9a-f]{40}\b", "{C}", s)
+        local = socket.gethostname()
+        s = s.replace(root, "{dir}").replace(home, "{home}")
+        for value, name in ((local, "{l}"), (local.split(".")[0], "{L}"), (_local_user(), "{u}")):
+            s = re.sub(r"(?<=[-@:/_])" + re.escape(value) + r"(?=[-@:/_.]|$)", name, s)
+        return s
     if values is None:
         return None
     out = dict(values)
     out["identityfile"] = [sub(v) for v in values["identityfile"]]
+    for key in EXPANDED:
+        if key in out:
+            out[key] = sub(out[key])
     if out["user"] == _local_user():
         out["user"] = "{user}"
     return out

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 import mesh
-from config_corpus import CASES, RECORD, _home, _local_user, materialize, normalise, ssh_g
+from config_corpus import CASES, EXPANDED, RECORD, _home, _local_user, materialize, normalise, ssh_g
 
 RECORDED = json.load(open(RECORD))["cases"]
 HAVE_SSH = shutil.which("ssh") is not None
@@ -46,10 +46,13 @@ def test_matches_ssh(name, files, alias, case_dir):
     config = case_dir(files)
     root = os.path.dirname(config)
     expected = RECORDED[name][alias]
+    live = live_raw = None
     if HAVE_SSH:
-        live, err = ssh_g(config, alias)
-        live = {"error_line": err} if live is None else normalise(live, root, _home())
+        live_raw, err = ssh_g(config, alias)
+        live = {"error_line": err} if live_raw is None else normalise(live_raw, root, _home())
         assert live == expected, "the recording is stale: re-run tests/config_corpus.py --record"
+        if live_raw is None:
+            live = None
     try:
         info = mesh.SSHConfig.load(config).resolve(alias)
     except mesh.ConfigError as exc:
@@ -64,9 +67,13 @@ def test_matches_ssh(name, files, alias, case_dir):
     if info.unresolved:
         assert "exec" in name  # only `Match exec` may leave a value to ssh
         return
-    got = normalise({"hostname": info.hostname, "user": info.user, "port": info.port,
-                     "identityfile": info.identityfile}, root, _home())
-    assert got == expected
+    got = {"hostname": info.hostname, "user": info.user, "port": info.port, "identityfile": info.identityfile}
+    for key in EXPANDED:
+        if key in expected:
+            got[key] = info.expanded(key)
+    if HAVE_SSH and live is not None:
+        assert {k: got[k] for k in live} == {k: v for k, v in live_raw.items()}   # exact, %C included
+    assert normalise(got, root, _home()) == expected
 
 
 @pytest.mark.parametrize("line, args", [
