@@ -1868,6 +1868,10 @@ class MeshOrchestrator:
                  ssh: str = "ssh", default_model: Optional[str] = None) -> None:
         explicit = config or os.environ.get("MESH_SSH_CONFIG") or None
         self.config_path = os.path.expanduser(explicit) if explicit else default_config_path()
+        if explicit and not os.access(self.config_path, os.R_OK):
+            where = "--config/config=" if config else "MESH_SSH_CONFIG="
+            what = "no such file" if not os.path.exists(self.config_path) else "cannot read it"
+            raise UsageError(f"{where}{self.config_path}: {what}")
         self.connect_timeout = connect_timeout
         self.first_byte_timeout = first_byte_timeout
         self.idle_timeout = idle_timeout
@@ -2756,7 +2760,7 @@ async def cmd_test(orch: MeshOrchestrator, args: Any) -> int:
 
 def _read_prompt(arg: Optional[str]) -> str:
     if arg is None or arg == "-":
-        if arg is None and sys.stdin.isatty():
+        if sys.stdin is None or (arg is None and sys.stdin.isatty()):
             raise UsageError("no prompt: give PROMPT, or pipe it on stdin")
         prompt = sys.stdin.buffer.read().decode("utf-8", "surrogateescape")
     else:
@@ -2830,7 +2834,7 @@ def _stdin_lines() -> "asyncio.Queue[Optional[str]]":
 
     def pump() -> None:
         while True:
-            line = sys.stdin.readline()
+            line = sys.stdin.readline() if sys.stdin is not None else ""
             loop.call_soon_threadsafe(queue.put_nowait, line or None)
             if not line:
                 return
@@ -2844,7 +2848,7 @@ async def cmd_chat(orch: MeshOrchestrator, args: Any) -> int:
     if args.system:
         history.append({"role": "system", "content": args.system})
     lines = _stdin_lines()
-    interactive = sys.stdin.isatty()
+    interactive = sys.stdin is not None and sys.stdin.isatty()
     if interactive:
         _print(f"mesh chat with {args.model or orch.default_model} - /bye or Ctrl-D to leave", file=sys.stderr)
     while True:

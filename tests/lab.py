@@ -478,7 +478,8 @@ class SSHLab:
             env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
         """Run the real mesh.py CLI with this lab's config."""
         return subprocess.run([sys.executable, MESH, "--config", self.config_path, *args],
-                              input=input, capture_output=True, timeout=timeout, env=env or self.env())
+                              input=input, stdin=None if input is not None else subprocess.DEVNULL,
+                              capture_output=True, timeout=timeout, env=env or self.env())
 
     def ssh_processes(self, include_masters: bool = False) -> List[str]:
         """ssh processes this lab's mesh.py started that are still alive."""

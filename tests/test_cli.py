@@ -162,6 +162,18 @@ def test_unreadable_config_is_usage_error(lab, tmp_path):
     p = subprocess.run([sys.executable, MESH, "--config", str(tmp_path / "nope"), "test"],
                        capture_output=True, env=lab.env())
     assert p.returncode == 2 and "no such file" in one_line_error(p)
+    p = subprocess.run([sys.executable, MESH, "test"], capture_output=True,
+                       env=lab.env(MESH_SSH_CONFIG=str(tmp_path / "nope")))
+    assert p.returncode == 2 and "MESH_SSH_CONFIG=" in one_line_error(p)
+
+
+def test_no_stdin_at_all(lab):
+    """Run with standard input closed (as under some CI and cron): a clear usage error."""
+    lab.add_node("a", ["qwen2.5:7b"])
+    p = subprocess.run([sys.executable, MESH, "--config", lab.config_path, "generate"],
+                       capture_output=True, env=lab.env(), stdin=None, close_fds=True,
+                       preexec_fn=lambda: os.close(0))
+    assert p.returncode == 2 and "no prompt" in one_line_error(p)
 
 
 def test_chat_keeps_history(lab):
