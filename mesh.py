@@ -2122,15 +2122,31 @@ class MeshOrchestrator:
     async def _route(self, path: str, payload: Dict[str, Any], *, pinned: Optional[str],
                      streaming: bool) -> AsyncIterator[Dict[str, Any]]:
         model = payload.get("model")
-        if pinned is None and model:
+        if pinned is None and model and len(self.nodes) > 1:
+            # With one node there is nothing to choose: the request itself tells whether the
+            # node has the model (404), one round trip sooner than asking /api/tags first.
             await self.refresh(model=model)
         body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
         tried: set = set()
         failures: List[str] = []
+        not_found: List[str] = []
+        rechecked = False
         while True:
             try:
                 node = await self._acquire(model, pinned, tried)
+            except ModelNotFoundError:
+                # The model lists may be up to INVENTORY_TTL old: a model pulled a moment
+                # ago on a node is looked for once more before the caller hears "not found".
+                stale = [n for n in self.nodes if n.healthy and time.monotonic() - n.inventory_at > 2.0]
+                if rechecked or not stale or pinned:
+                    raise
+                rechecked = True
+                await self.refresh(force=True, model=model)
+                continue
             except MeshError as exc:
+                if not_found and len(not_found) == len(failures):
+                    raise ModelNotFoundError(
+                        f'model "{model}" not found on any node (asked: {", ".join(not_found)})') from None
                 if failures and not isinstance(exc, UsageError):
                     raise NoNodeAvailableError("every node failed: " + "; ".join(failures)) from None
                 raise
@@ -2153,6 +2169,7 @@ class MeshOrchestrator:
                 failures.append(str(exc))
                 if exc.status == 404 and model:
                     node.models.pop(model_key(model), None)
+                    not_found.append(node.name)
                     if pinned:
                         raise ModelNotFoundError(f'model "{model}" not found on node {node.name}') from None
                 elif exc.mark_down:

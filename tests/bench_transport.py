@@ -255,6 +255,30 @@ def main():
                 row(f"time to first token, link RTT {args.rtt_ms:g} ms", ms(dt), ms(mt), "<= R + 2 ms",
                     mt - dt <= 0.002, f"added {ms(mt - dt)} over direct on the same link")
         asyncio.run(linked())
+
+        async def linked_cold():
+            lab.stop_masters()
+            async with mesh.MeshOrchestrator(config=cfg, nodes=["far"]) as m:
+                t = time.perf_counter()
+                await m.generate("x", model="m:1")          # not pinned: inventory, then the request
+                total = time.perf_counter() - t
+                master = m.nodes[0].transport
+            lab.stop_masters()
+            async with mesh.MeshOrchestrator(config=cfg, nodes=["far"]) as m:
+                t = time.perf_counter()
+                await m.nodes[0].transport.prepare()
+                hand = time.perf_counter() - t
+            return total, hand
+        total, hand = asyncio.run(linked_cold())
+        bare = []
+        for _ in range(3):
+            t = time.perf_counter()
+            subprocess.run(["ssh", "-F", cfg, "-o", "ControlPath=none", "far", "true"], check=True)
+            bare.append(time.perf_counter() - t)
+        row(f"first request, no master, link RTT {args.rtt_ms:g} ms", f"ssh {ms(median(bare))}", ms(total),
+            "one handshake + request", None,
+            f"= {total / r:.1f} RTT: master up {hand / r:.1f} RTT, then {(total - hand) / r:.1f} RTT "
+            f"(models + request); `ssh NODE true` is {median(bare) / r:.1f} RTT")
         link_ssh.close()
         link_http.close()
 

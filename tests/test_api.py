@@ -158,3 +158,17 @@ def test_cancelled_task_ends_request_and_releases_slot(mesh_env):
     assert run(go()) == 0
     wait_for(lambda: fake.active == 0, 10, "the node to see the request end")
     assert lab.ssh_processes() == []
+
+
+def test_model_pulled_on_a_node_after_the_inventory_was_read(mesh_env):
+    lab = mesh_env
+    fake = lab.add_node("a", ["m:1"])
+
+    async def go():
+        async with mesh.MeshOrchestrator(config=lab.config_path) as m:
+            await m.refresh()
+            fake.models.append("fresh:1b")           # pulled on the node directly
+            m.nodes[0].inventory_at -= 5             # the cached list is a few seconds old
+            return await m.generate("x", model="fresh:1b")
+
+    assert run(go())["node"] == "a"
