@@ -278,7 +278,7 @@ def main():
         row(f"first request, no master, link RTT {args.rtt_ms:g} ms", f"ssh {ms(median(bare))}", ms(total),
             "one handshake + request", None,
             f"= {total / r:.1f} RTT: master up {hand / r:.1f} RTT, then {(total - hand) / r:.1f} RTT "
-            f"(models + request); `ssh NODE true` is {median(bare) / r:.1f} RTT")
+            f"(channel + request); `ssh NODE true` is {median(bare) / r:.1f} RTT")
         link_ssh.close()
         link_http.close()
 
