@@ -43,7 +43,7 @@ import random
 import re
 import sys
 import time
-from typing import Any, AsyncIterator, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple
 
 __all__ = [
     "MeshError", "ConfigError", "NodeError", "ModelNotFoundError", "NoNodeAvailableError",
@@ -1585,8 +1585,8 @@ class SSHTransport(Transport):
             if ex.decoded:
                 self._exec_slots.release()
 
-    async def proc_failure(self, ex: _Exchange) -> str:
-        """Why an ssh child produced no reply (stdio / exec modes)."""
+    async def _child_failure(self, ex: _Exchange) -> str:
+        """What an ssh child (stdio / exec modes) said on its way out."""
         proc = ex.proc
         try:
             await asyncio.wait_for(proc.wait(), 3)
@@ -1598,15 +1598,22 @@ class SSHTransport(Transport):
                 err = (await asyncio.wait_for(proc.stderr.read(), 1)).decode("utf-8", "replace")
             except asyncio.TimeoutError:
                 pass
-        if ex.decoded:  # curl on the node
-            if proc.returncode == 7 or "Failed to connect" in err or "Couldn't connect" in err:
-                return f"Ollama not answering on {self.host}:{self.port} (connection refused)"
-            if proc.returncode == 127 or "not found" in err:
-                return "curl is not installed on the node (needed when sshd refuses forwarding)"
         return err
 
     async def diagnose_empty(self, ex: _Exchange) -> Tuple[str, bool]:
-        """The master's log says why a channel closed at once."""
+        """Why a request got no reply at all: what the ssh child said (stdio, exec), or
+        what the master logged as it failed the channel (forward, and `-W` whose own
+        message "Session open refused by peer" does not say why)."""
+        if ex.proc is not None:
+            err = await self._child_failure(ex)
+            if ex.decoded:  # curl on the node
+                if ex.proc.returncode == 7 or "Failed to connect" in err or "Couldn't connect" in err:
+                    return f"Ollama not answering on {self.host}:{self.port} (connection refused)", False
+                if ex.proc.returncode == 127 or "curl: not found" in err or "command not found" in err:
+                    return "curl is not installed on the node (needed when sshd refuses forwarding)", False
+            if err.strip() and "refused by peer" not in err and "forwarding" not in err.lower():
+                self.master_lost()  # ssh itself failed: the master is gone and no new connection came up
+                return describe_ssh_failure(err, ex.proc.returncode), False
         log = self._log_tail(ex.log_mark)
         if "open failed" not in log and "forwarding" not in log.lower():
             await asyncio.sleep(0.05)  # the master logs as it fails the channel: give it a moment
@@ -1705,23 +1712,15 @@ class SSHNode:
                 await self._await_head(ex, first_byte_timeout, liveness_interval)
                 return ex
             except _EmptyReply:
-                await ex.close()
                 if ex.reused:
+                    await ex.close()
                     continue  # an idle pooled connection the server had closed: try a fresh one
-                if ex.proc is not None:
-                    detail = await self.transport.proc_failure(ex)  # type: ignore[attr-defined]
-                    if detail and ("not answering" in detail or "curl" in detail):
-                        raise NodeError(self.name, detail) from None
-                    if "refused by peer" in detail or "forwarding" in detail.lower() or not detail:
-                        reason, again = await self.transport.diagnose_empty(ex)
-                    else:  # ssh itself failed (e.g. the master died and a new connection could not be made)
-                        reason, again = describe_ssh_failure(detail), False
-                        if isinstance(self.transport, SSHTransport):
-                            self.transport.master_lost()
-                else:
+                try:
                     reason, again = await self.transport.diagnose_empty(ex)
+                finally:
+                    await ex.close()
                 if again and attempt < 2:
-                    continue
+                    continue  # e.g. forwarding refused: the transport switched to ssh NODE curl
                 raise NodeError(self.name, reason) from None
             except ProtocolError as exc:
                 await ex.close()

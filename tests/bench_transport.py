@@ -262,7 +262,6 @@ def main():
                 t = time.perf_counter()
                 await m.generate("x", model="m:1")          # not pinned: inventory, then the request
                 total = time.perf_counter() - t
-                master = m.nodes[0].transport
             lab.stop_masters()
             async with mesh.MeshOrchestrator(config=cfg, nodes=["far"]) as m:
                 t = time.perf_counter()
@@ -286,8 +285,6 @@ def main():
         count = args.nodes_for_test
         extra = lab.add_node("single", ["m:1"])
         lab.stop_masters()
-        with open(cfg) as fh:
-            base_cfg = fh.read()
         many = os.path.join(lab.dir, "many_config")
         sshds = [lab.nodes[name] for name in ("n1", "n2", "n3", "single")]
         with open(many, "w") as fh:
@@ -299,8 +296,8 @@ def main():
                          f"    # mesh: ollama_port={extra.port}\n")
         env = lab.env()
         t = time.perf_counter()
-        one = subprocess.run([sys.executable, MESH, "--config", cfg, "--nodes", "single", "test"],
-                             capture_output=True, env=env)
+        subprocess.run([sys.executable, MESH, "--config", cfg, "--nodes", "single", "test"],
+                       capture_output=True, env=env)
         single = time.perf_counter() - t
         lab.stop_masters()
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss

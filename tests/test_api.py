@@ -1,6 +1,5 @@
 """The module API (issue 2, item 6) through real sshd nodes."""
 import asyncio
-import time
 
 import pytest
 

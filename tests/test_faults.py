@@ -5,15 +5,13 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
 import mesh
 from conftest import needs_sshd
-from lab import MESH, _pids_matching, wait_for
+from lab import wait_for
 
 pytestmark = needs_sshd
 
@@ -328,3 +326,13 @@ def test_cancelled_request_ends_its_ssh_child(lab, monkeypatch, transport):
     assert run(go()) == 0
     assert lab.ssh_processes() == []
     wait_for(lambda: fake.active == 0, 10, "the node to see the request end")
+
+
+def test_curl_fallback_names_a_stopped_ollama(lab):
+    fake = lab.add_node("locked", ["m:1"], allow_forwarding=False)
+    fake.stop()
+    p = lab.run("--connect-timeout", "3", "test")
+    line = p.stdout.decode().strip().splitlines()[0]
+    assert p.returncode == 1 and line.startswith("FAIL") and "locked" in line
+    assert "Ollama not answering" in line and "connection refused" in line, line
+    assert lab.ssh_processes() == []

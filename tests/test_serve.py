@@ -1,13 +1,11 @@
 """`mesh.py serve`: the mesh behind one Ollama-compatible address (issue 6),
 driven over real sockets with urllib and raw HTTP."""
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 
