@@ -1521,7 +1521,24 @@ class SSHTransport(Transport):
     def _host_header(self) -> str:
         return f"{self.host}:{self.port}"
 
+    def _master_answers(self) -> bool:
+        """Is anything listening on the control socket?  A UNIX connect, no process: cheap
+        enough per request.  (A per-request ssh would otherwise fall back to a new
+        connection of its own without a word, and leave the stale socket behind.)"""
+        import socket
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(self.ctl)
+            return True
+        except OSError:
+            return False
+        finally:
+            probe.close()
+
     async def start(self, path: str, body: Optional[bytes]) -> _Exchange:
+        if self.mode != "forward" and self._master_ok and not self._master_answers():
+            logger.info("%s: ssh master gone; starting a new one", self.name)
+            self.master_lost()
         await self.prepare()
         mark = self._log_size()   # the master's log from here on tells why a channel failed
         ex = await self._start_mode(path, body)

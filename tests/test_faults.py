@@ -336,3 +336,21 @@ def test_curl_fallback_names_a_stopped_ollama(lab):
     assert p.returncode == 1 and line.startswith("FAIL") and "locked" in line
     assert "Ollama not answering" in line and "connection refused" in line, line
     assert lab.ssh_processes() == []
+
+
+@pytest.mark.parametrize("transport", ["stdio", "exec"])
+def test_killed_master_is_replaced_for_per_request_transports(mesh_env, transport):
+    lab = mesh_env
+    lab.add_node("solo", ["m:1"], settings=f"transport={transport}")
+
+    async def go():
+        async with mesh.MeshOrchestrator(config=lab.config_path, **FAST) as m:
+            await m.generate("x", model="m:1")
+            first = lab.ssh_processes(include_masters=True)
+            os.kill(int(first[0].split(":")[0]), signal.SIGKILL)
+            wait_for(lambda: lab.ssh_processes(include_masters=True) == [], 10, "the master to die")
+            r = await m.generate("x", model="m:1")
+            return r, first, lab.ssh_processes(include_masters=True)
+
+    r, first, now = run(go())
+    assert r["node"] == "solo" and len(now) == 1 and now != first   # a new master, not a bare connection
