@@ -323,12 +323,24 @@ def split_keyword(line: str) -> Optional[Tuple[str, str]]:
     return keyword.lower(), rest
 
 
+def _pattern_regex(pattern: str) -> "re.Pattern[str]":
+    regex = _PATTERNS.get(pattern)
+    if regex is None:
+        regex = re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern),
+                           re.DOTALL)
+        if len(_PATTERNS) < 4096:
+            _PATTERNS[pattern] = regex
+    return regex
+
+
+_PATTERNS: Dict[str, "re.Pattern[str]"] = {}
+
+
 def match_pattern(text: str, pattern: str, *, fold: bool = False) -> bool:
     """OpenSSH's match_pattern: only '*' and '?' are special (no [...] classes)."""
     if fold:
         text, pattern = text.lower(), pattern.lower()
-    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
-    return re.fullmatch(regex, text, re.DOTALL) is not None
+    return _pattern_regex(pattern).fullmatch(text) is not None
 
 
 def match_pattern_list(text: str, patterns: str, *, fold: bool = False) -> bool:
@@ -766,9 +778,9 @@ class SSHConfig:
                 result = False
         return result
 
-    def aliases(self) -> List[Tuple[str, Dict[str, str]]]:
-        """Concrete Host aliases (no '*', '?' or '!') in file order, following Includes
-        at top level and under `Host *`/`Match all`."""
+    def aliases(self) -> List[HostInfo]:
+        """Every concrete Host alias (no '*', '?' or '!'), resolved, in file order;
+        Includes are followed at top level and under `Host *`/`Match all`."""
         seen: Dict[str, None] = {}
 
         def walk(path: str, depth: int) -> None:
@@ -788,7 +800,7 @@ class SSHConfig:
                         walk(inc, depth + 1)
 
         walk(self.path, 0)
-        return [(alias, self.resolve(alias).mesh) for alias in seen]
+        return [self.resolve(alias) for alias in seen]
 
 
 def _read_text(path: str) -> str:
@@ -889,12 +901,11 @@ def load_node_specs(config_path: str, *, only: Optional[Sequence[str]] = None,
     specs: List[NodeSpec] = []
     if os.path.exists(config_path) or config_path != default_config_path():
         cfg = SSHConfig.load(config_path)
-        aliases = cfg.aliases()
-        for alias, settings in aliases:
-            if not _mesh_enabled(settings):
-                continue
-            specs.append(NodeSpec.from_settings(alias, settings, cfg.resolve(alias), where=config_path))
-        if not aliases:
+        hosts = cfg.aliases()
+        for info in hosts:
+            if _mesh_enabled(info.mesh):
+                specs.append(NodeSpec.from_settings(info.alias, info.mesh, info, where=config_path))
+        if not hosts:
             cfg.resolve("local")  # still report a config ssh would reject
     if not specs:
         host, port = parse_host_port(ollama_host_env if ollama_host_env is not None
@@ -2961,7 +2972,8 @@ def _build_parser() -> Any:
                                    "known. Exit 0 only when every node is healthy.")
     p.add_argument("--json", action="store_true", help="print a JSON array, one object per node")
     p.add_argument("--timeout", type=seconds, metavar="S",
-                   help="give up on a node after S seconds (default: connect timeout + 15)")
+                   help="give up on a node after S seconds (default: connect timeout + 3 probes "
+                        "of min(5, connect timeout) s: 25 s with the defaults)")
     p.add_argument("--parallel", type=int, default=64, metavar="N", help="nodes checked at once (default 64)")
     p.set_defaults(func=cmd_test)
 
