@@ -1403,8 +1403,12 @@ class SSHTransport(Transport):
         argv = [self.ssh]
         if self.config:
             argv += ["-F", self.config]
+        # Our options come first on the command line, so they win over the user's config
+        # (ssh takes the first value): multiplexing is ours, and a RemoteCommand or
+        # RequestTTY meant for interactive use must not break `-W` or `ssh NODE curl`.
         argv += ["-o", "BatchMode=yes", "-o", f"ControlPath={self.ctl}",
-                 "-o", f"ConnectTimeout={max(1, int(round(self.connect_timeout)))}"]
+                 "-o", f"ConnectTimeout={max(1, int(round(self.connect_timeout)))}",
+                 "-o", "RemoteCommand=none", "-o", "RequestTTY=no"]
         argv += list(extra)
         return argv
 
@@ -1450,8 +1454,7 @@ class SSHTransport(Transport):
         argv = self._base("-o", "ControlMaster=yes", "-o", f"ControlPersist={self.control_persist}",
                           "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=3",
                           "-o", "ClearAllForwardings=yes", "-o", "StreamLocalBindUnlink=yes",
-                          "-o", "RemoteCommand=none", "-o", "SessionType=default",
-                          "-E", self.log, "-f", "-tt", "--", self.name, "true")
+                          "-o", "SessionType=default", "-E", self.log, "-f", "-tt", "--", self.name, "true")
         try:
             rc, _, err = await run_command(argv, timeout=self.connect_timeout + 5)
         except asyncio.TimeoutError:

@@ -272,3 +272,27 @@ def test_ctrl_c_at_the_chat_prompt_exits_at_once(lab):
 def _reap(pid):
     done, status = os.waitpid(pid, os.WNOHANG)
     return status if done else None
+
+
+@pytest.mark.parametrize("transport", ["forward", "stdio", "exec"])
+def test_users_remote_command_and_tty_settings_do_not_interfere(lab, transport):
+    lab.add_node("a", ["qwen2.5:7b"], settings=f"transport={transport}")
+    lab.extra_config = "Host *\n    RemoteCommand echo hijacked\n    RequestTTY yes\n"
+    lab.write_config()
+    p = lab.run("generate", "hi")
+    assert p.returncode == 0 and p.stdout.decode() == "Hello from a.\n", p.stderr.decode()
+
+
+def test_this_machine_as_a_node_over_plain_http(lab):
+    lab.add_node("a", ["qwen2.5:7b"])
+    here = FakeOllama(["only-here:1b"], name="here")
+    try:
+        lab.extra_config = f"Host here\n    # mesh: transport=http ollama_host=127.0.0.1 ollama_port={here.port}\n"
+        lab.write_config()
+        p = lab.run("-v", "generate", "--model", "only-here:1b", "hi")
+        assert p.returncode == 0 and "served by here" in p.stderr.decode(), p.stderr.decode()
+        rows = json.loads(lab.run("test", "--json").stdout)
+        assert {r["name"]: r["ok"] for r in rows} == {"a": True, "here": True}
+        assert [r["transport"] for r in rows] == ["forward", "http"] and rows[1]["ssh_ms"] is None
+    finally:
+        here.close()
