@@ -3056,7 +3056,11 @@ def _use_pidfd_watcher() -> None:
 
 async def _run(args: Any) -> int:
     _use_pidfd_watcher()
-    nodes = [n.strip() for n in args.nodes.split(",") if n.strip()] if getattr(args, "nodes", None) else None
+    nodes = None
+    if getattr(args, "nodes", None) is not None:
+        nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
+        if not nodes:
+            raise UsageError("--nodes needs at least one node name (ssh aliases, comma-separated)")
     kwargs: Dict[str, Any] = {}
     for key in ("connect_timeout", "first_byte_timeout", "idle_timeout"):
         if getattr(args, key, None) is not None:
