@@ -1339,6 +1339,26 @@ class Transport:
     def _host_header(self) -> str:
         return f"{self.host}:{self.port}"
 
+    can_pipeline = True
+
+    async def get_pipelined(self, paths: Sequence[str], timeout: float) -> List[Tuple[int, bytes]]:
+        """Several GETs written back to back on one keep-alive connection, the answers
+        read in order (HTTP/1.1 pipelining, which Go's server - Ollama - honours): one
+        channel and one round trip for all of them."""
+        ex = await self.start(paths[0], None)
+        results: List[Tuple[int, bytes]] = []
+        try:
+            ex.writer.write(b"".join(build_request(p, None, host=self._host_header(), keep_alive=True)
+                                     for p in paths[1:]))
+            for i in range(len(paths)):
+                if i:
+                    ex._complete = False
+                await asyncio.wait_for(ex.read_head(), timeout)
+                results.append((ex.status, await ex.read_body(timeout, limit=64 << 20)))
+        finally:
+            await ex.close()
+        return results
+
     async def _done(self, ex: _Exchange, reusable: bool) -> None:
         if reusable and len(self._idle) < 32:
             self._idle.append((ex.reader, ex.writer))
@@ -1428,7 +1448,9 @@ class SSHTransport(Transport):
                 return 0.0
             started = time.monotonic()
             fresh = False
-            if not (os.path.exists(self.ctl) and await self._check_master()):
+            # A master left by an earlier command is reused; a connect to its socket tells
+            # whether it is there without starting a process (`ssh -O check` costs ~5 ms).
+            if not (os.path.exists(self.ctl) and self._master_answers()):
                 await self._start_master()
                 fresh = True
             if self.mode == "forward" and not self.pinned or self.pinned == "forward":
@@ -1473,8 +1495,8 @@ class SSHTransport(Transport):
             return
         if os.path.exists(self.fwd):
             try:  # a master left by an earlier command may still hold a working forward
-                _, writer = await asyncio.open_unix_connection(self.fwd)
-                writer.close()
+                reader, writer = await asyncio.open_unix_connection(self.fwd, limit=1 << 20)
+                self._idle.append((reader, writer))   # the check's connection serves the first request
                 return
             except OSError:
                 pass
@@ -1548,6 +1570,10 @@ class SSHTransport(Transport):
             return False
         finally:
             probe.close()
+
+    @property
+    def can_pipeline(self) -> bool:  # type: ignore[override]
+        return self.mode == "forward"
 
     async def start(self, path: str, body: Optional[bytes]) -> _Exchange:
         if self.mode != "forward" and self._master_ok and not self._master_answers():
@@ -1818,9 +1844,12 @@ class SSHNode:
             await ex.close()
             raise NodeError(self.name, f"{path}: {exc}") from None
         await ex.close()
-        if ex.status != 200:
-            raise NodeError(self.name, f"{path}: {error_message(ex.status, data)}", status=ex.status,
-                            mark_down=ex.status >= 500 and ex.status != 503)
+        return self._json_answer(path, ex.status, data)
+
+    def _json_answer(self, path: str, status: int, data: bytes) -> Dict[str, Any]:
+        if status != 200:
+            raise NodeError(self.name, f"{path}: {error_message(status, data)}", status=status,
+                            mark_down=status >= 500 and status != 503)
         try:
             obj = json.loads(data)
         except ValueError:
@@ -1829,15 +1858,34 @@ class SSHNode:
             raise NodeError(self.name, f"{path}: not Ollama (unexpected reply {_excerpt(data)})")
         return obj
 
-    async def refresh(self) -> None:
-        """Version, models and loaded models, through the node's transport.  The three
-        requests go out together: one round trip on a real link, not three."""
-        results = await asyncio.gather(self.get_json("/api/version"), self.get_json("/api/tags"),
-                                       self.get_json("/api/ps"), return_exceptions=True)
+    async def get_jsons(self, paths: Sequence[str]) -> List[Dict[str, Any]]:
+        """Several small GETs at once: pipelined on one connection where the transport
+        allows it, else concurrently."""
+        if self.transport.can_pipeline:
+            await self.transport.prepare()
+            try:
+                answers = await self.transport.get_pipelined(paths, self.probe_timeout)
+            except asyncio.TimeoutError:
+                raise NodeError(self.name, f"no reply within {self.probe_timeout:g}s") from None
+            except _EmptyReply:
+                # closed without a word: the single-request path says why (and may switch mode)
+                return [await self.get_json(p) for p in paths]
+            except ProtocolError as exc:
+                raise NodeError(self.name, f"not an Ollama reply: {exc}") from None
+            except (ConnectionError, OSError) as exc:
+                raise NodeError(self.name, f"cannot reach Ollama: {exc}") from None
+            return [self._json_answer(p, status, data) for p, (status, data) in zip(paths, answers)]
+        results = await asyncio.gather(*(self.get_json(p) for p in paths), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result
-        version, tags, ps = results
+        return list(results)  # type: ignore[arg-type]
+
+    async def refresh(self) -> None:
+        """Version, models and loaded models, through the node's transport.  The three
+        requests go out together: one round trip on a real link, not three."""
+        paths = ("/api/version", "/api/tags", "/api/ps")
+        version, tags, ps = await self.get_jsons(paths)
         if "version" not in version:
             raise NodeError(self.name, "not Ollama (/api/version has no version)")
         if not isinstance(tags.get("models"), list):

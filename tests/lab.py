@@ -185,7 +185,7 @@ class FakeOllama:
                 self.end_headers()
 
             def do_GET(self) -> None:
-                fake.requests.append({"path": self.path, "body": None})
+                fake.requests.append({"path": self.path, "body": None, "conn": id(self.connection)})
                 if fake.mode in ("hang", "badhead", "garbage", "html") and self._fault():
                     return
                 if self.path == "/api/version":

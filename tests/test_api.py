@@ -171,3 +171,18 @@ def test_model_pulled_on_a_node_after_the_inventory_was_read(mesh_env):
             return await m.generate("x", model="fresh:1b")
 
     assert run(go())["node"] == "a"
+
+
+def test_model_lists_are_read_in_one_pipelined_exchange(mesh_env):
+    lab = mesh_env
+    fake = lab.add_node("a", ["m:1"])
+
+    async def go():
+        async with mesh.MeshOrchestrator(config=lab.config_path) as m:
+            await m.refresh()
+            return m.nodes[0].version, sorted(m.nodes[0].models)
+
+    assert run(go()) == ("0.6.1", ["m:1:latest"])
+    gets = [r for r in fake.requests if r["body"] is None]
+    assert [r["path"] for r in gets] == ["/api/version", "/api/tags", "/api/ps"]
+    assert len({r["conn"] for r in gets}) == 1          # one connection, one channel: pipelined
