@@ -182,7 +182,7 @@ def test_model_lists_are_read_in_one_pipelined_exchange(mesh_env):
             await m.refresh()
             return m.nodes[0].version, sorted(m.nodes[0].models)
 
-    assert run(go()) == ("0.6.1", ["m:1:latest"])
+    assert run(go()) == ("0.6.1", ["m:1"])
     gets = [r for r in fake.requests if r["body"] is None]
     assert [r["path"] for r in gets] == ["/api/version", "/api/tags", "/api/ps"]
     assert len({r["conn"] for r in gets}) == 1          # one connection, one channel: pipelined
