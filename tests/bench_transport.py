@@ -132,7 +132,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nodes-for-test", type=int, default=300, help="aliases for the `test` figure (default 300)")
     ap.add_argument("--rtt-ms", type=float, default=40.0, help="emulated link round trip (default 40)")
-    ap.add_argument("-n", type=int, default=200, help="samples per latency figure (default 200)")
+    ap.add_argument("-n", type=int, default=150, help="samples per latency figure (default 150)")
     args = ap.parse_args()
     started = time.monotonic()
     lab = SSHLab()
@@ -321,7 +321,7 @@ def main():
         def bare_ssh(i):
             return subprocess.run(["ssh", "-F", many, "-o", "ControlPath=none", "-o", "BatchMode=yes",
                                    f"m{i:03d}", "true"], capture_output=True).returncode
-        sample = min(64, count)
+        sample = min(32, count)
         t = time.perf_counter()
         with ThreadPoolExecutor(64) as pool:
             codes = list(pool.map(bare_ssh, range(sample)))
