@@ -2465,6 +2465,9 @@ class MeshServer:
                 headers[k.strip().lower()] = v.strip()
         keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
         path = target.split("?", 1)[0]
+        if headers.get("expect", "").lower() == "100-continue":
+            # curl asks before sending a body over 1 MB and would otherwise wait a second
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         try:
             body = await self._read_body(reader, headers)
             self._check_auth(headers)

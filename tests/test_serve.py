@@ -267,3 +267,15 @@ def test_keep_alive_connection_serves_requests_after_a_stream(served):
         head, body = read_response(f)
         assert b"200 OK" in head and json.loads(body)
     sock.close()
+
+
+def test_large_prompt_with_expect_100_continue(served, lab, tmp_path):
+    """curl sends `Expect: 100-continue` for bodies over 1 MB and waits for the go-ahead."""
+    prompt = "x" * 1_500_000
+    body = tmp_path / "body.json"
+    body.write_text(json.dumps({"model": "qwen2.5:7b", "prompt": prompt, "stream": False}))
+    p = subprocess.run(["curl", "-sS", "-v", "--data-binary", f"@{body}", "-H", "Content-Type: application/json",
+                        "-H", "X-Mesh-Node: a", f"{served.base}/api/generate"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and json.loads(p.stdout)["done"] is True
+    assert "Expect: 100-continue" in p.stderr and "HTTP/1.1 100 Continue" in p.stderr
+    assert lab.fakes["a"].bodies("/api/generate")[-1]["prompt"] == prompt
