@@ -1168,8 +1168,14 @@ async def _kill(proc: "asyncio.subprocess.Process") -> None:
 def _which(program: str) -> str:
     """An absolute path, so subprocess can use posix_spawn (much cheaper than fork
     for a large process: it matters when `test` starts hundreds of masters)."""
-    import shutil
-    return shutil.which(program) or program
+    path = _WHICH.get(program)
+    if path is None:
+        import shutil
+        path = _WHICH[program] = shutil.which(program) or program
+    return path
+
+
+_WHICH: Dict[str, str] = {}
 
 
 async def spawn(argv: Sequence[str], *, stdin: Any, stdout: Any = None, stderr: Any = None
