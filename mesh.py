@@ -46,9 +46,9 @@ import time
 from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple
 
 __all__ = [
-    "MeshError", "ConfigError", "NodeError", "ModelNotFoundError", "NoNodeAvailableError",
-    "StreamInterruptedError", "SSHConfig", "HostInfo", "parse_mesh_settings",
-    "NDJSONDecoder", "SSHNode", "MeshOrchestrator", "main",
+    "MeshError", "UsageError", "ConfigError", "NodeError", "ModelNotFoundError", "NoNodeAvailableError",
+    "StreamInterruptedError", "SSHConfig", "HostInfo", "NodeSpec", "load_node_specs", "parse_mesh_settings",
+    "NDJSONDecoder", "SSHNode", "MeshOrchestrator", "MeshServer", "main",
 ]
 
 __version__ = "1.0.0"
