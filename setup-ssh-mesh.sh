@@ -82,8 +82,18 @@ if [ -n "$NODES_FILE" ]; then
   while IFS= read -r line || [ -n "$line" ]; do
     line=${line%%$'\r'}
     case "$line" in ''|'#'*) continue ;; esac
-    # strip a trailing comment that starts at a '#' after whitespace
-    line=$(printf '%s' "$line" | sed -e 's/[[:space:]]#.*$//' -e 's/^[[:space:]]*//' -e 's/[[:space:]]*$//')
+    # strip a trailing comment: a '#' after whitespace and outside quotes (name="RunPod #1" stays)
+    line=$(printf '%s\n' "$line" | awk '{
+      q = ""; out = ""
+      for (i = 1; i <= length($0); i++) {
+        c = substr($0, i, 1)
+        if (q == "") {
+          if (c == "\"" || c == "\047") q = c
+          else if (c == "#" && (i == 1 || substr($0, i - 1, 1) ~ /[ \t]/)) break
+        } else if (c == q) q = ""
+        out = out c
+      }
+      sub(/^[ \t]+/, "", out); sub(/[ \t]+$/, "", out); print out }')
     [ -n "$line" ] || continue
     spec=${line%%[[:space:]]*}
     rest=""

@@ -202,3 +202,15 @@ def test_example_config_lists_the_three_nodes():
     runpod = rows[2]
     assert runpod["port"] == 13323 and runpod["hostname"] == "198.51.100.132"
     assert all(r["display_name"] != r["name"] for r in rows)
+
+
+def test_nodes_file_comments_and_quoted_hash(tmp_path):
+    nodes = tmp_path / "nodes.txt"
+    nodes.write_text('# my pool\n\nrp=root@127.0.0.1:2222   name="RunPod #1" weight=2   # rented\n'
+                     "  v6=[::1]:2200 # comment\n")
+    p = subprocess.run(["bash", SCRIPT, "--dry-run", "--config", str(tmp_path / "cfg"), "--key", str(tmp_path / "k"),
+                        "--nodes-file", str(nodes)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert '    # mesh: name="RunPod #1" weight=2\n' in p.stdout
+    assert "Host v6\n    HostName ::1\n    Port 2200\n" in p.stdout
+    assert not (tmp_path / "cfg").exists() and not (tmp_path / "k").exists()
