@@ -2106,7 +2106,8 @@ class MeshOrchestrator:
         """Bring the healthy nodes' model lists up to date, concurrently.
 
         With `model`, return once some node is known to have it and the others had
-        `grace` seconds more to answer: one frozen node does not hold every request."""
+        `grace` seconds more (or as long as that first node took, if longer) to answer:
+        one frozen node does not hold every request."""
         now = time.monotonic()
         stale = [n for n in self.nodes if n.healthy and (force or now - n.inventory_at > INVENTORY_TTL)]
         if not stale:
@@ -2114,10 +2115,13 @@ class MeshOrchestrator:
         pending = {self._refresh_task(n) for n in stale}
         key = model_key(model) if model else None
         deadline: Optional[float] = None
+        started = time.monotonic()
         while pending:
             if key is not None and deadline is None and any(
                     n.healthy and key in n.models for n in self.nodes):
-                deadline = time.monotonic() + grace
+                # the others get as long again as the first one took (at least `grace`)
+                now = time.monotonic()
+                deadline = now + max(grace, now - started)
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             if not done:
