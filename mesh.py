@@ -1312,9 +1312,8 @@ class Transport:
         self.connect_timeout = connect_timeout
         self._idle: List[Tuple[asyncio.StreamReader, Any]] = []
 
-    async def prepare(self) -> float:
-        """Make the node reachable (start the SSH master); returns seconds it took."""
-        return 0.0
+    async def prepare(self) -> None:
+        """Make the node reachable (start the SSH master); nothing to do for plain HTTP."""
 
     async def _open_socket(self) -> Tuple[asyncio.StreamReader, Any]:
         try:
@@ -1450,14 +1449,13 @@ class SSHTransport(Transport):
             return False
         return rc == 0
 
-    async def prepare(self) -> float:
+    async def prepare(self) -> None:
         """Start the master exactly once, however many requests arrive together."""
         if self._master_ok:
-            return 0.0
+            return
         async with self._lock:
             if self._master_ok:
-                return 0.0
-            started = time.monotonic()
+                return
             fresh = False
             # A master left by an earlier command is reused; a connect to its socket tells
             # whether it is there without starting a process (`ssh -O check` costs ~5 ms).
@@ -1467,7 +1465,6 @@ class SSHTransport(Transport):
             if self.mode == "forward" and not self.pinned or self.pinned == "forward":
                 await self._add_forward(fresh)
             self._master_ok = True
-            return time.monotonic() - started
 
     async def _start_master(self) -> None:
         for stale in (self.ctl, self.fwd):
@@ -2063,11 +2060,16 @@ class MeshOrchestrator:
         self._spawn(wake())
 
     # -- inventory -----------------------------------------------------------
+    @staticmethod
+    def check_result(node: SSHNode, error: Optional[str] = None) -> Dict[str, Any]:
+        """The shape of one node's `test` result, before anything is known."""
+        return {"name": node.name, "display_name": node.display_name, "ok": False, "ssh_ms": None,
+                "ollama_ms": None, "version": None, "models": [], "loaded": [], "error": error,
+                "transport": node.transport.mode}
+
     async def check_node(self, node: SSHNode) -> Dict[str, Any]:
         """Reach one node and ask its Ollama what it has (for `test` and status)."""
-        result: Dict[str, Any] = {"name": node.name, "display_name": node.display_name, "ok": False,
-                                  "ssh_ms": None, "ollama_ms": None, "version": None, "models": [],
-                                  "loaded": [], "error": None, "transport": None}
+        result = self.check_result(node)
         try:
             started = time.monotonic()
             await node.transport.prepare()
@@ -2851,9 +2853,7 @@ async def cmd_test(orch: MeshOrchestrator, args: Any) -> int:
             except asyncio.TimeoutError:
                 reason = f"no answer within {timeout:g}s (node frozen or unreachable?)"
                 orch._mark_down(node, reason)
-                return {"name": node.name, "display_name": node.display_name, "ok": False,
-                        "ssh_ms": None, "ollama_ms": None, "version": None, "models": [], "loaded": [],
-                        "error": reason, "transport": node.transport.mode}
+                return orch.check_result(node, reason)
 
     results: Dict[str, Dict[str, Any]] = {}
     for fut in asyncio.as_completed([one(n) for n in orch.nodes]):

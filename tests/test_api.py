@@ -137,28 +137,6 @@ def test_close_can_stop_masters(mesh_env):
     wait_for(lambda: lab.ssh_processes(include_masters=True) == [], 10, "the master to exit")
 
 
-def test_cancelled_task_ends_request_and_releases_slot(mesh_env):
-    lab = mesh_env
-    fake = lab.add_node("a", ["m:1"], token_delay=0.5, tokens=["t"] * 30)
-
-    async def go():
-        async with mesh.MeshOrchestrator(config=lab.config_path) as m:
-            async def consume():
-                async for _ in await m.generate("x", model="m:1", stream=True):
-                    pass
-            task = asyncio.ensure_future(consume())
-            while fake.active == 0:
-                await asyncio.sleep(0.02)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-            return m.nodes[0].active_requests
-
-    assert run(go()) == 0
-    wait_for(lambda: fake.active == 0, 10, "the node to see the request end")
-    assert lab.ssh_processes() == []
-
-
 def test_model_pulled_on_a_node_after_the_inventory_was_read(mesh_env):
     lab = mesh_env
     fake = lab.add_node("a", ["m:1"])

@@ -16,7 +16,7 @@ import pytest
 
 import mesh
 from conftest import needs_sshd
-from lab import SSHD, _user, wait_for
+from lab import SSHD, _user
 
 pytestmark = needs_sshd
 FAST = dict(connect_timeout=3, first_byte_timeout=30, idle_timeout=5, liveness_interval=0.5)
