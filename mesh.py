@@ -32,6 +32,21 @@ Per-node settings ssh does not know live in comments inside the Host block::
         # mesh: name="Vengeance RTX 4090" weight=3 max_concurrent=16
 
 Standard library only; Python 3.9 or newer.
+
+Sections, in dependency order (each begins with a banner comment)::
+
+    constants, errors      MeshError and its subclasses (the message is what the user sees)
+    SSH config (pure)      SSHConfig, HostInfo: text in, hosts out, held to `ssh -G`
+    node settings (pure)   NodeSpec, load_node_specs, parse_mesh_settings
+    wire formats (pure)    NDJSONDecoder; HTTP/1.1 framing: parse_request_head,
+                           ChunkedDecoder, response_head, response_framing
+    scoring (pure)         load_score, rank_nodes
+    transport              the only code that spawns ssh or opens sockets to nodes
+    nodes                  SSHNode: health, load, inventory
+    orchestrator           MeshOrchestrator: the public async API
+    HTTP front             ServerLimits, Router and one route table per API,
+                           Exchange, StreamRelay, MeshServer; `serve`, `bench`
+    command line           one function per command, main()
 """
 
 from __future__ import annotations
@@ -48,7 +63,9 @@ from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple
 __all__ = [
     "MeshError", "UsageError", "ConfigError", "NodeError", "ModelNotFoundError", "NoNodeAvailableError",
     "StreamInterruptedError", "SSHConfig", "HostInfo", "NodeSpec", "load_node_specs", "parse_mesh_settings",
-    "NDJSONDecoder", "SSHNode", "MeshOrchestrator", "MeshServer", "main",
+    "NDJSONDecoder", "HTTPError", "HTTPRequest", "parse_request_head", "find_head_end", "ChunkedDecoder",
+    "response_head", "response_framing", "body_allowed", "SSHNode", "MeshOrchestrator",
+    "ServerLimits", "Route", "Router", "Exchange", "StreamRelay", "MeshServer", "main",
 ]
 
 __version__ = "1.0.0"
@@ -143,6 +160,17 @@ class NoNodeAvailableError(MeshError):
 
 class StreamInterruptedError(MeshError):
     """A stream failed after tokens were handed on; it is never retried (no duplicates)."""
+
+
+class HTTPError(MeshError):
+    """A request the HTTP front answers with an error status: `status` (400, 404,
+    413, ...), the message (the error text the client sees) and extra response
+    `headers` as (name, value) pairs (Allow for a 405)."""
+
+    def __init__(self, status: int, message: str, *, headers: Sequence[Tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.headers = list(headers)
 
 
 # ---------------------------------------------------------------------------
@@ -954,7 +982,7 @@ def parse_host_port(text: str, default_port: int, default_host: str = "127.0.0.1
 
 
 # ---------------------------------------------------------------------------
-# Ollama wire format (pure): NDJSON framing, HTTP heads, error shapes.
+# Wire formats (pure): NDJSON framing, HTTP/1.1 heads and bodies, error shapes.
 # ---------------------------------------------------------------------------
 
 class ProtocolError(ValueError):
@@ -1056,6 +1084,300 @@ def build_request(path: str, body: Optional[bytes], *, host: str, keep_alive: bo
     if body is not None:
         lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
+
+
+# -- HTTP/1.1 request framing for the HTTP front (RFC 9112, as Go's net/http and
+# nginx apply it).  Pure: bytes in, a request or an HTTPError out; the server does
+# the reading and writing.
+
+HTTP_REASONS = {
+    100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
+    403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+    413: "Content Too Large", 417: "Expectation Failed", 431: "Request Header Fields Too Large",
+    500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
+    503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
+}
+_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")          # RFC 9110 5.6.2
+_VERSION_RE = re.compile(r"HTTP/(\d)\.(\d)\Z")
+_FIELD_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")          # CTLs other than HTAB
+_HOST_RE = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@%\[\]]*\Z")      # reg-name / IP-literal, port
+_ABSOLUTE_RE = re.compile(r"(https?)://([^/?#]*)(.*)\Z", re.I)
+_CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;.*)?\Z")  # Go allows 16 hex digits
+
+
+class HTTPRequest:
+    """One parsed request head, as the HTTP front's handlers see it.
+
+    method: "GET", "POST" ... (case-sensitive, as RFC 9110 says); target: as sent;
+    path: percent-decoded path ("/api/tags"; "*" for `OPTIONS *`); query: the raw query
+    string without "?"; version: (1, 0) or (1, 1); headers: lowercased name -> value,
+    repeated fields joined with ", "; header_list: (lowercased name, value) in order;
+    content_length: int or None; chunked: bool (Transfer-Encoding: chunked);
+    keep_alive: whether the connection may serve another request afterwards;
+    expect_continue: the client waits for `100 Continue` before sending the body;
+    params: filled by the router from ":name" segments of the matched route."""
+
+    __slots__ = ("method", "target", "path", "query", "version", "headers", "header_list",
+                 "content_length", "chunked", "keep_alive", "expect_continue", "params")
+
+    def __init__(self, method: str, target: str, path: str, query: str, version: Tuple[int, int],
+                 header_list: List[Tuple[str, str]]) -> None:
+        self.method, self.target, self.path, self.query, self.version = method, target, path, query, version
+        self.header_list = header_list
+        self.headers: Dict[str, str] = {}
+        for name, value in header_list:
+            self.headers[name] = (self.headers[name] + ", " + value) if name in self.headers else value
+        self.content_length: Optional[int] = None
+        self.chunked = False
+        self.keep_alive = False
+        self.expect_continue = False
+        self.params: Dict[str, str] = {}
+
+    def header(self, name: str, default: str = "") -> str:
+        """A header's value by case-insensitive name (repeated fields joined with ", ")."""
+        return self.headers.get(name.lower(), default)
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+    def __repr__(self) -> str:
+        return f"<HTTPRequest {self.method} {self.target} HTTP/{self.version[0]}.{self.version[1]}>"
+
+
+def find_head_end(buf: "bytes | bytearray", start: int = 0) -> int:
+    """Where a request head ends in buf (just past its empty line), or -1 if not yet.
+
+    Lines end in LF with an optional CR before it: RFC 9112 section 2.2 lets a
+    recipient take a bare LF as a line end, which Go's net/http does - so a
+    bare-LF client is answered, never left waiting for a CRLF that won't come."""
+    i = buf.find(b"\n", start)
+    while i >= 0:
+        nxt = buf[i + 1:i + 3]
+        if nxt[:1] == b"\n":
+            return i + 2
+        if nxt == b"\r\n":
+            return i + 3
+        if nxt == b"\r":
+            return -1            # maybe "\r\n" comes with the next read
+        i = buf.find(b"\n", i + 1)
+    return -1
+
+
+def parse_request_head(head: bytes) -> HTTPRequest:
+    """Parse a request head (request line, fields, empty line) as RFC 9112 says.
+
+    Raises HTTPError: 400 for a malformed request line, field line, target, Host,
+    Content-Length or Transfer-Encoding (and both framing headers at once, which
+    RFC 9112 section 6.3 calls a smuggling attempt); 501 for a transfer coding other
+    than chunked; 505 for an HTTP version other than 1.0 and 1.1; 417 for an
+    Expect other than 100-continue.  Every one of them closes the connection."""
+    lines = head.decode("latin-1").split("\n")
+    lines = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines:
+        raise HTTPError(400, "empty request")
+    if any("\r" in ln for ln in lines):
+        raise HTTPError(400, "bare CR in the request head")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not all(parts):
+        raise HTTPError(400, f"malformed request line {_excerpt(lines[0].encode('latin-1'), 60)}")
+    method, target, version_text = parts
+    if not _TOKEN_RE.match(method):
+        raise HTTPError(400, "malformed method")
+    m = _VERSION_RE.match(version_text)
+    if not m:
+        raise HTTPError(400, f"malformed HTTP version {_excerpt(version_text.encode('latin-1'), 20)}")
+    version = (int(m.group(1)), int(m.group(2)))
+    if version not in ((1, 0), (1, 1)):
+        raise HTTPError(505, f"HTTP version {version[0]}.{version[1]} not supported (HTTP/1.1 is)")
+    fields: List[Tuple[str, str]] = []
+    for line in lines[1:]:
+        if line[:1] in (" ", "\t"):
+            raise HTTPError(400, "obsolete line folding in a header")   # RFC 9112 5.2
+        name, sep, value = line.partition(":")
+        if not sep or not _TOKEN_RE.match(name):    # also "Name : v" (RFC 9112 5.1)
+            raise HTTPError(400, f"malformed header line {_excerpt(line.encode('latin-1'), 60)}")
+        value = value.strip(" \t")
+        if _FIELD_VALUE_BAD.search(value):
+            raise HTTPError(400, f"control character in header {name}")
+        fields.append((name.lower(), value))
+    path, query = _parse_target(method, target)
+    req = HTTPRequest(method, target, path, query, version, fields)
+    hosts = [v for n, v in fields if n == "host"]
+    if len(hosts) > 1:
+        raise HTTPError(400, "too many Host headers")
+    if version == (1, 1) and not hosts:
+        raise HTTPError(400, "missing required Host header")
+    if hosts and not _HOST_RE.match(hosts[0]):
+        raise HTTPError(400, "malformed Host header")
+    _parse_framing(req, fields)
+    connection = {t.strip().lower() for t in req.header("connection").split(",")}
+    # HTTP/1.0 connections end after one response: its body is then close-delimited.
+    req.keep_alive = version == (1, 1) and "close" not in connection
+    expect = req.header("expect").lower()
+    if expect and version == (1, 1):
+        if expect != "100-continue":
+            raise HTTPError(417, f"unsupported Expect: {expect}")
+        req.expect_continue = req.has_body
+    return req
+
+
+def _parse_target(method: str, target: str) -> Tuple[str, str]:
+    """(path, query) of an origin-form or absolute-form target (RFC 9112 3.2)."""
+    from urllib.parse import unquote
+    if target.startswith("/"):
+        raw = target
+    elif target == "*" and method == "OPTIONS":
+        return "*", ""
+    else:
+        m = _ABSOLUTE_RE.match(target)
+        if not m:
+            raise HTTPError(400, f"malformed request target {_excerpt(target.encode('latin-1'), 60)}")
+        raw = m.group(3) or "/"
+        if not raw.startswith(("/", "?")):
+            raise HTTPError(400, "malformed request target")
+        if raw.startswith("?"):
+            raw = "/" + raw
+    raw = raw.split("#", 1)[0]
+    path, _, query = raw.partition("?")
+    return unquote(path), query
+
+
+def _parse_framing(req: HTTPRequest, fields: List[Tuple[str, str]]) -> None:
+    """Content-Length / Transfer-Encoding, strictly: what one server reads as the
+    body's end must be what every server on the way reads (RFC 9112 6.1-6.3)."""
+    lengths = [v for n, v in fields if n == "content-length"]
+    codings = [c.strip().lower() for n, v in fields if n == "transfer-encoding" for c in v.split(",")]
+    if lengths and codings:
+        raise HTTPError(400, "both Content-Length and Transfer-Encoding")
+    if len(lengths) > 1:
+        raise HTTPError(400, "more than one Content-Length")   # as nginx: even equal ones
+    if lengths:
+        if not lengths[0].isdigit() or not lengths[0].isascii():
+            raise HTTPError(400, f"malformed Content-Length {_excerpt(lengths[0].encode('latin-1'), 30)}")
+        req.content_length = int(lengths[0])
+    if codings:
+        if req.version == (1, 0):
+            raise HTTPError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        if codings[-1] != "chunked" or codings.count("chunked") != 1 or not all(codings):
+            raise HTTPError(400, f"malformed Transfer-Encoding {_excerpt(req.header('transfer-encoding').encode('latin-1'), 40)}")
+        if codings != ["chunked"]:
+            raise HTTPError(501, f"unsupported transfer coding {codings[0]!r}")
+        req.chunked = True
+
+
+class ChunkedDecoder:
+    """An incremental decoder of a chunked request body (RFC 9112 section 7.1).
+
+    feed(data) -> (body bytes decoded, bytes of data used): bytes after the last
+    chunk's trailer section belong to the next request and are not used.  `done`
+    turns true at the end of the body; `received` counts body bytes so far.
+    Raises HTTPError 400 for a malformed chunk size (only 1-16 hex digits, then an
+    optional extension: `0x16`, `1_6`, `-2` and empty are refused, as Go's net/http
+    refuses them), a missing CRLF after chunk data or an over-long line; 413 as soon
+    as a chunk size would take the body past max_body - before its data is read."""
+
+    def __init__(self, *, max_body: int, max_line: int = 4096, max_trailer: int = 65536) -> None:
+        self.max_body = max_body
+        self.max_line = max_line
+        self.max_trailer = max_trailer
+        self.received = 0
+        self.done = False
+        self._state = "size"       # size -> data -> crlf -> size ... -> trailer -> done
+        self._line = bytearray()
+        self._left = 0             # data bytes left in this chunk / CRLF bytes left after it
+        self._trailer = 0
+
+    def feed(self, data: bytes) -> Tuple[bytes, int]:
+        out: List[bytes] = []
+        pos, end = 0, len(data)
+        while pos < end and not self.done:
+            if self._state == "data":
+                take = min(self._left, end - pos)
+                out.append(data[pos:pos + take])
+                pos += take
+                self._left -= take
+                if not self._left:
+                    self._state, self._left = "crlf", 2
+            elif self._state == "crlf":
+                want = b"\r\n"[2 - self._left]
+                if data[pos] != want:
+                    raise HTTPError(400, "chunk data not followed by CRLF")
+                pos += 1
+                self._left -= 1
+                if not self._left:
+                    self._state = "size"
+            else:                               # a line: chunk size or trailer field
+                nl = data.find(b"\n", pos)
+                stop = end if nl < 0 else nl + 1
+                self._line += data[pos:stop]
+                pos = stop
+                limit = self.max_line if self._state == "size" else self.max_trailer - self._trailer
+                if len(self._line) > limit:
+                    raise HTTPError(400, "chunk size line too long" if self._state == "size"
+                                    else "trailer section too large")
+                if nl < 0:
+                    break
+                line = bytes(self._line[:-1]).rstrip(b"\r")
+                self._line.clear()
+                if self._state == "size":
+                    self._size_line(line)
+                else:
+                    self._trailer += len(line) + 2
+                    if not line:
+                        self.done = True
+        return b"".join(out), pos
+
+    def _size_line(self, line: bytes) -> None:
+        m = _CHUNK_SIZE_RE.match(line)
+        if not m:
+            raise HTTPError(400, f"malformed chunk size {_excerpt(line, 30)}")
+        size = int(m.group(1), 16)
+        if self.received + size > self.max_body:
+            raise HTTPError(413, f"request body larger than {self.max_body} bytes")
+        self.received += size
+        self._state, self._left = ("data", size) if size else ("trailer", 0)
+
+
+def body_allowed(method: str, status: int) -> bool:
+    """Whether a response carries a body: never to HEAD, never with 1xx, 204 or 304
+    (RFC 9110 sections 9.3.2 and 15)."""
+    return method != "HEAD" and status >= 200 and status not in (204, 304)
+
+
+def response_head(status: int, fields: Sequence[Tuple[str, str]] = ()) -> bytes:
+    """An HTTP/1.1 status line and header fields, ending in the empty line.  Raises
+    ValueError for CR or LF in a field (no response splitting, whatever the value)."""
+    out = [f"HTTP/1.1 {status} {HTTP_REASONS.get(status, 'Status')}"]
+    for name, value in fields:
+        if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+            raise ValueError(f"CR or LF in response header {name!r}")
+        out.append(f"{name}: {value}")
+    return ("\r\n".join(out) + "\r\n\r\n").encode("latin-1", "replace")
+
+
+def response_framing(req_version: Tuple[int, int], method: str, status: int, length: Optional[int], *,
+                     keep_alive: bool) -> Tuple[List[Tuple[str, str]], bool, bool]:
+    """How to frame a response: (framing header fields, chunked, keep_alive).
+
+    length None means a streamed body of unknown length: chunked to HTTP/1.1 clients,
+    close-delimited to HTTP/1.0 ones (they don't know chunked).  A HEAD response has
+    the headers a GET would have and no body."""
+    fields: List[Tuple[str, str]] = []
+    chunked = False
+    if length is not None:
+        if status >= 200 and status not in (204, 304):
+            fields.append(("Content-Length", str(length)))
+    elif req_version >= (1, 1):
+        chunked = body_allowed(method, status)
+        fields.append(("Transfer-Encoding", "chunked"))
+    else:
+        keep_alive = False
+    if not keep_alive:
+        fields.append(("Connection", "close"))
+    return fields, chunked, keep_alive
 
 
 # ---------------------------------------------------------------------------
@@ -2358,20 +2680,49 @@ class MeshOrchestrator:
 
 # ---------------------------------------------------------------------------
 # HTTP front: the whole mesh behind one Ollama-compatible address.
+#
+#   ServerLimits   every limit and timeout of the front, with its default
+#   Route, Router  (method, path pattern) -> handler; a table per API
+#   OllamaAPI      Ollama's API (and MeshOpsAPI: mesh's own operations)
+#   Exchange       one request and its response: what a handler gets
+#   StreamRelay    moves a node's streamed reply to the client
+#   MeshServer     connections: reading heads and bodies, keep-alive, errors
 # ---------------------------------------------------------------------------
 
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
-            405: "Method Not Allowed", 413: "Payload Too Large", 500: "Internal Server Error",
-            501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable"}
 _STREAMING_PATHS = ("/api/generate", "/api/chat", "/api/pull")
-_POST_PATHS = ("/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/show", "/api/pull")
-_MAX_BODY = 512 * 1024 * 1024
 
 
-class _HTTPError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+class ServerLimits:
+    """Every limit and timeout of the HTTP front, in one place (bytes, seconds).
+
+    max_header_bytes: request line plus header fields; past it 431 (Go's
+      MaxHeaderBytes).
+    max_body: a request body; past it 413, known from Content-Length before a byte
+      is read, and while reading a chunked body (`--max-body`; several base64 images
+      fit).
+    header_timeout: a request head must be complete this long after its first byte
+      (or after the connection opened); Go's ReadHeaderTimeout.
+    keepalive_timeout: an idle keep-alive connection is closed after this.
+    body_timeout: silence allowed while a request body arrives (nginx's
+      client_body_timeout).
+    max_pipelined: bytes a client may send while its reply streams (a pipelined next
+      request); beyond that they are dropped and the connection closes after the reply.
+    drain_body: an unread request body up to this size is read and discarded so the
+      connection can be kept (Go's maxPostHandlerReadBytes); a larger one closes it."""
+
+    max_header_bytes = 64 * 1024
+    max_body = 512 * 1024 * 1024
+    header_timeout = 10.0
+    keepalive_timeout = 60.0
+    body_timeout = 60.0
+    max_pipelined = 64 * 1024
+    drain_body = 256 * 1024
+
+    def __init__(self, **overrides: Any) -> None:
+        for key, value in overrides.items():
+            if not hasattr(ServerLimits, key) or key.startswith("_"):
+                raise TypeError(f"unknown server limit {key!r}")
+            setattr(self, key, value)
 
 
 def _is_loopback(host: str) -> bool:
@@ -2384,206 +2735,451 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-class _ClientReader:
-    """A client connection's reader that can watch for the client leaving without
-    losing bytes: what it reads meanwhile (a next request) is kept for later."""
+class Route:
+    """One entry of a route table: methods ("GET" also answers HEAD), a path
+    pattern, the handler's method name on its API class, and whether the bearer
+    token is required.  Patterns: "/api/tags" exact; "/api/blobs/:digest" a
+    parameter (one path segment, in request.params["digest"]); "/mesh/*rest" the
+    rest of the path (may be empty, may contain "/")."""
 
-    def __init__(self, reader: asyncio.StreamReader, limit: int = 1 << 20) -> None:
+    __slots__ = ("methods", "pattern", "handler", "auth", "api", "_regex")
+
+    def __init__(self, methods: str, pattern: str, handler: str, *, auth: bool = True) -> None:
+        self.methods = frozenset(methods.split())
+        if "GET" in self.methods:
+            self.methods |= {"HEAD"}
+        self.pattern = pattern
+        self.handler = handler
+        self.auth = auth
+        self.api: Any = None
+        parts = []
+        for seg in pattern.split("/"):
+            if seg.startswith(":"):
+                parts.append(f"(?P<{seg[1:]}>[^/]+)")
+            elif seg.startswith("*"):
+                parts.append(f"(?P<{seg[1:]}>.*)")
+            else:
+                parts.append(re.escape(seg))
+        self._regex = re.compile("/".join(parts) + r"\Z")
+
+    def match(self, path: str) -> Optional[Dict[str, str]]:
+        m = self._regex.match(path)
+        return m.groupdict() if m else None
+
+
+class Router:
+    """Finds the route for (method, path).  A path some route has, asked with
+    another method, is 405 with an Allow header; a path no route has is 404."""
+
+    def __init__(self, apis: Sequence[Any]) -> None:
+        self.routes: List[Route] = []
+        for api in apis:
+            for route in api.routes:
+                bound = Route(" ".join(sorted(route.methods)), route.pattern, route.handler, auth=route.auth)
+                bound.api = api
+                self.routes.append(bound)
+
+    def match(self, method: str, path: str) -> Tuple[Optional[Route], Dict[str, str], Optional[HTTPError]]:
+        """(route, params, None), or (None, {}, the 404/405 error to give)."""
+        allowed: set = set()
+        for route in self.routes:
+            params = route.match(path)
+            if params is None:
+                continue
+            if method in route.methods:
+                return route, params, None
+            allowed |= route.methods
+        if allowed:
+            return None, {}, HTTPError(405, f"method {method} not allowed on {path}",
+                                       headers=[("Allow", ", ".join(sorted(allowed)))])
+        return None, {}, HTTPError(404, f"404 page not found: {path}")
+
+
+class _API:
+    """A group of routes and their handlers: one API (Ollama's, OpenAI's,
+    Anthropic's, mesh's own operations).
+
+    Handler contract: `async def handler(self, ex: Exchange) -> None`, named in the
+    class's `routes` table.  A handler
+    - reads the request from ex.request (method, path, query, headers, params) and
+      the body with `await ex.body()` or `await ex.json()` (the body is read only
+      when asked for; the token was checked before);
+    - answers exactly once: `await ex.send_json(status, obj)`, `await ex.send(...)`,
+      or a stream: `await ex.start_stream(...)`, `await ex.write(bytes)` per piece,
+      `await ex.end_stream()`; StreamRelay does this for a node's stream;
+    - raises HTTPError(status, message) for an error reply before it answered: the
+      front sends it in this API's error shape (`error_body`); a MeshError becomes
+      the status _status_for gives; after the answer started an error ends the
+      connection instead;
+    - sets ex.model / ex.node when it knows them (for the access log), and never
+      writes to the socket itself."""
+
+    routes: List[Route] = []
+
+    def __init__(self, server: "MeshServer") -> None:
+        self.server = server
+        self.orch: MeshOrchestrator = server.orch
+
+    def error_body(self, status: int, message: str) -> Dict[str, Any]:
+        """This API's error shape; Ollama's is {"error": "..."}."""
+        return {"error": message}
+
+
+class OllamaAPI(_API):
+    """Ollama's API, with the shapes of Ollama's server/routes.go."""
+
+    routes = [
+        Route("GET", "/", "root"),
+        Route("GET", "/api/version", "version"),
+        Route("GET", "/api/tags", "tags"),
+        Route("GET", "/api/ps", "ps"),
+        Route("POST", "/api/show", "forward"),
+        Route("POST", "/api/generate", "forward"),
+        Route("POST", "/api/chat", "forward"),
+        Route("POST", "/api/embed", "forward"),
+        Route("POST", "/api/embeddings", "forward"),
+        Route("POST", "/api/pull", "pull"),
+    ]
+
+    async def root(self, ex: "Exchange") -> None:
+        await ex.send(200, b"Ollama is running", "text/plain; charset=utf-8")
+
+    async def version(self, ex: "Exchange") -> None:
+        await self.orch.refresh()
+        versions = sorted({n.version for n in self.orch.nodes if n.healthy and n.version})
+        await ex.send_json(200, {"version": versions[0] if versions else "0.0.0", "mesh": __version__})
+
+    async def tags(self, ex: "Exchange") -> None:
+        await ex.send_json(200, {"models": await self.orch.tags()})
+
+    async def ps(self, ex: "Exchange") -> None:
+        await ex.send_json(200, {"models": await self.orch.ps()})
+
+    async def payload(self, ex: "Exchange") -> Dict[str, Any]:
+        """The JSON request body with "model" set (Ollama still takes "name")."""
+        payload = await ex.json()
+        if not payload.get("model") and not payload.get("name"):
+            raise HTTPError(400, "model is required")
+        if "model" not in payload:
+            payload["model"] = payload["name"]
+        ex.model = str(payload["model"])
+        return payload
+
+    def pinned(self, ex: "Exchange") -> Optional[str]:
+        """The node the X-Mesh-Node header names, if any."""
+        pinned = ex.request.header("x-mesh-node") or None
+        if pinned and pinned not in self.orch._by_name:
+            raise HTTPError(400, f"unknown node {pinned!r} in X-Mesh-Node")
+        return pinned
+
+    async def forward(self, ex: "Exchange") -> None:
+        """generate, chat, embed, embeddings, show: to the best node; streamed
+        replies go through StreamRelay."""
+        payload = await self.payload(ex)
+        pinned = self.pinned(ex)
+        path = ex.request.path
+        streaming = path in _STREAMING_PATHS and payload.get("stream", True) is not False
+        if not streaming:
+            result = await self.orch.request(path, payload, node=pinned, stream=False)
+            await ex.send_json(200, result, node=result.pop("node", None))
+            return
+        stream = await self.orch.request(path, payload, node=pinned, stream=True)
+        await self.server.relay(ex).run(stream)
+
+    async def pull(self, ex: "Exchange") -> None:
+        """Pull onto the X-Mesh-Node node, or onto every healthy node in turn; progress
+        lines carry "node"; the last line is {"status": "success"} only if all succeeded."""
+        payload = await self.payload(ex)
+        pinned = self.pinned(ex)
+        targets = [pinned] if pinned else [n.name for n in self.orch.nodes if n.healthy]
+        if not targets:
+            raise HTTPError(503, "no healthy node to pull onto")
+        stream_out = payload.get("stream", True) is not False
+        payload = dict(payload, stream=True)
+        failures = []
+        if stream_out:
+            await ex.start_stream(node=",".join(targets))
+        for name in targets:
+            try:
+                stream = await self.orch.request("/api/pull", payload, node=name, stream=True)
+                async for obj in stream:
+                    if stream_out and obj.get("status") != "success":
+                        await ex.write_json_line(obj)
+            except MeshError as exc:
+                failures.append(f"{name}: {exc}")
+        final = {"status": "success"} if not failures else {"error": "; ".join(failures)}
+        if stream_out:
+            await ex.write_json_line(final)
+            await ex.end_stream()
+        else:
+            await ex.send_json(200 if not failures else 502, final, node=",".join(targets))
+        for node in self.orch.nodes:
+            node.inventory_at = 0.0  # the model lists changed: read them again
+
+
+class MeshOpsAPI(_API):
+    """mesh's own operations under /mesh/."""
+
+    routes = [
+        Route("GET", "/mesh/status", "status"),
+    ]
+
+    async def status(self, ex: "Exchange") -> None:
+        await self.orch.refresh()
+        await ex.send_json(200, {"nodes": [n.status() for n in self.orch.nodes]})
+
+
+class _ClientReader:
+    """A client connection's bytes, buffered: request heads, bodies, and watching for
+    the client leaving while a reply streams.  Bytes read ahead (a pipelined next
+    request) are kept for the next head - up to limits.max_pipelined."""
+
+    def __init__(self, reader: "asyncio.StreamReader", limits: ServerLimits) -> None:
         self._r = reader
         self._buf = bytearray()
-        self._limit = limit
+        self.limits = limits
+        self.eof = False
+        self.overflowed = False        # pipelined bytes were dropped: close after this reply
 
-    async def _fill(self) -> None:
-        data = await self._r.read(65536)
+    async def _fill(self, timeout: Optional[float]) -> bool:
+        """Read once more; False at EOF.  asyncio.TimeoutError after timeout seconds."""
+        if self.eof:
+            return False
+        data = await asyncio.wait_for(self._r.read(65536), timeout)
         if not data:
-            raise asyncio.IncompleteReadError(bytes(self._buf), None)
+            self.eof = True
+            return False
         self._buf += data
+        return True
 
-    async def readuntil(self, sep: bytes) -> bytes:
-        while sep not in self._buf:
-            if len(self._buf) > self._limit:
-                raise asyncio.LimitOverrunError("request head too large", len(self._buf))
-            await self._fill()
-        end = self._buf.index(sep) + len(sep)
-        out = bytes(self._buf[:end])
-        del self._buf[:end]
-        return out
+    async def read_head(self, *, first_wait: float) -> Optional[bytes]:
+        """The next request head, or None when the client closed (or stayed silent
+        for first_wait seconds) before sending one.  Raises HTTPError 431 past
+        limits.max_header_bytes, 408 when a started head is not complete within
+        limits.header_timeout, 400 when the client closed in the middle of it."""
+        loop = asyncio.get_running_loop()
+        deadline: Optional[float] = None
+        scanned = 0
+        while True:
+            # RFC 9112 2.2: empty lines before a request line are ignored (some
+            # clients send a CRLF after a POST body).
+            while self._buf[:1] == b"\n" or self._buf[:2] == b"\r\n":
+                del self._buf[:1 if self._buf[:1] == b"\n" else 2]
+            if self._buf:
+                end = find_head_end(self._buf, max(0, scanned - 3))
+                if 0 <= end <= self.limits.max_header_bytes:
+                    head = bytes(self._buf[:end])
+                    del self._buf[:end]
+                    return head
+                if end > self.limits.max_header_bytes or len(self._buf) > self.limits.max_header_bytes:
+                    raise HTTPError(431, f"request head larger than {self.limits.max_header_bytes} bytes")
+                scanned = len(self._buf)
+                if deadline is None:
+                    deadline = loop.time() + self.limits.header_timeout
+            wait = first_wait if deadline is None else deadline - loop.time()
+            try:
+                if not await self._fill(max(wait, 0.0)):
+                    if self._buf:
+                        raise HTTPError(400, "connection closed in the middle of a request head")
+                    return None
+            except asyncio.TimeoutError:
+                if deadline is None:
+                    return None
+                raise HTTPError(408, f"request head not complete within {self.limits.header_timeout:g} s") \
+                    from None
 
-    async def readline(self) -> bytes:
-        return await self.readuntil(b"\n")
+    async def read_body(self, req: HTTPRequest, *, max_body: int) -> AsyncIterator[bytes]:
+        """The request body in pieces as they arrive (Content-Length or chunked).
+        Raises HTTPError 413 past max_body (before reading when the length is known),
+        408 after limits.body_timeout of silence, 400 when the client closes early
+        or the chunked framing is bad."""
+        if req.chunked:
+            decoder = ChunkedDecoder(max_body=max_body)
+            while not decoder.done:
+                if not self._buf and not await self._fill_body():
+                    raise HTTPError(400, "connection closed in the middle of the request body")
+                data, used = decoder.feed(bytes(self._buf))
+                del self._buf[:used]
+                if data:
+                    yield data
+            return
+        left = req.content_length or 0
+        if left > max_body:
+            raise HTTPError(413, f"request body larger than {max_body} bytes")
+        while left:
+            if not self._buf and not await self._fill_body():
+                raise HTTPError(400, "connection closed in the middle of the request body")
+            piece = bytes(self._buf[:left])
+            del self._buf[:len(piece)]
+            left -= len(piece)
+            yield piece
 
-    async def readexactly(self, n: int) -> bytes:
-        while len(self._buf) < n:
-            await self._fill()
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        return out
+    async def _fill_body(self) -> bool:
+        try:
+            return await self._fill(self.limits.body_timeout)
+        except asyncio.TimeoutError:
+            raise HTTPError(408, f"no request body data for {self.limits.body_timeout:g} s") from None
 
     async def until_eof(self) -> None:
-        """Return when the client has closed its side."""
+        """Return when the client has closed its side.  What it sends meanwhile is kept
+        for the next request up to limits.max_pipelined; beyond that it is dropped
+        (and the connection is closed after the reply), so a client writing during a
+        stream never makes mesh buffer without bound."""
         while True:
             data = await self._r.read(65536)
             if not data:
+                self.eof = True
                 return
-            self._buf += data
+            if self.overflowed or len(self._buf) + len(data) > self.limits.max_pipelined:
+                self.overflowed = True
+                self._buf.clear()
+            else:
+                self._buf += data
 
 
-class MeshServer:
-    """Ollama's HTTP API over asyncio streams, answered by a MeshOrchestrator."""
+class Exchange:
+    """One request and its response on a client connection - what a handler gets
+    (see _API for the handler contract).
 
-    def __init__(self, orch: MeshOrchestrator, *, token: Optional[str] = None) -> None:
-        self.orch = orch
-        self.token = token
-        self.active: set = set()     # connection handlers
-        self.idle: set = set()       # ... of which waiting for a next request
-        self.stopping = False
+    request: the HTTPRequest; route: the matched Route (None for errors before
+    routing).  For the access log: status (None until answered), model and node
+    (set by handlers), started / first_byte_at (time.monotonic()), bytes_out (body
+    bytes written)."""
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        self.active.add(task)
-        reader = _ClientReader(reader)  # type: ignore[assignment]
-        try:
-            while not self.stopping:
-                self.idle.add(task)
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    return
-                except asyncio.LimitOverrunError:
-                    await self._send_json(writer, 400, {"error": "request head too large"}, close=True)
-                    return
-                finally:
-                    self.idle.discard(task)
-                keep = await self._one(head, reader, writer)
-                if not keep:
-                    return
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            self.active.discard(task)
-            writer.close()
+    def __init__(self, conn: "_Connection", request: HTTPRequest) -> None:
+        self.conn = conn
+        self.request = request
+        self.route: Optional[Route] = None
+        self.status: Optional[int] = None
+        self.model: Optional[str] = None
+        self.node: Optional[str] = None
+        self.started = time.monotonic()
+        self.first_byte_at: Optional[float] = None
+        self.bytes_out = 0
+        self.body_read = not request.has_body
+        self.keep_alive = request.keep_alive
+        self._chunked = False
+        self._streaming = False
 
-    async def _one(self, head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        lines = head.decode("latin-1").split("\r\n")
-        try:
-            method, target, version = lines[0].split(" ", 2)
-        except ValueError:
-            await self._send_json(writer, 400, {"error": "bad request line"}, close=True)
-            return False
-        headers: Dict[str, str] = {}
-        for line in lines[1:]:
-            if ":" in line:
-                k, _, v = line.partition(":")
-                headers[k.strip().lower()] = v.strip()
-        keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
-        path = target.split("?", 1)[0]
-        if headers.get("expect", "").lower() == "100-continue":
-            # curl asks before sending a body over 1 MB and would otherwise wait a second
-            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        try:
-            body = await self._read_body(reader, headers)
-            self._check_auth(headers)
-            await self._dispatch(method, path, headers, body, writer, reader)
-        except _HTTPError as exc:
-            await self._send_json(writer, exc.status, {"error": str(exc)}, close=not keep)
-        return keep
-
-    async def _read_body(self, reader: asyncio.StreamReader, headers: Dict[str, str]) -> bytes:
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            parts = []
-            while True:
-                size = int((await reader.readline()).split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while (await reader.readline()).strip():
-                        pass
-                    return b"".join(parts)
-                parts.append((await reader.readexactly(size + 2))[:-2])
-        length = int(headers.get("content-length") or 0)
-        if length > _MAX_BODY:
-            raise _HTTPError(413, "request body too large")
-        return await reader.readexactly(length) if length else b""
-
-    def _check_auth(self, headers: Dict[str, str]) -> None:
-        if not self.token:
+    # -- the request body -----------------------------------------------------
+    async def body_chunks(self, *, max_body: Optional[int] = None) -> AsyncIterator[bytes]:
+        """The body in pieces as they arrive; `100 Continue` goes out first when the
+        client asked for it.  At most max_body bytes (default limits.max_body)."""
+        if self.body_read:
             return
-        import hmac
-        given = headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
-            raise _HTTPError(401, "unauthorized: missing or wrong bearer token")
+        if self.request.expect_continue:
+            self.conn.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.body_read = True
+        limit = self.conn.server.limits.max_body if max_body is None else max_body
+        try:
+            async for piece in self.conn.reader.read_body(self.request, max_body=limit):
+                yield piece
+        except HTTPError:
+            self.keep_alive = False       # the body's end is unknown now
+            raise
 
-    async def _dispatch(self, method: str, path: str, headers: Dict[str, str], body: bytes,
-                        writer: asyncio.StreamWriter, reader: asyncio.StreamReader) -> None:
-        if path == "/" and method in ("GET", "HEAD"):
-            await self._send(writer, 200, b"Ollama is running", "text/plain; charset=utf-8",
-                             head_only=method == "HEAD")
-            return
-        gets = {"/api/version": self._version, "/api/tags": self._tags, "/api/ps": self._ps,
-                "/mesh/status": self._status}
-        if path in gets:
-            if method not in ("GET", "HEAD"):
-                raise _HTTPError(405, f"method {method} not allowed on {path}")
-            await self._send_json(writer, 200, await gets[path]())
-            return
-        if path not in _POST_PATHS:
-            raise _HTTPError(404, f"404 page not found: {path}")
-        if method != "POST":
-            raise _HTTPError(405, f"method {method} not allowed on {path}")
+    async def body(self) -> bytes:
+        """The whole body (b"" when there is none)."""
+        return b"".join([piece async for piece in self.body_chunks()])
+
+    async def json(self) -> Dict[str, Any]:
+        """The body as a JSON object; HTTPError 400 otherwise (Ollama's messages)."""
+        body = await self.body()
         try:
             payload = json.loads(body) if body.strip() else None
         except ValueError as exc:
-            raise _HTTPError(400, f"invalid JSON: {exc}") from None
+            raise HTTPError(400, f"invalid JSON: {exc}") from None
         if payload is None:
-            raise _HTTPError(400, "missing request body")
+            raise HTTPError(400, "missing request body")
         if not isinstance(payload, dict):
-            raise _HTTPError(400, "request body must be a JSON object")
-        if not payload.get("model") and not payload.get("name"):
-            raise _HTTPError(400, "model is required")
-        if "model" not in payload:
-            payload["model"] = payload["name"]
-        pinned = headers.get("x-mesh-node") or None
-        if pinned and pinned not in self.orch._by_name:
-            raise _HTTPError(400, f"unknown node {pinned!r} in X-Mesh-Node")
-        if path == "/api/pull":
-            await self._pull(payload, pinned, writer, reader)
+            raise HTTPError(400, "request body must be a JSON object")
+        return payload
+
+    # -- the response ---------------------------------------------------------
+    @property
+    def answered(self) -> bool:
+        return self.status is not None
+
+    async def _head(self, status: int, length: Optional[int], content_type: str,
+                    headers: Sequence[Tuple[str, str]], node: Optional[str]) -> None:
+        if self.status is not None:
+            raise RuntimeError("a response was already started for this request")
+        if not self.body_read:
+            await self.conn.discard_body(self)
+        self.status = status
+        if node:
+            self.node = node
+        framing, self._chunked, self.keep_alive = response_framing(
+            self.request.version, self.request.method, status, length, keep_alive=self.keep_alive)
+        fields = [("Content-Type", content_type), *framing]
+        if node:
+            fields.append(("X-Mesh-Node", node))
+        fields.extend(headers)
+        self.conn.writer.write(response_head(status, fields))
+
+    async def send(self, status: int, body: bytes, content_type: str, *, node: Optional[str] = None,
+                   headers: Sequence[Tuple[str, str]] = ()) -> None:
+        """A whole response with Content-Length (HEAD: the head alone)."""
+        await self._head(status, len(body), content_type, headers, node)
+        if body_allowed(self.request.method, status):
+            self.conn.writer.write(body)
+            self.bytes_out += len(body)
+        self.first_byte_at = time.monotonic()
+        await self.conn.writer.drain()
+
+    async def send_json(self, status: int, obj: Any, *, node: Optional[str] = None,
+                        headers: Sequence[Tuple[str, str]] = ()) -> None:
+        await self.send(status, json.dumps(obj, ensure_ascii=False).encode("utf-8"),
+                        "application/json; charset=utf-8", node=node, headers=headers)
+
+    async def start_stream(self, content_type: str = "application/x-ndjson", *, status: int = 200,
+                           node: Optional[str] = None, headers: Sequence[Tuple[str, str]] = ()) -> None:
+        """Start a body of unknown length: chunked to HTTP/1.1, close-delimited to 1.0."""
+        await self._head(status, None, content_type, headers, node)
+        self._streaming = True
+        await self.conn.writer.drain()
+
+    async def write(self, data: bytes) -> None:
+        """One piece of a streamed body, sent at once."""
+        if not data or not body_allowed(self.request.method, self.status or 200):
             return
-        streaming = path in _STREAMING_PATHS and payload.get("stream", True) is not False
-        try:
-            if not streaming:
-                result = await self.orch.request(path, payload, node=pinned, stream=False)
-                node = result.pop("node", None)
-                await self._send_json(writer, 200, result, node=node)
-                return
-            stream = await self.orch.request(path, payload, node=pinned, stream=True)
-        except MeshError as exc:
-            raise _HTTPError(_status_for(exc), str(exc)) from None
-        await self._relay_stream(stream, writer, reader)
+        if self.first_byte_at is None:
+            self.first_byte_at = time.monotonic()
+        self.bytes_out += len(data)
+        if self._chunked:
+            self.conn.writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+        else:
+            self.conn.writer.write(data)
+        await self.conn.writer.drain()
 
-    async def _relay_stream(self, stream: _Stream, writer: asyncio.StreamWriter,
-                            reader: asyncio.StreamReader) -> None:
-        """NDJSON, chunked, each line passed on the moment it arrives.  The first
-        chunk is awaited before the status line so that failures before it still get
-        a proper status; a client that goes away cancels the node's request."""
-        async def pump() -> None:
-            try:
-                first = await stream.__anext__()
-            except StopAsyncIteration:
-                raise _HTTPError(502, "node sent no data")
-            except MeshError as exc:
-                raise _HTTPError(_status_for(exc), str(exc)) from None
-            node = first.pop("node", None)
-            await self._start_chunked(writer, node)
-            await self._chunk(writer, first)
-            try:
-                async for obj in stream:
-                    obj.pop("node", None)
-                    await self._chunk(writer, obj)
-            except MeshError as exc:
-                await self._chunk(writer, {"error": str(exc)})
-            writer.write(b"0\r\n\r\n")
-            await writer.drain()
+    async def write_json_line(self, obj: Dict[str, Any]) -> None:
+        await self.write(json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n")
 
-        pump_task = asyncio.ensure_future(pump())
-        watch = asyncio.ensure_future(reader.until_eof())  # type: ignore[attr-defined]
+    async def end_stream(self) -> None:
+        if self._chunked:
+            self.conn.writer.write(b"0\r\n\r\n")
+            await self.conn.writer.drain()
+        self._streaming = False
+
+    async def client_gone(self) -> None:
+        """Return when the client closes its side (used to cancel a node's request)."""
+        await self.conn.reader.until_eof()
+
+
+class StreamRelay:
+    """Moves a node's streamed reply to the client: NDJSON, each line passed on the
+    moment it arrives.  The first line is awaited before the status line, so that a
+    failure before it still gets a proper status; after it an error becomes a last
+    {"error": ...} line.  A client that goes away cancels the node's request.
+    One job, replaceable: MeshServer.relay() makes one per streamed reply."""
+
+    def __init__(self, ex: Exchange) -> None:
+        self.ex = ex
+
+    async def run(self, stream: "_Stream") -> None:
+        ex = self.ex
+        pump_task = asyncio.ensure_future(self._pump(stream))
+        watch = asyncio.ensure_future(ex.client_gone())
         try:
             done, _ = await asyncio.wait({pump_task, watch}, return_when=asyncio.FIRST_COMPLETED)
             if pump_task not in done:
@@ -2603,82 +3199,179 @@ class MeshServer:
                 pass
             await stream.aclose()
 
-    async def _pull(self, payload: Dict[str, Any], pinned: Optional[str], writer: asyncio.StreamWriter,
-                    reader: asyncio.StreamReader) -> None:
-        """Pull onto the X-Mesh-Node node, or onto every healthy node in turn; progress
-        lines carry "node"; the last line is {"status": "success"} only if all succeeded."""
-        targets = [pinned] if pinned else [n.name for n in self.orch.nodes if n.healthy]
-        if not targets:
-            raise _HTTPError(503, "no healthy node to pull onto")
-        stream_out = payload.get("stream", True) is not False
-        payload = dict(payload, stream=True)
-        failures = []
-        if stream_out:
-            await self._start_chunked(writer, ",".join(targets))
-        for name in targets:
+    async def _pump(self, stream: "_Stream") -> None:
+        ex = self.ex
+        try:
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            raise HTTPError(502, "node sent no data") from None
+        await ex.start_stream(node=first.pop("node", None))
+        await ex.write_json_line(first)
+        try:
+            async for obj in stream:
+                obj.pop("node", None)
+                await ex.write_json_line(obj)
+        except MeshError as exc:
+            await ex.write_json_line({"error": str(exc)})
+        await ex.end_stream()
+
+
+class _Connection:
+    """One client connection: reads request heads, runs an Exchange for each,
+    keeps the connection alive between them as HTTP/1.1 allows."""
+
+    def __init__(self, server: "MeshServer", reader: "asyncio.StreamReader",
+                 writer: "asyncio.StreamWriter") -> None:
+        self.server = server
+        self.reader = _ClientReader(reader, server.limits)
+        self.writer = writer
+
+    async def serve(self) -> None:
+        server, limits = self.server, self.server.limits
+        task = asyncio.current_task()
+        first = True
+        while not server.stopping:
+            server.idle.add(task)
             try:
-                stream = await self.orch.request("/api/pull", payload, node=name, stream=True)
-                async for obj in stream:
-                    if stream_out and obj.get("status") != "success":
-                        await self._chunk(writer, obj)
+                head = await self.reader.read_head(
+                    first_wait=limits.header_timeout if first else limits.keepalive_timeout)
+            except HTTPError as exc:
+                await self._reply_error(None, exc)
+                return
+            finally:
+                server.idle.discard(task)
+            first = False
+            if head is None:
+                return
+            try:
+                request = parse_request_head(head)
+            except HTTPError as exc:
+                await self._reply_error(None, exc)
+                return
+            ex = Exchange(self, request)
+            try:
+                await server.dispatch(ex)
+            finally:
+                server.request_finished(ex)
+            if not ex.keep_alive or self.reader.overflowed or self.reader.eof:
+                return
+
+    async def _reply_error(self, ex: Optional[Exchange], exc: HTTPError) -> None:
+        """A framing error: answer (unless the client is gone) and close."""
+        if ex is None:
+            ex = Exchange(self, HTTPRequest("GET", "/", "/", "", (1, 1), []))
+            ex.body_read = True
+        ex.keep_alive = False
+        try:
+            await ex.send_json(exc.status, {"error": str(exc)}, headers=exc.headers)
+        except (ConnectionError, RuntimeError):
+            pass
+        finally:
+            self.server.request_finished(ex)
+
+    async def discard_body(self, ex: Exchange) -> None:
+        """Before a response to a request whose body the handler did not read: a
+        small body is read and dropped so the connection can serve the next request;
+        a large one (or one the client waits to be asked for) closes it instead."""
+        req = ex.request
+        if req.expect_continue or req.chunked or (req.content_length or 0) > self.server.limits.drain_body:
+            ex.body_read = True
+            ex.keep_alive = False
+            return
+        try:
+            async for _ in ex.body_chunks():
+                pass
+        except HTTPError:
+            ex.keep_alive = False
+
+
+class MeshServer:
+    """Ollama's HTTP API (and mesh's operations) over asyncio streams, answered by
+    a MeshOrchestrator.
+
+    apis: the API classes whose route tables make up the server, in order.
+    limits: a ServerLimits.  request_finished(ex) is called once per finished
+    request (the place for an access log)."""
+
+    apis: Sequence[type] = (OllamaAPI, MeshOpsAPI)
+
+    def __init__(self, orch: MeshOrchestrator, *, token: Optional[str] = None,
+                 limits: Optional[ServerLimits] = None) -> None:
+        self.orch = orch
+        self.token = token
+        self.limits = limits or ServerLimits()
+        self.router = Router([api(self) for api in self.apis])
+        self.active: set = set()     # connection handler tasks
+        self.idle: set = set()       # ... of which waiting for a next request
+        self.stopping = False
+
+    async def handle(self, reader: "asyncio.StreamReader", writer: "asyncio.StreamWriter") -> None:
+        """asyncio.start_server's callback: serve one client connection."""
+        task = asyncio.current_task()
+        self.active.add(task)
+        try:
+            await _Connection(self, reader, writer).serve()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.active.discard(task)
+            writer.close()
+
+    def authorized(self, req: HTTPRequest) -> bool:
+        """Whether the request carries the bearer token (always, without --token)."""
+        if not self.token:
+            return True
+        import hmac
+        return hmac.compare_digest(req.header("authorization").encode("latin-1"),
+                                   f"Bearer {self.token}".encode("latin-1", "replace"))
+
+    async def dispatch(self, ex: Exchange) -> None:
+        """Route, check the token (before any body byte), run the handler, and turn
+        what it raises into an error reply in its API's shape."""
+        req = ex.request
+        route, params, not_found = self.router.match(req.method, req.path)
+        api = route.api if route else self.router.routes[0].api
+        try:
+            if (route is None or route.auth) and not self.authorized(req):
+                raise HTTPError(401, "unauthorized: missing or wrong bearer token")
+            if not_found:
+                raise not_found
+            assert route is not None
+            ex.route = route
+            req.params = params
+            try:
+                await getattr(route.api, route.handler)(ex)
+            except HTTPError:
+                raise
             except MeshError as exc:
-                failures.append(f"{name}: {exc}")
-        final = {"status": "success"} if not failures else {"error": "; ".join(failures)}
-        if stream_out:
-            await self._chunk(writer, final)
-            writer.write(b"0\r\n\r\n")
-            await writer.drain()
-        else:
-            await self._send_json(writer, 200 if not failures else 502, final, node=",".join(targets))
-        for node in self.orch.nodes:
-            node.inventory_at = 0.0  # the model lists changed: read them again
+                raise HTTPError(_status_for(exc), str(exc)) from None
+            except (ConnectionError, asyncio.CancelledError):
+                raise
+            except Exception as exc:   # a bug: one log line with the traceback, a 500, and on
+                logger.error("%s %s: internal error: %r", req.method, req.path, exc, exc_info=True)
+                ex.keep_alive = False
+                raise HTTPError(500, f"internal error: {exc!r}") from None
+        except HTTPError as exc:
+            if ex.answered:
+                logger.info("error after the reply started: %s", exc)
+                ex.keep_alive = False
+                return
+            await ex.send_json(exc.status, api.error_body(exc.status, str(exc)), headers=exc.headers)
 
-    async def _version(self) -> Dict[str, Any]:
-        await self.orch.refresh()
-        versions = sorted({n.version for n in self.orch.nodes if n.healthy and n.version})
-        return {"version": versions[0] if versions else "0.0.0", "mesh": __version__}
+    def relay(self, ex: Exchange) -> StreamRelay:
+        """The relay for a node's streamed reply to this exchange."""
+        return StreamRelay(ex)
 
-    async def _tags(self) -> Dict[str, Any]:
-        return {"models": await self.orch.tags()}
-
-    async def _ps(self) -> Dict[str, Any]:
-        return {"models": await self.orch.ps()}
-
-    async def _status(self) -> Dict[str, Any]:
-        await self.orch.refresh()
-        return {"nodes": [n.status() for n in self.orch.nodes]}
-
-    # -- writing ---------------------------------------------------------------
-    async def _send(self, writer: asyncio.StreamWriter, status: int, body: bytes, ctype: str, *,
-                    node: Optional[str] = None, close: bool = False, head_only: bool = False) -> None:
-        head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", f"Content-Type: {ctype}",
-                f"Content-Length: {len(body)}"]
-        if node:
-            head.append(f"X-Mesh-Node: {node}")
-        if close:
-            head.append("Connection: close")
-        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (b"" if head_only else body))
-        await writer.drain()
-
-    async def _send_json(self, writer: asyncio.StreamWriter, status: int, obj: Any, *,
-                         node: Optional[str] = None, close: bool = False) -> None:
-        await self._send(writer, status, json.dumps(obj, ensure_ascii=False).encode("utf-8"),
-                         "application/json; charset=utf-8", node=node, close=close)
-
-    async def _start_chunked(self, writer: asyncio.StreamWriter, node: Optional[str]) -> None:
-        head = ["HTTP/1.1 200 OK", "Content-Type: application/x-ndjson", "Transfer-Encoding: chunked"]
-        if node:
-            head.append(f"X-Mesh-Node: {node}")
-        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
-        await writer.drain()
-
-    async def _chunk(self, writer: asyncio.StreamWriter, obj: Dict[str, Any]) -> None:
-        line = json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n"
-        writer.write(b"%x\r\n%s\r\n" % (len(line), line))
-        await writer.drain()
+    def request_finished(self, ex: Exchange) -> None:
+        """Called once per finished request, answered or not (status None when the
+        client left first)."""
+        logger.debug("%s %s -> %s (%s, %.1f ms)", ex.request.method, ex.request.target, ex.status,
+                     ex.node or "-", (time.monotonic() - ex.started) * 1000)
 
 
 def _status_for(exc: MeshError) -> int:
+    if isinstance(exc, HTTPError):
+        return exc.status
     if isinstance(exc, (ModelNotFoundError,)):
         return 404
     if isinstance(exc, _ClientError):
