@@ -63,9 +63,9 @@ from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple
 __all__ = [
     "MeshError", "UsageError", "ConfigError", "NodeError", "ModelNotFoundError", "NoNodeAvailableError",
     "StreamInterruptedError", "SSHConfig", "HostInfo", "NodeSpec", "load_node_specs", "parse_mesh_settings",
-    "NDJSONDecoder", "HTTPError", "HTTPRequest", "parse_request_head", "find_head_end", "ChunkedDecoder",
+    "NDJSONDecoder", "decode_json_body", "ollama_type_error", "HTTPError", "HTTPRequest", "parse_request_head", "find_head_end", "ChunkedDecoder",
     "response_head", "response_framing", "body_allowed", "SSHNode", "MeshOrchestrator",
-    "ServerLimits", "Route", "Router", "Exchange", "StreamRelay", "MeshServer", "main",
+    "ServerLimits", "Route", "Router", "Exchange", "StreamRelay", "MeshServer", "Listener", "main",
 ]
 
 __version__ = "1.0.0"
@@ -1067,6 +1067,77 @@ def error_message(status: int, body: bytes) -> str:
     if b"<html" in body[:512].lower() or b"<!doctype" in body[:512].lower():
         return f"HTTP {status} with an HTML page (not Ollama?)"
     return f"HTTP {status}: {_excerpt(body)}" if body.strip() else f"HTTP {status}"
+
+
+MAX_JSON_DEPTH = 512     # nesting a request body may have; Go's encoding/json allows 10000,
+                         # Python's json gives up near 1000 (and so would encoding it again)
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def decode_json_body(body: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """A request body as JSON, read the way Go's encoding/json (Ollama) reads it:
+    invalid UTF-8 and lone UTF-16 surrogates (`"\\ud83d"`, what JavaScript emits for
+    a cut emoji) become U+FFFD instead of failing.  None for an empty body.  Raises
+    ValueError with the message to show for a syntax error or nesting deeper than
+    max_depth ("exceeded max depth", as Go says)."""
+    text = body.decode("utf-8", "replace")
+    if not text.strip():
+        return None
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        raise ValueError("exceeded max depth") from None
+    except ValueError as exc:
+        raise ValueError(f"invalid JSON: {exc}") from None
+    fix = _SURROGATE_ESCAPE.search(text) is not None
+    # One iterative walk: depth, and lone surrogates replaced where the text had escapes.
+    todo = [(obj, 1)]
+    while todo:
+        value, depth = todo.pop()
+        if depth > max_depth:
+            raise ValueError("exceeded max depth")
+        if isinstance(value, dict):
+            if fix:
+                for key in [k for k in value if _LONE_SURROGATE.search(k)]:
+                    value[_LONE_SURROGATE.sub("\ufffd", key)] = value.pop(key)
+            items: Any = value.items()
+        elif isinstance(value, list):
+            items = enumerate(value)
+        else:
+            continue
+        for key, item in list(items):
+            if isinstance(item, (dict, list)):
+                todo.append((item, depth + 1))
+            elif fix and isinstance(item, str) and _LONE_SURROGATE.search(item):
+                value[key] = _LONE_SURROGATE.sub("\ufffd", item)
+    if fix and isinstance(obj, str):
+        obj = _LONE_SURROGATE.sub("\ufffd", obj)
+    return obj
+
+
+# The request structs of Ollama's api/types.go, and the fields mesh itself reads.
+OLLAMA_REQUEST_TYPES = {
+    "/api/generate": "GenerateRequest", "/api/chat": "ChatRequest", "/api/embed": "EmbedRequest",
+    "/api/embeddings": "EmbeddingRequest", "/api/show": "ShowRequest", "/api/pull": "PullRequest",
+}
+_OLLAMA_FIELD_TYPES = {"model": str, "name": str, "stream": bool}
+_GO_JSON_TYPES = {str: "string", bool: "bool", int: "number", float: "number", list: "array", dict: "object"}
+
+
+def ollama_type_error(payload: Dict[str, Any], struct: str) -> Optional[str]:
+    """Go's encoding/json message for a field of the wrong type among those mesh
+    reads ("model", "name", "stream"), or None.  null is fine (Go leaves the zero
+    value), as Ollama's handlers see it."""
+    for field, want in _OLLAMA_FIELD_TYPES.items():
+        value = payload.get(field)
+        if value is None or type(value) is want:
+            continue
+        if field == "stream" and struct in ("EmbedRequest", "EmbeddingRequest", "ShowRequest"):
+            continue     # these structs have no stream field: Go ignores it
+        return (f"json: cannot unmarshal {_GO_JSON_TYPES.get(type(value), 'value')} into Go struct field "
+                f"{struct}.{field} of type {_GO_JSON_TYPES[want]}")
+    return None
 
 
 def model_key(name: str) -> str:
@@ -2711,7 +2782,7 @@ class ServerLimits:
       connection can be kept (Go's maxPostHandlerReadBytes); a larger one closes it."""
 
     max_header_bytes = 64 * 1024
-    max_body = 512 * 1024 * 1024
+    max_body = 128 * 1024 * 1024
     header_timeout = 10.0
     keepalive_timeout = 60.0
     body_timeout = 60.0
@@ -2858,6 +2929,9 @@ class OllamaAPI(_API):
     async def payload(self, ex: "Exchange") -> Dict[str, Any]:
         """The JSON request body with "model" set (Ollama still takes "name")."""
         payload = await ex.json()
+        problem = ollama_type_error(payload, OLLAMA_REQUEST_TYPES.get(ex.request.path, "Request"))
+        if problem:
+            raise HTTPError(400, problem)
         if not payload.get("model") and not payload.get("name"):
             raise HTTPError(400, "model is required")
         if "model" not in payload:
@@ -3083,12 +3157,12 @@ class Exchange:
         return b"".join([piece async for piece in self.body_chunks()])
 
     async def json(self) -> Dict[str, Any]:
-        """The body as a JSON object; HTTPError 400 otherwise (Ollama's messages)."""
-        body = await self.body()
+        """The body as a JSON object (see decode_json_body); HTTPError 400 otherwise,
+        with Ollama's messages."""
         try:
-            payload = json.loads(body) if body.strip() else None
+            payload = decode_json_body(await self.body())
         except ValueError as exc:
-            raise HTTPError(400, f"invalid JSON: {exc}") from None
+            raise HTTPError(400, str(exc)) from None
         if payload is None:
             raise HTTPError(400, "missing request body")
         if not isinstance(payload, dict):
@@ -3306,7 +3380,7 @@ class MeshServer:
         self.stopping = False
 
     async def handle(self, reader: "asyncio.StreamReader", writer: "asyncio.StreamWriter") -> None:
-        """asyncio.start_server's callback: serve one client connection."""
+        """Serve one client connection (Listener calls this for each)."""
         task = asyncio.current_task()
         self.active.add(task)
         try:
@@ -3383,17 +3457,104 @@ def _status_for(exc: MeshError) -> int:
     return 502
 
 
+class Listener:
+    """The listening sockets of a MeshServer and their accept loops.
+
+    asyncio's own accept loop, out of file descriptors (EMFILE), logs a traceback for
+    every pending connection and retries many times a second - hundreds of thousands
+    of lines while the process is out of descriptors.  Here the first failure logs
+    one line, accepting pauses (polling every accept_retry seconds, as Go's
+    net/http backs off), and one more line says when connections are taken again."""
+
+    accept_retry = 0.25
+
+    def __init__(self, server: "MeshServer", host: str, port: int, *, backlog: int = 100) -> None:
+        self.server = server
+        self.host, self.port, self.backlog = host, port, backlog
+        self.sockets: List[Any] = []
+        self._tasks: List[Any] = []
+
+    def open(self) -> None:
+        """Bind and listen on every address host resolves to; OSError if none works."""
+        import socket
+        infos = socket.getaddrinfo(self.host or None, self.port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        error: Optional[OSError] = None
+        for family, kind, proto, _, addr in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(addr)
+                sock.listen(self.backlog)
+                sock.setblocking(False)
+            except OSError as exc:
+                sock.close()
+                error = error or exc
+                continue
+            self.sockets.append(sock)
+        if not self.sockets:
+            raise error or OSError("no address to listen on")
+
+    def start(self) -> None:
+        self._tasks = [asyncio.ensure_future(self._accept_loop(sock)) for sock in self.sockets]
+
+    def close(self) -> None:
+        """Stop accepting; connections already accepted go on."""
+        for task in self._tasks:
+            task.cancel()
+        for sock in self.sockets:
+            sock.close()
+
+    async def _accept_loop(self, sock: Any) -> None:
+        import errno
+        loop = asyncio.get_running_loop()
+        starved = False
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                        continue        # the client gave up before we took it
+                    raise
+                if not starved:
+                    logger.warning("cannot accept connections: %s; retrying every %g s until some close",
+                                   exc.strerror, self.accept_retry)
+                    starved = True
+                await asyncio.sleep(self.accept_retry)
+                continue
+            if starved:
+                logger.warning("accepting connections again")
+                starved = False
+            asyncio.ensure_future(self._connection(conn))
+
+    async def _connection(self, conn: Any) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(sock=conn, limit=1 << 16)
+        except OSError:
+            conn.close()
+            return
+        await self.server.handle(reader, writer)
+
+
 async def cmd_serve(orch: MeshOrchestrator, args: Any) -> int:
     import signal
     host, port = parse_host_port(args.listen, 11500, listen=True)
     if not _is_loopback(host) and not args.token and not args.allow_remote:
         raise UsageError(f"refusing to listen on non-loopback {host} without --token "
                          "(anyone who can reach it could use your GPUs); add --allow-remote to force")
-    front = MeshServer(orch, token=args.token)
+    limits = ServerLimits(max_body=args.max_body, max_header_bytes=args.max_header_bytes,
+                          header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                          keepalive_timeout=args.keepalive_timeout)
+    front = MeshServer(orch, token=args.token, limits=limits)
+    server = Listener(front, host, port)
     try:
-        server = await asyncio.start_server(front.handle, host, port, limit=1 << 20)
+        server.open()
     except OSError as exc:
         raise MeshError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -3700,6 +3861,15 @@ def _build_parser() -> Any:
             raise argparse.ArgumentTypeError("must be > 0")
         return value
 
+    def size(text: str) -> int:
+        m = re.fullmatch(r"(\d+)\s*([KMG]?)(?:i?B)?", text.strip(), re.I)
+        if not m:
+            raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r} (e.g. 65536, 64K, 200M, 1G)")
+        value = int(m.group(1)) * 1024 ** " KMG".index((m.group(2) or " ").upper())
+        if value <= 0:
+            raise argparse.ArgumentTypeError("must be > 0")
+        return value
+
     class Parser(argparse.ArgumentParser):
         def error(self, message: str) -> None:  # one line, exit 2
             raise UsageError(message)
@@ -3778,6 +3948,18 @@ def _build_parser() -> Any:
                    help="allow binding a non-loopback address without --token")
     p.add_argument("--shutdown-grace", type=seconds, default=30.0, metavar="S",
                    help="on SIGTERM/Ctrl-C, let running streams finish for up to S seconds (default 30)")
+    lim = p.add_argument_group("limits (what a client may send; past them it gets 413/431/408)")
+    lim.add_argument("--max-body", type=size, default=ServerLimits.max_body, metavar="BYTES",
+                     help=f"largest request body, e.g. 200M (default {ServerLimits.max_body // 2**20}M)")
+    lim.add_argument("--max-header-bytes", type=size, default=ServerLimits.max_header_bytes, metavar="BYTES",
+                     help=f"largest request head (default {ServerLimits.max_header_bytes // 2**10}K)")
+    lim.add_argument("--header-timeout", type=seconds, default=ServerLimits.header_timeout, metavar="S",
+                     help=f"a request head must arrive within S seconds (default {ServerLimits.header_timeout:g})")
+    lim.add_argument("--body-timeout", type=seconds, default=ServerLimits.body_timeout, metavar="S",
+                     help=f"silence allowed while a body arrives (default {ServerLimits.body_timeout:g})")
+    lim.add_argument("--keepalive-timeout", type=seconds, default=ServerLimits.keepalive_timeout, metavar="S",
+                     help=f"close an idle keep-alive connection after S seconds "
+                          f"(default {ServerLimits.keepalive_timeout:g})")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", parents=[common], help="time to first token and tokens/s per node",

@@ -209,3 +209,278 @@ def test_server_limits_are_named_settings_with_defaults():
     assert limits.max_body == 10 and mesh.ServerLimits().max_body >= 64 * 1024 * 1024
     with pytest.raises(TypeError):
         mesh.ServerLimits(max_bodyy=1)
+
+
+# -- hostile requests, raw over a socket, to a real `mesh.py serve` ---------------------
+
+import json  # noqa: E402
+import resource  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from conftest import needs_sshd  # noqa: E402
+from lab import HAVE_SSHD, MESH, SSHLab, free_port, wait_for  # noqa: E402
+from test_serve import Serve  # noqa: E402
+
+TOKEN = "s3cret"
+AUTH = f"Authorization: Bearer {TOKEN}\r\n"
+
+
+@pytest.fixture(scope="module")
+def front():
+    """One serve for the module: a token, a 1 MiB body limit, short timeouts."""
+    if not HAVE_SSHD:
+        pytest.skip("OpenSSH sshd not installed")
+    the_lab = SSHLab()
+    try:
+        the_lab.add_node("a", ["m:1"], tokens=["ok"])
+        s = Serve(the_lab, "--token", TOKEN, "--max-body", "1M", "--header-timeout", "2",
+                  "--keepalive-timeout", "2")
+        s.lab = the_lab
+        yield s
+        s.stop()
+    finally:
+        the_lab.close()
+
+
+def exchange(port, data, *, timeout=10):
+    """Send raw bytes, read until the server closes (or `timeout`): (bytes, closed)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout)
+    try:
+        s.sendall(data)
+        out = b""
+        while True:
+            try:
+                piece = s.recv(65536)
+            except ConnectionResetError:
+                return out, True
+            except socket.timeout:
+                return out, False
+            if not piece:
+                return out, True
+            out += piece
+    finally:
+        s.close()
+
+
+def status_of(reply):
+    return int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/1.1 ") else None
+
+
+def error_of(reply):
+    return json.loads(reply.partition(b"\r\n\r\n")[2])["error"]
+
+
+GEN = b'{"model": "m:1", "prompt": "x", "stream": false}'
+
+
+@pytest.mark.parametrize("request_bytes, status, fragment", [
+    # duplicate / malformed / conflicting framing headers
+    (b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 48\r\nContent-Length: 4\r\n\r\n" + GEN,
+     400, "more than one Content-Length"),
+    (b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n" + GEN, 400, "malformed Content-Length"),
+    (b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 48\r\nTransfer-Encoding: chunked\r\n\r\n" + GEN,
+     400, "both Content-Length and Transfer-Encoding"),
+    # chunk sizes Go refuses (the token is right, so the body is read)
+    (b"POST /api/generate HTTP/1.1\r\nHost: x\r\n" + AUTH.encode() + b"Transfer-Encoding: chunked\r\n\r\n0x16\r\n",
+     400, "malformed chunk size"),
+    (b"POST /api/generate HTTP/1.1\r\nHost: x\r\n" + AUTH.encode() + b"Transfer-Encoding: chunked\r\n\r\n1_6\r\n",
+     400, "malformed chunk size"),
+    (b"POST /api/generate HTTP/1.1\r\nHost: x\r\n" + AUTH.encode() + b"Transfer-Encoding: chunked\r\n\r\n-2\r\n",
+     400, "malformed chunk size"),
+    # versions, Host
+    (b"GET /api/version HTTP/2.0\r\nHost: x\r\n\r\n", 505, "not supported"),
+    (b"GET /api/version HTTP/1.1\r\n" + AUTH.encode() + b"\r\n", 400, "missing required Host"),
+    # limits: head, body (known length, chunked), header timeout
+    (b"GET /api/version HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", 431, "request head larger"),
+    (b"POST /api/generate HTTP/1.1\r\nHost: x\r\n" + AUTH.encode() + b"Content-Length: 2000000\r\n\r\n{",
+     413, "larger than 1048576"),
+    (b"POST /api/generate HTTP/1.1\r\nHost: x\r\n" + AUTH.encode() + b"Transfer-Encoding: chunked\r\n\r\n"
+     + b"80000\r\n" + b" " * 0x80000 + b"\r\n80001\r\n", 413, "larger than 1048576"),
+    (b"GET /api/version HTTP/1.1\r\nHost: x\r\n", 408, "not complete within 2 s"),
+    # the token before any body byte, and before 100 Continue
+    (b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n", 401, "unauthorized"),
+    (b"POST /api/generate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", 401, "unauthorized"),
+    (b"POST /api/generate HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 48\r\n\r\n", 401,
+     "unauthorized"),
+])
+def test_bad_framing_gets_a_status_and_a_closed_connection(front, request_bytes, status, fragment):
+    reply, closed = exchange(front.port, request_bytes)
+    assert status_of(reply) == status and fragment in error_of(reply)
+    assert b"100 Continue" not in reply and b"Connection: close" in reply.partition(b"\r\n\r\n")[0]
+    assert closed
+
+
+def ok_request(port):
+    reply, _ = exchange(port, f"GET /api/version HTTP/1.1\r\nHost: x\r\n{AUTH}Connection: close\r\n\r\n".encode())
+    return status_of(reply) == 200
+
+
+@pytest.mark.parametrize("request_bytes", [
+    f"GET /api/version HTTP/1.1\nHost: x\n{AUTH[:-2]}\nConnection: close\n\n".encode(),          # bare LF
+    f"GET http://127.0.0.1/api/version HTTP/1.1\r\nHost: x\r\n{AUTH}Connection: close\r\n\r\n".encode(),
+    f"GET /api/version HTTP/1.0\r\n{AUTH}\r\n".encode(),                                          # 1.0: closes
+])
+def test_lenient_where_http_allows(front, request_bytes):
+    reply, closed = exchange(front.port, request_bytes)
+    assert status_of(reply) == 200 and json.loads(reply.partition(b"\r\n\r\n")[2])["version"] and closed
+
+
+def test_head_never_has_a_body_even_for_errors(front):
+    s = socket.create_connection(("127.0.0.1", front.port), 10)
+    f = s.makefile("rb")
+    for path, status in (("/api/version", 200), ("/api/tags", 200), ("/api/ps", 200), ("/", 200),
+                         ("/nothing", 404), ("/api/generate", 405)):
+        s.sendall(f"HEAD {path} HTTP/1.1\r\nHost: x\r\n{AUTH}\r\n".encode())
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            head += f.readline()
+        assert status_of(head) == status and b"Content-Length: " in head, head
+    s.sendall(f"GET / HTTP/1.1\r\nHost: x\r\n{AUTH}Connection: close\r\n\r\n".encode())
+    rest = f.read()          # had a HEAD reply carried a body, this would not start with a status line
+    assert status_of(rest) == 200 and rest.endswith(b"\r\n\r\nOllama is running")
+
+
+def test_http_1_0_gets_a_close_delimited_stream(front):
+    body = b'{"model": "m:1", "prompt": "x"}'
+    reply, closed = exchange(front.port, f"POST /api/generate HTTP/1.0\r\n{AUTH}Content-Length: {len(body)}\r\n\r\n"
+                             .encode() + body)
+    head, _, data = reply.partition(b"\r\n\r\n")
+    assert status_of(reply) == 200 and b"chunked" not in head.lower() and b"Connection: close" in head and closed
+    assert [json.loads(x)["response"] for x in data.splitlines()] == ["ok", ""]
+
+
+def test_idle_keep_alive_connection_is_closed(front):
+    s = socket.create_connection(("127.0.0.1", front.port), 10)
+    s.sendall(f"GET /api/version HTTP/1.1\r\nHost: x\r\n{AUTH}\r\n".encode())
+    got = b""
+    while b'"version"' not in got:
+        got += s.recv(65536)
+    s.settimeout(30)
+    assert s.recv(100) == b""        # closed by the server after --keepalive-timeout 2
+    s.close()
+
+
+@pytest.mark.parametrize("body, status, expected", [
+    (b'{"model": "m:1", "prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}", 400, "exceeded max depth"),
+    (b'{"model": 5, "prompt": "x"}', 400,
+     "json: cannot unmarshal number into Go struct field GenerateRequest.model of type string"),
+    (b'{"model": "m:1", "prompt": "x", "stream": "false"}', 400,
+     "json: cannot unmarshal string into Go struct field GenerateRequest.stream of type bool"),
+    (b'[1]', 400, "request body must be a JSON object"),
+    (b'{"model": "m:1", "prompt": "caf\xe9 \xff", "stream": false}', 200, "caf\ufffd \ufffd"),
+    (b'{"model": "m:1", "prompt": "cut \\ud83d emoji \\ud83d\\ude00", "stream": false}', 200,
+     "cut \ufffd emoji \U0001F600"),
+])
+def test_every_json_body_gets_an_answer(front, body, status, expected):
+    reply, _ = exchange(front.port, f"POST /api/generate HTTP/1.1\r\nHost: x\r\n{AUTH}Connection: close\r\n"
+                        f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    assert status_of(reply) == status
+    if status == 200:
+        assert json.loads(reply.partition(b"\r\n\r\n")[2])["done"] is True
+        assert front.lab.fakes["a"].bodies("/api/generate")[-1]["prompt"] == expected
+    else:
+        assert error_of(reply) == expected
+
+
+def rss_kb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("VmRSS")).split()[1])
+
+
+def test_unauthenticated_600_mb_is_refused_without_reading_it(front):
+    before = rss_kb(front.proc.pid)
+    for framing in ("Content-Length: 629145600\r\n", "Transfer-Encoding: chunked\r\n"):
+        s = socket.create_connection(("127.0.0.1", front.port), 10)
+        s.sendall(f"POST /api/generate HTTP/1.1\r\nHost: x\r\n{framing}\r\n".encode())
+        sent = 0
+        try:
+            while sent < 600 * 2**20:
+                sent += s.send(b"x" * 2**20)
+        except OSError:
+            pass                     # reset: the server closed after its 401
+        s.close()
+        assert sent < 100 * 2**20
+    assert rss_kb(front.proc.pid) - before < 50_000
+    assert ok_request(front.port)
+
+
+def test_a_client_writing_during_a_stream_is_not_buffered(front):
+    fake = front.lab.fakes["a"]
+    fake.tokens, fake.token_delay = ["t"] * 20, 0.1
+    try:
+        before = rss_kb(front.proc.pid)
+        body = b'{"model": "m:1", "prompt": "x"}'
+        s = socket.create_connection(("127.0.0.1", front.port), 30)
+        s.sendall(f"POST /api/generate HTTP/1.1\r\nHost: x\r\n{AUTH}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        assert s.recv(100).startswith(b"HTTP/1.1 200")
+        s.setblocking(False)
+        pushed = 0
+        while pushed < 100 * 2**20:
+            try:
+                pushed += s.send(b"y" * 2**20)
+            except BlockingIOError:
+                break
+            except OSError:
+                break
+        s.settimeout(30)
+        rest = b""
+        while True:
+            try:
+                piece = s.recv(65536)
+            except OSError:
+                break
+            if not piece:
+                break
+            rest += piece
+        assert rest.endswith(b"0\r\n\r\n")     # the stream completed, then the server closed
+        s.close()
+        assert rss_kb(front.proc.pid) - before < 50_000
+    finally:
+        fake.tokens, fake.token_delay = ["ok"], 0.0
+
+
+def test_server_kept_serving_throughout(front):
+    assert ok_request(front.port)
+
+
+@needs_sshd
+def test_out_of_descriptors_logs_once_and_recovers(lab, tmp_path):
+    """ulimit -n 1024 and 1,100 idle connections: one log line, and service again
+    once they close."""
+    lab.add_node("a", ["m:1"])
+    port = free_port()
+    log = tmp_path / "stderr"
+    proc = subprocess.Popen([sys.executable, MESH, "--config", lab.config_path, "serve", "--listen",
+                             f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=open(log, "wb"), env=lab.env(),
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024)))
+    socks = []
+    try:
+        wait_for(lambda: b"serving" in log.read_bytes(), 20, "serve to listen")
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < 1200:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+        for _ in range(1100):
+            socks.append(socket.create_connection(("127.0.0.1", port), 10))
+        wait_for(lambda: b"cannot accept connections" in log.read_bytes(), 30, "the out-of-descriptors line")
+        for s in socks:
+            s.close()
+        socks = []
+        wait_for(lambda: ok_version(port), 30, "service to resume")
+        text = log.read_text()
+        assert text.count("cannot accept connections: Too many open files") == 1
+        assert "Traceback" not in text and len(text.splitlines()) < 10
+    finally:
+        for s in socks:
+            s.close()
+        proc.terminate()
+        proc.wait(20)
+
+
+def ok_version(port):
+    try:
+        reply, _ = exchange(port, b"GET /api/version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", timeout=2)
+    except OSError:
+        return False
+    return status_of(reply) == 200
