@@ -960,7 +960,7 @@ def default_config_path() -> str:
 
 def parse_host_port(text: str, default_port: int, default_host: str = "127.0.0.1", *,
                     listen: bool = False) -> Tuple[str, int]:
-    """'HOST:PORT', 'HOST', ':PORT', '[v6]:PORT' or 'http://HOST:PORT' -> (host, port).
+    """'HOST:PORT', 'HOST', ':PORT', 'PORT', '[v6]:PORT' or 'http://HOST:PORT' -> (host, port).
 
     As a client address (OLLAMA_HOST), 0.0.0.0 means this machine, as Ollama's own
     client reads it; as a listen address it means every interface, and port 0 any port."""
@@ -968,6 +968,8 @@ def parse_host_port(text: str, default_port: int, default_host: str = "127.0.0.1
     text = re.sub(r"^[a-zA-Z]+://", "", text).rstrip("/")
     if not text:
         return default_host, default_port
+    if text.isdigit():
+        text = ":" + text   # a bare number is a port (`--listen 11652`), as `ollama serve` reads OLLAMA_HOST
     m = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?|([^:]*)(?::(\d+))?", text)
     if not m:
         raise UsageError(f"bad address {text!r} (expected HOST:PORT)")
@@ -1147,8 +1149,10 @@ def model_key(name: str) -> str:
 
 
 def build_request(path: str, body: Optional[bytes], *, host: str, keep_alive: bool,
-                  token: Optional[str] = None) -> bytes:
-    method = "POST" if body is not None else "GET"
+                  token: Optional[str] = None, method: Optional[str] = None) -> bytes:
+    """One HTTP/1.1 request head (+ body).  The method is POST with a body and GET
+    without one unless given (Ollama's /api/delete wants DELETE with a JSON body)."""
+    method = method or ("POST" if body is not None else "GET")
     lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", "User-Agent: mesh.py/" + __version__,
              "Accept: application/json, application/x-ndjson",
              "Connection: " + ("keep-alive" if keep_alive else "close")]
@@ -1469,6 +1473,18 @@ def ewma(previous: Optional[float], sample: float, alpha: float = 0.3) -> float:
     return sample if previous is None else (1 - alpha) * previous + alpha * sample
 
 
+def closest_names(name: str, names: Sequence[str], limit: int = 3) -> List[str]:
+    """The model names most like a misspelt `name` (difflib ratio >= 0.6, best first);
+    'llama3' and 'llama3:latest' count as one name, as model_key() says."""
+    import difflib
+    by_key = {model_key(n): n for n in names}
+    base = {k.rsplit(":", 1)[0] if k.endswith(":latest") else k: k for k in by_key}
+    wanted = model_key(name)
+    wanted = wanted.rsplit(":", 1)[0] if wanted.endswith(":latest") else wanted
+    found = difflib.get_close_matches(wanted, list(base), n=limit, cutoff=0.6)
+    return [by_key[base[f]] for f in found]
+
+
 def rank_nodes(nodes: Sequence["SSHNode"], *, model: Optional[str] = None,
                rng: Optional[random.Random] = None) -> List["SSHNode"]:
     """Candidates best first: lowest score, then the one that has the model loaded,
@@ -1714,11 +1730,15 @@ class Transport:
                                           self.connect_timeout)
         except asyncio.TimeoutError:
             raise NodeError(self.name, f"Ollama at {self.host}:{self.port}: connection timed out") from None
-        except OSError as exc:
+        except ConnectionRefusedError:
             raise NodeError(self.name, f"Ollama not answering at {self.host}:{self.port} "
-                                       f"({exc.strerror or exc})") from None
+                                       "(connection refused)") from None
+        except OSError as exc:
+            # asyncio joins several attempts into one OSError without a strerror
+            raise NodeError(self.name, f"Ollama not answering at {self.host}:{self.port} "
+                                       f"({(exc.strerror or str(exc)).lower()})") from None
 
-    async def start(self, path: str, body: Optional[bytes]) -> _Exchange:
+    async def start(self, path: str, body: Optional[bytes], *, method: Optional[str] = None) -> _Exchange:
         """Send one request; the reply is read from the returned exchange."""
         while self._idle:
             reader, writer = self._idle.pop()
@@ -1727,14 +1747,16 @@ class Transport:
                 continue
             ex = _Exchange(reader, writer, reused=True, on_done=self._done)
             try:
-                await ex.send(build_request(path, body, host=self._host_header(), keep_alive=True))
+                await ex.send(build_request(path, body, host=self._host_header(), keep_alive=True,
+                                            method=method))
                 return ex
             except (ConnectionError, OSError):
                 writer.close()
         reader, writer = await self._open_socket()
         ex = _Exchange(reader, writer, on_done=self._done)
         try:
-            await ex.send(build_request(path, body, host=self._host_header(), keep_alive=True))
+            await ex.send(build_request(path, body, host=self._host_header(), keep_alive=True,
+                                        method=method))
         except (ConnectionError, OSError):
             pass  # closed at once (a refused channel): reading the reply finds EOF and says why
         return ex
@@ -1976,19 +1998,19 @@ class SSHTransport(Transport):
     def can_pipeline(self) -> bool:  # type: ignore[override]
         return self.mode == "forward"
 
-    async def start(self, path: str, body: Optional[bytes]) -> _Exchange:
+    async def start(self, path: str, body: Optional[bytes], *, method: Optional[str] = None) -> _Exchange:
         if self.mode != "forward" and self._master_ok and not self._master_answers():
             logger.info("%s: ssh master gone; starting a new one", self.name)
             self.master_lost()
         await self.prepare()
         mark = self._log_size()   # the master's log from here on tells why a channel failed
-        ex = await self._start_mode(path, body)
+        ex = await self._start_mode(path, body, method)
         ex.log_mark = mark
         return ex
 
-    async def _start_mode(self, path: str, body: Optional[bytes]) -> _Exchange:
+    async def _start_mode(self, path: str, body: Optional[bytes], method: Optional[str]) -> _Exchange:
         if self.mode == "forward":
-            return await super().start(path, body)
+            return await super().start(path, body, method=method)
         if self.mode == "stdio":
             argv = self._base("-o", "ControlMaster=no", "-W", f"{self.host}:{self.port}", "--", self.name)
             proc = await spawn(argv, stdin=asyncio.subprocess.PIPE)
@@ -1996,18 +2018,21 @@ class SSHTransport(Transport):
             # Connection: close, and stdin stays open until the reply is read: a half-close
             # makes Ollama cancel the request.
             try:
-                await ex.send(build_request(path, body, host=self._host_header(), keep_alive=False))
+                await ex.send(build_request(path, body, host=self._host_header(), keep_alive=False,
+                                            method=method))
             except (ConnectionError, OSError):
                 pass  # the child died; reading the head reports why
             return ex
-        return await self._start_exec(path, body)
+        return await self._start_exec(path, body, method)
 
-    async def _start_exec(self, path: str, body: Optional[bytes]) -> _Exchange:
+    async def _start_exec(self, path: str, body: Optional[bytes], method: Optional[str] = None) -> _Exchange:
         import shlex
         url = f"http://{self.host}:{self.port}{path}"
         if ":" in self.host:
             url = f"http://[{self.host}]:{self.port}{path}"
         remote = ["curl", "-sS", "-i", "-N", "-H", "Expect:", "-H", "Accept: application/x-ndjson"]
+        if method:
+            remote += ["-X", method]
         if body is not None:
             remote += ["-H", "Content-Type: application/json", "--data-binary", "@-"]
         remote.append(url)
@@ -2156,12 +2181,12 @@ class SSHNode:
 
     # -- one HTTP exchange, with the first-byte watch --------------------------
     async def open(self, path: str, body: Optional[bytes], *, first_byte_timeout: Optional[float],
-                   liveness_interval: Optional[float] = None) -> _Exchange:
+                   liveness_interval: Optional[float] = None, method: Optional[str] = None) -> _Exchange:
         """Send a request and wait for the reply's head.  Any failure here is a
         NodeError with retryable=True: nothing has been relayed yet."""
         for attempt in range(3):
             try:
-                ex = await self.transport.start(path, body)
+                ex = await self.transport.start(path, body, method=method)
             except NodeError:
                 raise
             except (ConnectionError, OSError) as exc:
@@ -2231,11 +2256,12 @@ class SSHNode:
             return getattr(exc, "reason", str(exc))
 
     async def get_json(self, path: str, body: Optional[Dict[str, Any]] = None, *,
-                       timeout: Optional[float] = None) -> Dict[str, Any]:
-        """A small request answered with one JSON object (tags, ps, version, show)."""
+                       timeout: Optional[float] = None, method: Optional[str] = None) -> Dict[str, Any]:
+        """A small request answered with one JSON object (tags, ps, version, show);
+        an empty 200 reply (Ollama's /api/delete) is {}."""
         timeout = timeout or self.probe_timeout
         raw = None if body is None else json.dumps(body).encode()
-        ex = await self.open(path, raw, first_byte_timeout=timeout, liveness_interval=timeout)
+        ex = await self.open(path, raw, first_byte_timeout=timeout, liveness_interval=timeout, method=method)
         try:
             data = await ex.read_body(timeout)
         except asyncio.TimeoutError:
@@ -2251,6 +2277,8 @@ class SSHNode:
         if status != 200:
             raise NodeError(self.name, f"{path}: {error_message(status, data)}", status=status,
                             mark_down=status >= 500 and status != 503)
+        if not data.strip():
+            return {}
         try:
             obj = json.loads(data)
         except ValueError:
@@ -2369,6 +2397,9 @@ class MeshOrchestrator:
                                          mode=spec.transport)
             self.nodes.append(SSHNode(spec, transport))
         self._by_name = {n.name: n for n in self.nodes}
+        # No Host in the SSH config: the local Ollama stands in (load_node_specs); its
+        # failures then mean "nothing to use", which the user is told in those words.
+        self.implicit_local = len(specs) == 1 and specs[0].info is None and specs[0].name == "local"
         self._cond: Optional[asyncio.Condition] = None
         self._tasks: set = set()
         self._refreshing: Dict[str, Any] = {}
@@ -2538,6 +2569,115 @@ class MeshOrchestrator:
         return [dict(entry, node=node.name) for node in self.nodes if node.healthy
                 for entry in node.loaded.values()]
 
+    # -- model management over the pool (the CLI's list/show/pull/rm/stop) ------
+    def _targets(self, nodes: Optional[Sequence[str]]) -> List[SSHNode]:
+        return [self.node(n) for n in nodes] if nodes else list(self.nodes)
+
+    async def models(self) -> Dict[str, Any]:
+        """Which node has which model, from a fresh inventory of every node:
+        {"models": [{name, size, digest, modified_at, details, nodes: [node names]}],
+         "down": {node: reason}}.  Sizes are bytes, as /api/tags gives them."""
+        await self.refresh(force=True)
+        merged: Dict[str, Dict[str, Any]] = {}
+        for node in self.nodes:
+            if not node.healthy:
+                continue
+            for key, entry in sorted(node.models.items()):
+                row = merged.setdefault(key, dict(entry, nodes=[]))
+                row["nodes"].append(node.name)
+        return {"models": sorted(merged.values(), key=lambda m: m.get("name", "")),
+                "down": {n.name: n.reason for n in self.nodes if not n.healthy}}
+
+    async def show(self, model: str, *, node: Optional[str] = None) -> Dict[str, Any]:
+        """Ollama's /api/show for `model` from a node that has it, plus "node".
+        Raises ModelNotFoundError (with the closest names) when no healthy node has it."""
+        return await self.request("/api/show", {"model": model}, node=node, stream=False)
+
+    async def pull(self, model: str, *, nodes: Optional[Sequence[str]] = None,
+                   progress: Optional[Any] = None) -> Dict[str, Optional[str]]:
+        """Pull `model` onto the named nodes (default: all), all at once.  progress(node,
+        line) is called with each of Ollama's progress lines ({status, digest, total,
+        completed}).  A failure on one node does not stop the others.  Returns
+        {node: None on success, else why it failed}."""
+        targets = self._targets(nodes)
+        await self.refresh(force=True)
+        body = json.dumps({"model": model, "stream": True}).encode("utf-8")
+
+        async def one(node: SSHNode) -> Optional[str]:
+            if not node.healthy:
+                return f"down: {node.reason}"
+            last: Dict[str, Any] = {}
+            try:
+                async for obj in self._relay(node, "/api/pull", body, True):
+                    last = obj
+                    if progress is not None:
+                        progress(node.name, obj)
+            except NodeError as exc:
+                return exc.reason.replace("Ollama error: ", "")
+            finally:
+                node.inventory_at = 0.0   # its model list changed: read it again
+            if last.get("status") != "success":
+                return f"pull ended without success (last: {last.get('status')!r})"
+            return None
+
+        results = await asyncio.gather(*(one(n) for n in targets))
+        return {n.name: r for n, r in zip(targets, results)}
+
+    async def delete(self, model: str, *, nodes: Optional[Sequence[str]] = None) -> Dict[str, Optional[str]]:
+        """Remove `model` (DELETE /api/delete) from the named nodes, or from every
+        healthy node that has it.  Raises ModelNotFoundError when no node has it.
+        Returns {node: None on success, else why it failed}."""
+        await self.refresh(force=True)
+        key = model_key(model)
+        if nodes:
+            targets = self._targets(nodes)
+        else:
+            targets = [n for n in self.nodes if n.healthy and key in n.models]
+            if not targets:
+                raise self.model_not_found(model)
+
+        async def one(node: SSHNode) -> Optional[str]:
+            if not node.healthy:
+                return f"down: {node.reason}"
+            try:
+                await node.get_json("/api/delete", {"model": model}, method="DELETE",
+                                    timeout=max(self.probe_timeout, 30.0))
+            except NodeError as exc:
+                return exc.reason.replace("/api/delete: ", "")
+            finally:
+                node.inventory_at = 0.0
+            node.models.pop(key, None)
+            return None
+
+        results = await asyncio.gather(*(one(n) for n in targets))
+        return {n.name: r for n, r in zip(targets, results)}
+
+    async def unload(self, model: str, *, nodes: Optional[Sequence[str]] = None) -> Dict[str, Optional[str]]:
+        """Unload `model` from memory wherever it is loaded (or on the named nodes), as
+        `ollama stop` does: /api/generate with keep_alive 0 and no prompt.  Raises
+        MeshError when no node has it loaded.  Returns {node: None or why it failed}."""
+        await self.refresh(force=True)
+        key = model_key(model)
+        targets = self._targets(nodes) if nodes else [n for n in self.nodes if n.healthy and key in n.loaded]
+        if not targets:
+            if not any(key in n.models for n in self.nodes):
+                raise self.model_not_found(model)
+            raise MeshError(f'couldn\'t find model "{model}" to stop (not loaded on any node)')
+
+        async def one(node: SSHNode) -> Optional[str]:
+            if not node.healthy:
+                return f"down: {node.reason}"
+            try:
+                await node.get_json("/api/generate", {"model": model, "keep_alive": 0, "stream": False},
+                                    timeout=max(self.probe_timeout, 30.0))
+            except NodeError as exc:
+                return exc.reason.replace("/api/generate: ", "")
+            node.loaded.pop(key, None)
+            return None
+
+        results = await asyncio.gather(*(one(n) for n in targets))
+        return {n.name: r for n, r in zip(targets, results)}
+
     # -- routing ---------------------------------------------------------------
     def select_best_node(self, model: Optional[str] = None) -> SSHNode:
         """The node the next request for `model` would go to (no waiting, no I/O)."""
@@ -2551,22 +2691,50 @@ class MeshOrchestrator:
                 return []
             return [node]
         key = model_key(model) if model else None
-        have = [n for n in self.nodes if key is None or key in n.models or n.inventory_at == 0]
-        if key is not None and not have:
-            searched = [n.name for n in self.nodes if n.inventory_at]
-            down = [f"{n.name} ({n.reason})" for n in self.nodes if not n.inventory_at and not n.healthy]
-            msg = f'model "{model}" not found on any node'
-            if searched:
-                msg += f" (searched: {', '.join(searched)})"
-            if down:
-                msg += f"; unreachable: {', '.join(down)}"
-            raise ModelNotFoundError(msg)
+        # A node that is down and was never asked what it has is down, not a place the model
+        # may be: otherwise a misspelt model is reported as that node's failure.
+        have = [n for n in self.nodes
+                if key is None or key in n.models or (n.inventory_at == 0 and n.healthy)]
+        if key is not None and not have and any(n.inventory_at for n in self.nodes):
+            raise self.model_not_found(model or "")
         healthy = [n for n in have if n.healthy and n.name not in exclude]
+        if not have:
+            reasons = "; ".join(f"{n.name}: {n.reason or 'failed'}" for n in self.nodes)
+            raise self._no_nodes(f"no node could be asked for {model or 'requests'}: {reasons}")
         if not healthy:
             reasons = "; ".join(f"{n.name}: {n.reason or 'failed'}" for n in have)
             what = f'model "{model}"' if model else "requests"
             raise NoNodeAvailableError(f"no healthy node can take {what}: {reasons}")
         return healthy
+
+    def model_not_found(self, model: str, asked: Sequence[str] = ()) -> "ModelNotFoundError":
+        """The error for a model no healthy node has: which nodes were searched, which
+        were down (and why), and the closest names that do exist."""
+        searched = [n.name for n in self.nodes if n.healthy and (n.inventory_at or n.name in asked)]
+        down = [f"{n.name} ({n.reason or 'down'})" for n in self.nodes if not n.healthy]
+        msg = f'model "{model}" not found on any node'
+        if searched:
+            msg += f" (searched: {', '.join(searched)})"
+        if down:
+            msg += f"; down: {', '.join(down)}"
+        names = sorted({m.get("name") or m.get("model") or "" for n in self.nodes for m in n.models.values()} - {""})
+        close = closest_names(model, names)
+        if close:
+            msg += f"; closest: {', '.join(close)}"
+        return ModelNotFoundError(msg)
+
+    def _no_nodes(self, message: str) -> MeshError:
+        """A failure of every node; with no node configured, say that instead."""
+        if not self.implicit_local:
+            return NoNodeAvailableError(message)
+        local = self.nodes[0]
+        where = self.config_path
+        what = "has no Host entries" if os.path.exists(where) else "does not exist"
+        return NoNodeAvailableError(
+            f"no nodes: {where} {what}, and no Ollama answers on this machine "
+            f"({local.transport.host}:{local.transport.port}: {local.reason or 'not answering'}). "
+            f"Add a node: a Host block in {where} (see ssh_config.example, or run setup-ssh-mesh.sh), "
+            "or start Ollama here (OLLAMA_HOST says where it listens)")
 
     async def _acquire(self, model: Optional[str], pinned: Optional[str], exclude: set) -> SSHNode:
         """Pick a node and take one of its slots, queueing while all candidates are full."""
@@ -2632,11 +2800,16 @@ class MeshOrchestrator:
                 await self.refresh(force=True, model=model)
                 continue
             except MeshError as exc:
-                if not_found and len(not_found) == len(failures):
-                    raise ModelNotFoundError(
-                        f'model "{model}" not found on any node (asked: {", ".join(not_found)})') from None
+                if not_found and not isinstance(exc, UsageError):
+                    try:  # the closest names need the model lists (a single node skips them)
+                        await asyncio.wait_for(self.refresh(), self.probe_timeout)
+                    except (MeshError, asyncio.TimeoutError):
+                        pass
+                    raise self.model_not_found(model or "", not_found) from None
                 if failures and not isinstance(exc, UsageError):
-                    raise NoNodeAvailableError("every node failed: " + "; ".join(failures)) from None
+                    raise self._no_nodes("every node failed: " + "; ".join(failures)) from None
+                if isinstance(exc, NoNodeAvailableError) and self.implicit_local:
+                    raise self._no_nodes(str(exc)) from None
                 raise
             relayed = False
             try:
@@ -3590,9 +3763,11 @@ async def cmd_bench(orch: MeshOrchestrator, args: Any) -> int:
     await orch.refresh(force=True)
     _print(f"{model}: {'node':<16} {'runs':>4} {'first token ms':>15} {'tokens/s':>9}  note")
     measured = 0
+    failed: List[str] = []
     for node in nodes:
         if not node.healthy:
             _print(f"{'':{len(model) + 2}}{node.name:<16} {0:>4} {'-':>15} {'-':>9}  down: {node.reason}")
+            failed.append(f"{node.name} (down: {node.reason})")
             continue
         if key not in node.models:
             _print(f"{'':{len(model) + 2}}{node.name:<16} {0:>4} {'-':>15} {'-':>9}  does not have the model")
@@ -3620,11 +3795,15 @@ async def cmd_bench(orch: MeshOrchestrator, args: Any) -> int:
                 rates.append(count / (dur / 1e9))
         if ttfts:
             measured += 1
+        if note:
+            failed.append(f"{node.name} ({note})")
         ttft = f"{sorted(ttfts)[len(ttfts) // 2]:.1f}" if ttfts else "-"
         rate = f"{sorted(rates)[len(rates) // 2]:.1f}" if rates else "-"
         _print(f"{'':{len(model) + 2}}{node.name:<16} {len(ttfts):>4} {ttft:>15} {rate:>9}  {note}")
     if not measured:
         raise MeshError(f'no node could be measured with model "{model}"')
+    if failed:   # a figure missing for a node must not look like success to a script
+        raise MeshError(f"could not measure {', '.join(failed)}")
     return 0
 
 
@@ -3811,42 +3990,712 @@ def _stdin_lines() -> "asyncio.Queue[Optional[str]]":
 
 
 async def cmd_chat(orch: MeshOrchestrator, args: Any) -> int:
-    history: List[Dict[str, Any]] = []
-    if args.system:
-        history.append({"role": "system", "content": args.system})
-    lines = _stdin_lines()
-    interactive = sys.stdin is not None and sys.stdin.isatty()
-    if interactive:
-        _print(f"mesh chat with {args.model or orch.default_model} - /bye or Ctrl-D to leave", file=sys.stderr)
-    while True:
-        if interactive:
-            sys.stderr.write(">>> ")
-            sys.stderr.flush()
-        line = await lines.get()
-        if line is None:
-            break
-        text = line.rstrip("\n")
-        if text.strip() in ("/bye", "/exit", "/quit"):
-            break
-        if not text.strip():
-            continue
-        history.append({"role": "user", "content": text})
-        reply_parts: List[str] = []
-        stream = await orch.chat(history, model=args.model, node=args.node, stream=True)
+    """A chat with the pool (ChatSession); `run MODEL` without a prompt comes here too."""
+    session = ChatSession(orch, model=args.model or orch.default_model, node=args.node,
+                          system=args.system, options=_parse_options(getattr(args, "option", None)),
+                          verbose=bool(args.verbose), format=getattr(args, "format", None),
+                          keep_alive=getattr(args, "keep_alive", None))
+    return await session.run()
+
+
+async def cmd_run(orch: MeshOrchestrator, args: Any) -> int:
+    """`ollama run MODEL [PROMPT]`: one answer when there is a prompt (or piped stdin),
+    else a chat."""
+    args.model = args.model_name
+    if args.prompt_text is None:
+        return await cmd_chat(orch, args)
+    return await cmd_generate(orch, args)
+
+
+_CHAT_HELP = """Available Commands:
+  /set            Set session variables
+  /show           Show model information
+  /load <model>   Load a session or model
+  /clear          Clear session context
+  /bye            Exit
+  /?, /help       Help for a command
+  /? shortcuts    Help for keyboard shortcuts
+
+Use \"\"\" to begin a multi-line message."""
+
+_CHAT_SET_HELP = """Available Commands:
+  /set parameter ...     Set a parameter
+  /set system <string>   Set system message
+  /set history           Enable history
+  /set nohistory         Disable history
+  /set format json       Enable JSON mode
+  /set noformat          Disable formatting
+  /set verbose           Show node, time to first token and tokens/s after each answer
+  /set quiet             Disable verbose"""
+
+_CHAT_SHOW_HELP = """Available Commands:
+  /show info         Show details for this model (and the node asked)
+  /show license      Show model license
+  /show modelfile    Show Modelfile for this model
+  /show parameters   Show parameters for this model
+  /show system       Show system message
+  /show template     Show prompt template"""
+
+_CHAT_SHORTCUTS = """Available keyboard shortcuts:
+  Ctrl + a            Move to the beginning of the line (Home)
+  Ctrl + e            Move to the end of the line (End)
+  Alt + b / Alt + f   Move back / forward one word
+  Ctrl + k            Delete the sentence after the cursor
+  Ctrl + u            Delete the sentence before the cursor
+  Ctrl + w            Delete the word before the cursor
+  Up / Down           Previous / next line of history
+  Ctrl + l            Clear the screen
+  Ctrl + c            Stop the answer; at an empty prompt, leave
+  Ctrl + d            Leave (at an empty prompt)"""
+
+
+class ChatSession:
+    """The interactive chat of `run MODEL` and `chat`, as `ollama run` behaves.
+
+    On a terminal: GNU readline line editing and history (file: $MESH_HISTORY, else
+    ~/.mesh_history; empty disables it), bracketed paste and `\"\"\"...\"\"\"` make one turn,
+    /? /help /set /show /clear /load /bye are handled here and never sent to the model.
+    Ctrl-C during an answer stops it (the node's request is cancelled) and keeps the
+    session; Ctrl-C at an empty prompt or Ctrl-D leaves.  A spinner turns while the
+    first token is awaited (terminal only).  A node failing before the answer is failed
+    over by the orchestrator; after the answer has started the session says what
+    happened, drops that turn from the history and carries on.
+
+    Not on a terminal (piped): each line is one turn, nothing is drawn.
+    """
+
+    def __init__(self, orch: MeshOrchestrator, *, model: str, node: Optional[str] = None,
+                 system: Optional[str] = None, options: Optional[Dict[str, Any]] = None,
+                 verbose: bool = False, format: Optional[str] = None, keep_alive: Optional[str] = None,
+                 stdin: Any = None, stdout: Any = None, stderr: Any = None) -> None:
+        self.orch = orch
+        self.model = model
+        self.node = node
+        self.system = system
+        self.options: Dict[str, Any] = dict(options or {})
+        self.verbose = verbose
+        self.format = format
+        self.keep_alive = keep_alive
+        self.stdin = stdin or sys.stdin
+        self.stdout = stdout or sys.stdout
+        self.stderr = stderr or sys.stderr
+        self.messages: List[Dict[str, Any]] = []
+        self.info: Dict[str, Any] = {}
+        self.interactive = bool(self.stdin is not None and self.stdin.isatty() and self.stdout.isatty())
+        self.readline: Any = None
+        self.history_file: Optional[str] = None
+        self._line_at_interrupt = ""
+        self._lines: Optional["asyncio.Queue[Optional[str]]"] = None
+
+    # -- the loop --------------------------------------------------------------
+    async def run(self) -> int:
+        """Check the model, then read and answer turns until /bye, Ctrl-D or EOF.
+        Returns the exit status: 0, or 130 when left with Ctrl-C."""
+        self.info = await self.orch.show(self.model, node=self.node)  # a typo fails here, before any prompt
+        if not self.interactive:
+            self._lines = _stdin_lines()
+            while True:
+                line = await self._lines.get()
+                if line is None:
+                    return 0
+                text = await self._gather_piped(line.rstrip("\n"))
+                if text is None:
+                    return 0
+                if await self._turn(text) is False:
+                    return 0
+        import signal
+        self._setup_readline()
+        previous = signal.signal(signal.SIGINT, self._on_sigint)
         try:
+            while True:
+                try:
+                    text = self._read_turn()
+                except KeyboardInterrupt:
+                    if self._line_at_interrupt:
+                        self._write("\n")
+                        continue    # Ctrl-C on a half-typed line clears it
+                    self._write("\n")
+                    return 130
+                except EOFError:
+                    self._write("\n")
+                    return 0
+                if text is None:
+                    continue
+                if await self._turn(text) is False:
+                    return 0
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            self._save_history()
+
+    async def _turn(self, text: str) -> Optional[bool]:
+        """One input: a command, or a message to answer.  False means leave."""
+        if not text.strip():
+            return None
+        if text.lstrip().startswith("/"):
+            return await self.command(text.strip())
+        await self.answer(text)
+        return None
+
+    # -- input -----------------------------------------------------------------
+    def _setup_readline(self) -> None:
+        try:
+            import readline
+        except ImportError:     # no GNU readline (some builds): plain input() still works
+            return
+        self.readline = readline
+        readline.parse_and_bind("set enable-bracketed-paste on")   # a pasted block is one turn
+        path = os.environ.get("MESH_HISTORY", os.path.join(_home_dir(), ".mesh_history"))
+        self.history_file = path or None
+        if self.history_file:
+            try:
+                readline.read_history_file(self.history_file)
+            except OSError:
+                pass
+        readline.set_history_length(1000)
+
+    def _save_history(self) -> None:
+        if self.readline is not None and self.history_file:
+            try:
+                self.readline.write_history_file(self.history_file)
+            except OSError as exc:
+                logger.info("could not save the chat history to %s: %s", self.history_file, exc)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        # Runs inside input() before readline discards the line: was anything typed?
+        self._line_at_interrupt = self.readline.get_line_buffer() if self.readline is not None else ""
+        raise KeyboardInterrupt
+
+    def _read_turn(self) -> Optional[str]:
+        """One turn from the terminal: a line, a pasted block, or a \"\"\" block."""
+        self._line_at_interrupt = ""
+        line = input(">>> ")
+        if not line.lstrip().startswith('"""'):
+            return line
+        first = line.lstrip()[3:]
+        if first.rstrip().endswith('"""') and first.strip():
+            return first.rstrip()[:-3]
+        parts = [first] if first else []
+        while True:
+            try:
+                more = input("... ")
+            except KeyboardInterrupt:
+                self._write("\n")
+                return None     # Ctrl-C inside a """ block drops the block, not the session
+            if more.rstrip().endswith('"""'):
+                parts.append(more.rstrip()[:-3])
+                return "\n".join(parts)
+            parts.append(more)
+
+    async def _gather_piped(self, line: str) -> Optional[str]:
+        if not line.lstrip().startswith('"""'):
+            return line
+        first = line.lstrip()[3:]
+        if first.rstrip().endswith('"""') and first.strip():
+            return first.rstrip()[:-3]
+        parts = [first] if first else []
+        assert self._lines is not None
+        while True:
+            more = await self._lines.get()
+            if more is None:
+                return "\n".join(parts)
+            more = more.rstrip("\n")
+            if more.rstrip().endswith('"""'):
+                parts.append(more.rstrip()[:-3])
+                return "\n".join(parts)
+            parts.append(more)
+
+    def _write(self, text: str, *, err: bool = False) -> None:
+        stream = self.stderr if err else self.stdout
+        stream.write(text)
+        stream.flush()
+
+    def _say(self, text: str) -> None:
+        self._write(text + "\n")
+
+    # -- commands --------------------------------------------------------------
+    async def command(self, text: str) -> Optional[bool]:
+        """A slash command (never sent to the model).  False means leave."""
+        words = text.split()
+        cmd, rest = words[0], words[1:]
+        if cmd in ("/bye", "/exit", "/quit"):
+            return False
+        if cmd in ("/?", "/help"):
+            topic = rest[0] if rest else ""
+            self._say({"shortcuts": _CHAT_SHORTCUTS, "shortcut": _CHAT_SHORTCUTS, "/set": _CHAT_SET_HELP,
+                       "set": _CHAT_SET_HELP, "/show": _CHAT_SHOW_HELP, "show": _CHAT_SHOW_HELP
+                       }.get(topic, _CHAT_HELP))
+        elif cmd == "/set":
+            self._set(rest, text)
+        elif cmd == "/show":
+            await self._show(rest)
+        elif cmd == "/clear":
+            self.messages = []
+            self._say("Cleared session context")
+        elif cmd == "/load":
+            if len(rest) != 1:
+                self._say("Usage:\n  /load <modelname>")
+                return None
+            try:
+                info = await self.orch.show(rest[0], node=self.node)
+            except MeshError as exc:
+                self._say(f"error: {exc}")
+                return None
+            self.model, self.info, self.messages = rest[0], info, []
+            self._say(f"Loading model '{self.model}'")
+        else:
+            self._say(f"Unknown command '{cmd}'. Type /? for help")
+        return None
+
+    def _set(self, rest: List[str], text: str) -> None:
+        if not rest:
+            self._say(_CHAT_SET_HELP)
+            return
+        what = rest[0]
+        if what == "parameter":
+            if len(rest) < 3:
+                self._say("Usage: /set parameter <name> <value>   (e.g. /set parameter temperature 0.2)")
+                return
+            name, value = rest[1], " ".join(rest[2:])
+            try:
+                self.options[name] = json.loads(value)
+            except ValueError:
+                self.options[name] = value
+            self._say(f"Set parameter '{name}' to '{value}'")
+        elif what == "system":
+            system = text.split(None, 2)[2] if len(rest) > 1 else ""
+            if system.startswith('"') and system.endswith('"') and len(system) > 1:
+                system = system[1:-1]
+            self.system = system or None
+            self._say("Set system message.")
+        elif what in ("verbose", "quiet"):
+            self.verbose = what == "verbose"
+            self._say(f"Set '{what}' mode.")
+        elif what in ("history", "nohistory"):
+            if self.readline is not None:
+                self.readline.set_auto_history(what == "history")
+            self._say(f"Set '{what}' mode.")
+        elif what == "format" and rest[1:] == ["json"]:
+            self.format = "json"
+            self._say("Set format to 'json' mode.")
+        elif what == "noformat":
+            self.format = None
+            self._say("Disabled format.")
+        else:
+            self._say(f"Unknown command '/set {what}'. Type /? for help")
+
+    async def _show(self, rest: List[str]) -> None:
+        if not rest:
+            self._say(_CHAT_SHOW_HELP)
+            return
+        what = rest[0]
+        if what == "info":
+            self._say(_format_show(self.info))
+        elif what == "parameters":
+            params = (self.info.get("parameters") or "").strip()
+            lines = ["Model defined parameters:", params or "No parameters were specified for this model."]
+            if self.options:
+                lines += ["", "User defined parameters:"] + [f"{k:<30} {json.dumps(v)}" for k, v in self.options.items()]
+            self._say("\n".join(lines))
+        elif what == "system":
+            self._say(self.system or self.info.get("system") or "No system message was specified for this model.")
+        elif what in ("modelfile", "template", "license"):
+            self._say(str(self.info.get(what) or f"No {what} was specified for this model.").rstrip("\n"))
+        else:
+            self._say(f"Unknown command '/show {what}'. Type /? for help")
+
+    # -- answering -------------------------------------------------------------
+    async def answer(self, text: str) -> None:
+        """Send the conversation plus `text`; stream the reply.  Ctrl-C (on a terminal)
+        stops it: the partial answer is kept as the assistant's turn, as it was seen."""
+        self.messages.append({"role": "user", "content": text})
+        task = asyncio.ensure_future(self._stream())
+        loop = asyncio.get_running_loop()
+        import signal
+        watching = False
+        if self.interactive:
+            try:
+                loop.add_signal_handler(signal.SIGINT, task.cancel)
+                watching = True
+            except (NotImplementedError, RuntimeError):
+                pass
+        try:
+            await asyncio.wait({task})
+        finally:
+            if watching:
+                loop.remove_signal_handler(signal.SIGINT)
+                signal.signal(signal.SIGINT, self._on_sigint)
+        if task.cancelled():
+            self._write("\n")
+            return
+        exc = task.exception()
+        if exc is None:
+            return
+        if not isinstance(exc, MeshError):
+            raise exc
+        self.messages.pop()   # the turn failed: it is not part of the conversation
+        if isinstance(exc, StreamInterruptedError):
+            self._write(f"\nmesh: the answer broke off: {exc}\n"
+                        "mesh: that turn is not kept; send it again to ask another node\n", err=True)
+        else:
+            self._write(f"mesh: error: {exc}\n", err=True)
+
+    async def _stream(self) -> None:
+        messages = list(self.messages)
+        if self.system:
+            messages.insert(0, {"role": "system", "content": self.system})
+        extra: Dict[str, Any] = {}
+        if self.format:
+            extra["format"] = self.format
+        if self.keep_alive is not None:
+            extra["keep_alive"] = self.keep_alive
+        spinner = _Spinner(self.stdout) if self.interactive else None
+        started = time.monotonic()
+        first: Optional[float] = None
+        parts: List[str] = []
+        final: Dict[str, Any] = {}
+        stream = None
+        try:
+            stream = await self.orch.chat(messages, model=self.model, node=self.node, stream=True,
+                                          options=self.options or None, **extra)
             async for chunk in stream:
                 piece = (chunk.get("message") or {}).get("content") or ""
-                reply_parts.append(piece)
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        except MeshError:
-            history.pop()
+                if piece and first is None:
+                    first = time.monotonic() - started
+                    if spinner:
+                        spinner.stop()
+                if piece:
+                    parts.append(piece)
+                    self._write(piece)
+                final = chunk
+        except asyncio.CancelledError:
+            if parts:
+                self.messages.append({"role": "assistant", "content": "".join(parts)})
+            else:
+                self.messages.pop()
             raise
         finally:
-            await stream.aclose()
-        _print()
-        history.append({"role": "assistant", "content": "".join(reply_parts)})
+            if spinner:
+                spinner.stop()
+            if stream is not None:
+                await stream.aclose()
+        text = "".join(parts)
+        self._write("\n" if not text.endswith("\n") else "")
+        if self.interactive:
+            self._write("\n")
+        self.messages.append({"role": "assistant", "content": text})
+        if self.verbose:
+            self._write(_answer_stats(final, first, time.monotonic() - started), err=True)
+
+
+def _answer_stats(final: Dict[str, Any], ttft: Optional[float], elapsed: float) -> str:
+    """What `ollama run --verbose` prints after an answer, plus the node and time to first token."""
+    def dur(ns: Any) -> str:
+        return f"{ns / 1e6:.2f}ms" if isinstance(ns, (int, float)) and ns < 1e9 else \
+            f"{ns / 1e9:.2f}s" if isinstance(ns, (int, float)) else "-"
+    rows = [("node", final.get("node") or "-"),
+            ("time to first token", "-" if ttft is None else f"{ttft * 1000:.0f}ms"),
+            ("total duration", dur(final.get("total_duration")) if final.get("total_duration") else f"{elapsed:.2f}s"),
+            ("load duration", dur(final.get("load_duration")) if final.get("load_duration") is not None else None),
+            ("prompt eval count", f"{final['prompt_eval_count']} token(s)" if "prompt_eval_count" in final else None),
+            ("eval count", f"{final['eval_count']} token(s)" if "eval_count" in final else None)]
+    count, ns = final.get("eval_count"), final.get("eval_duration")
+    if count and ns:
+        rows.append(("eval rate", f"{count / (ns / 1e9):.2f} tokens/s"))
+    return "".join(f"{k + ':':<22}{v}\n" for k, v in rows if v is not None)
+
+
+class _Spinner:
+    """A turning mark while the first token is awaited; only ever made for a terminal."""
+
+    FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.drawn = False
+        self._task = asyncio.ensure_future(self._spin())
+
+    async def _spin(self) -> None:
+        i = 0
+        while True:
+            self.stream.write("\r" + self.FRAMES[i % len(self.FRAMES)] + " ")
+            self.stream.flush()
+            self.drawn = True
+            i += 1
+            await asyncio.sleep(0.1)
+
+    def stop(self) -> None:
+        """Stop and wipe the mark at once, before the first token is written."""
+        if not self._task.done():
+            self._task.cancel()
+        if self.drawn:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.drawn = False
+
+
+# -- what people wait for: live lines on a terminal, nothing drawn otherwise -------
+
+class _LiveLines:
+    """A few status lines redrawn in place on a terminal (pull bars, `test`'s pending
+    nodes).  When the stream is not a terminal nothing is drawn at all."""
+
+    def __init__(self, stream: Any = None, *, interval: float = 0.1) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.interval = interval
+        self.lines: Dict[str, str] = {}
+        self._drawn = 0
+        self._last = 0.0
+
+    def set(self, key: str, text: str, *, force: bool = False) -> None:
+        self.lines[key] = text
+        now = time.monotonic()
+        if force or now - self._last >= self.interval:
+            self.draw()
+
+    def draw(self) -> None:
+        if not self.enabled:
+            return
+        self._last = time.monotonic()
+        width = max(20, _terminal_width(self.stream) - 1)
+        out = ["\x1b[%dF" % self._drawn] if self._drawn else []
+        for text in self.lines.values():
+            out.append("\x1b[2K" + text[:width] + "\n")
+        self.stream.write("".join(out))
+        self.stream.flush()
+        self._drawn = len(self.lines)
+
+    def clear(self) -> None:
+        """Take the lines off the screen (what is printed next takes their place)."""
+        if self.enabled and self._drawn:
+            self.stream.write("\x1b[%dF\x1b[J" % self._drawn)
+            self.stream.flush()
+        self._drawn = 0
+
+
+def _terminal_width(stream: Any) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        return 80
+
+
+def _human_size(size: Optional[float]) -> str:
+    """Bytes as Ollama's CLI shows them (decimal units: 4.7 GB)."""
+    if size is None:
+        return "-"
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if size >= scale:
+            value = size / scale
+            return f"{value:.1f} {unit}" if value < 100 else f"{value:.0f} {unit}"
+    return f"{int(size)} B"
+
+
+def _parse_time(text: Any) -> Optional[float]:
+    """Ollama's RFC 3339 times (nanosecond fractions, 'Z' or an offset) -> epoch seconds."""
+    import datetime
+    if not isinstance(text, str) or not text:
+        return None
+    m = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)?", text.strip())
+    if not m:
+        return None
+    frac = (m.group(2) or ".0")[:7]
+    zone = m.group(3) or "Z"
+    zone = "+00:00" if zone == "Z" else zone
+    try:
+        return datetime.datetime.fromisoformat(m.group(1) + frac + zone).timestamp()
+    except ValueError:
+        return None
+
+
+def _relative(when: Optional[float], now: Optional[float] = None) -> str:
+    """'4 minutes from now', '2 days ago', 'Forever' - as `ollama ps` and `ollama list` say it."""
+    if when is None:
+        return "-"
+    delta = when - (time.time() if now is None else now)
+    if delta > 10 * 365 * 86400:
+        return "Forever"
+    ahead, secs = delta >= 0, abs(delta)
+    for unit, size in (("year", 365 * 86400), ("month", 30 * 86400), ("week", 7 * 86400), ("day", 86400),
+                       ("hour", 3600), ("minute", 60)):
+        if secs >= size:
+            n = int(secs // size)
+            text = f"{n} {unit}{'s' if n != 1 else ''}"
+            break
+    else:
+        if secs < 1:
+            return "now" if ahead else "just now"
+        text = "less than a minute"
+    return f"{text} from now" if ahead else f"{text} ago"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
+    lines = ["    ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [headers, *rows]]
+    return "\n".join(lines)
+
+
+def _processor(entry: Dict[str, Any]) -> str:
+    """Where a loaded model sits, as `ollama ps` says: 100% GPU, 100% CPU, 48%/52% CPU/GPU."""
+    size, vram = entry.get("size") or 0, entry.get("size_vram")
+    if not size or vram is None:
+        return "-"
+    gpu = round(100 * vram / size)
+    if gpu >= 100:
+        return "100% GPU"
+    if gpu <= 0:
+        return "100% CPU"
+    return f"{100 - gpu}%/{gpu}% CPU/GPU"
+
+
+def _warn_down(down: Dict[str, Optional[str]]) -> None:
+    for name, reason in down.items():
+        _print(f"mesh: {name} is down ({reason}); its models are not listed", file=sys.stderr)
+
+
+def _results_out(args: Any, results: Dict[str, Optional[str]], done: str) -> int:
+    """The per-node outcome of pull/rm/stop: JSON rows or one line per node; exit 1 if any failed."""
+    if args.json:
+        _print(json.dumps([{"node": n, "ok": r is None, "error": r} for n, r in results.items()], indent=2))
+    else:
+        width = max(len(n) for n in results)
+        for name, reason in results.items():
+            _print(f"{name:<{width}}  {done if reason is None else 'error: ' + reason}")
+    return 0 if all(r is None for r in results.values()) else 1
+
+
+async def cmd_list(orch: MeshOrchestrator, args: Any) -> int:
+    """`ollama list` over the pool: each model once, with the nodes that have it."""
+    inventory = await orch.models()
+    if not args.json:
+        _warn_down(inventory["down"])
+    if len(inventory["down"]) == len(orch.nodes):
+        raise orch._no_nodes("no node answered: " + "; ".join(f"{n}: {r}" for n, r in inventory["down"].items()))
+    if args.json:
+        _print(json.dumps(inventory, indent=2))
+        return 0
+    rows = [(m.get("name", ""), (m.get("digest") or "").replace("sha256:", "")[:12], _human_size(m.get("size")),
+             _relative(_parse_time(m.get("modified_at"))), ", ".join(m["nodes"])) for m in inventory["models"]]
+    _print(_table(("NAME", "ID", "SIZE", "MODIFIED", "NODES"), rows))
     return 0
+
+
+async def cmd_ps(orch: MeshOrchestrator, args: Any) -> int:
+    """`ollama ps` over the pool: what is loaded where, how much of it in VRAM, until when."""
+    loaded = await orch.ps()
+    down = {n.name: n.reason for n in orch.nodes if not n.healthy}
+    if args.json:
+        _print(json.dumps({"models": loaded, "nodes": [n.status() for n in orch.nodes]}, indent=2))
+        return 0 if len(down) < len(orch.nodes) else 1
+    rows = [(m.get("name", ""), m["node"], _human_size(m.get("size")), _processor(m),
+             _relative(_parse_time(m.get("expires_at")))) for m in loaded]
+    _print(_table(("NAME", "NODE", "SIZE", "PROCESSOR", "UNTIL"), rows))
+    for name, reason in down.items():
+        _print(f"mesh: {name} is down ({reason})", file=sys.stderr)
+    return 0 if len(down) < len(orch.nodes) else 1
+
+
+_SHOW_SECTIONS = ("modelfile", "parameters", "template", "system", "license")
+
+
+async def cmd_show(orch: MeshOrchestrator, args: Any) -> int:
+    """`ollama show MODEL` from a node that has it."""
+    info = await orch.show(args.model, node=args.node)
+    if args.json:
+        _print(json.dumps(info, indent=2, ensure_ascii=False))
+        return 0
+    for section in _SHOW_SECTIONS:
+        if getattr(args, section, False):
+            _print(str(info.get(section) or "").rstrip("\n"))
+            return 0
+    _print(_format_show(info))
+    return 0
+
+
+def _format_show(info: Dict[str, Any]) -> str:
+    details = info.get("details") or {}
+    model_info = info.get("model_info") or {}
+    arch = model_info.get("general.architecture") or details.get("family")
+    facts = [("architecture", arch), ("parameters", details.get("parameter_size")),
+             ("context length", model_info.get(f"{arch}.context_length")),
+             ("embedding length", model_info.get(f"{arch}.embedding_length")),
+             ("quantization", details.get("quantization_level")), ("format", details.get("format")),
+             ("node", info.get("node"))]
+    out = ["  Model"] + [f"    {k:<20}{v}" for k, v in facts if v not in (None, "")]
+    if info.get("capabilities"):
+        out += ["", "  Capabilities"] + [f"    {c}" for c in info["capabilities"]]
+    params = (info.get("parameters") or "").strip()
+    if params:
+        out += ["", "  Parameters"] + ["    " + " ".join(line.split()) for line in params.splitlines()]
+    if info.get("system"):
+        out += ["", "  System", "    " + str(info["system"]).strip().replace("\n", "\n    ")]
+    lic = (info.get("license") or "").strip()
+    if lic:
+        out += ["", "  License"] + ["    " + line for line in lic.splitlines()[:2]]
+    return "\n".join(out)
+
+
+def _pull_line(node: str, width: int, obj: Dict[str, Any]) -> str:
+    status = str(obj.get("status") or "")
+    total, done = obj.get("total"), obj.get("completed") or 0
+    if isinstance(total, (int, float)) and total > 0:
+        frac = min(1.0, done / total)
+        bar = "█" * int(frac * 25) + "▏" * (frac < 1) + " " * (25 - int(frac * 25) - (frac < 1))
+        return f"{node:<{width}}  {status[:28]:<28} {frac:4.0%} ▕{bar}▏ {_human_size(done)}/{_human_size(total)}"
+    return f"{node:<{width}}  {status}"
+
+
+async def cmd_pull(orch: MeshOrchestrator, args: Any) -> int:
+    """Pull onto the named nodes (or all) at once, one live progress bar per node."""
+    targets = args.targets or [n.name for n in orch.nodes]
+    for name in targets:
+        orch.node(name)   # an unknown name is a usage error before anything starts
+    width = max(len(n) for n in targets)
+    live = _LiveLines(sys.stderr)
+    if args.json:
+        live.enabled = False
+    for name in targets:
+        live.lines[name] = f"{name:<{width}}  waiting"
+
+    def progress(node: str, obj: Dict[str, Any]) -> None:
+        live.set(node, _pull_line(node, width, obj))
+
+    live.draw()
+    results = await orch.pull(args.model, nodes=targets, progress=progress)
+    live.clear()
+    return _results_out(args, results, "success")
+
+
+async def cmd_rm(orch: MeshOrchestrator, args: Any) -> int:
+    """Delete a model from the named nodes, or from every node that has it, after a yes."""
+    key = model_key(args.model)
+    if args.targets:
+        for name in args.targets:
+            orch.node(name)
+        targets = list(args.targets)
+    else:
+        await orch.refresh(force=True)
+        targets = [n.name for n in orch.nodes if n.healthy and key in n.models]
+        if not targets:
+            raise orch.model_not_found(args.model)
+    if not args.yes:
+        if sys.stdin is None or not sys.stdin.isatty():
+            raise UsageError(f"rm: add --yes to delete {args.model} from {', '.join(targets)} "
+                             "(stdin is not a terminal to ask)")
+        answer = input(f"delete {args.model} from {', '.join(targets)}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            _print("mesh: nothing deleted", file=sys.stderr)
+            return 1
+    results = await orch.delete(args.model, nodes=targets)
+    return _results_out(args, results, f"deleted '{args.model}'")
+
+
+async def cmd_stop(orch: MeshOrchestrator, args: Any) -> int:
+    """Unload a model everywhere it is loaded (or on the named nodes), like `ollama stop`."""
+    for name in args.targets or ():
+        orch.node(name)
+    results = await orch.unload(args.model, nodes=args.targets or None)
+    return _results_out(args, results, f"stopped '{args.model}'")
 
 
 def _build_parser() -> Any:
@@ -3920,9 +4769,22 @@ def _build_parser() -> Any:
         if system:
             p.add_argument("--system", help="system prompt")
 
+    p = sub.add_parser("run", parents=[common], help="chat with a model, or answer one prompt (as `ollama run`)",
+                       description="With PROMPT (or text piped on stdin): one answer, streamed. Without: a chat "
+                                   "with line editing and history; /? lists its commands.")
+    p.add_argument("model_name", metavar="MODEL", help="the model, e.g. qwen2.5:7b")
+    p.add_argument("prompt", nargs="*", help="the prompt (several words are joined by spaces)")
+    p.add_argument("--node", metavar="NAME", help="send to this node only (no failover)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--format", help="'json' or a JSON schema, as Ollama's format")
+    p.add_argument("--keep-alive", help="how long the node keeps the model loaded (e.g. 5m, 0)")
+    p.add_argument("--option", "-o", action="append", metavar="KEY=VALUE",
+                   help="a model option, e.g. temperature=0.2 (repeatable)")
+    p.set_defaults(func=cmd_run, json=False, no_stream=False)
+
     p = sub.add_parser("generate", parents=[common], help="ask the pool one prompt",
                        description="Send a prompt to the best node; tokens stream to stdout as they arrive.")
-    p.add_argument("prompt", nargs="?", help="the prompt; '-' or absent reads it from stdin")
+    p.add_argument("prompt", nargs="*", help="the prompt; '-' or absent reads it from stdin")
     model_opts(p)
     p.add_argument("--no-stream", action="store_true", help="print the answer only when complete")
     p.add_argument("--json", action="store_true", help="print Ollama's final response object plus \"node\"")
@@ -3933,9 +4795,56 @@ def _build_parser() -> Any:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", parents=[common], help="multi-turn chat in the terminal",
-                       description="Chat with the pool; history is kept for the session. /bye or Ctrl-D ends it.")
+                       description="Chat with the pool, as `ollama run` does: line editing and history, "
+                                   "\"\"\" for several lines, /? for commands; Ctrl-C stops an answer; "
+                                   "/bye, Ctrl-D or Ctrl-C at an empty prompt ends it. Piped stdin: one turn per line.")
     model_opts(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("list", aliases=["ls"], parents=[common], help="models on each node (as `ollama list`)",
+                       description="Every model in the pool once, with its size and the nodes that have it.")
+    p.add_argument("--json", action="store_true", help='print {"models": [... "nodes": [...]], "down": {...}}')
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("ps", parents=[common], help="what is loaded where (as `ollama ps`)",
+                       description="Models loaded in memory on each node: size, share in VRAM, until when; "
+                                   "and each node's GPU, VRAM, RAM and load where the node tells.")
+    p.add_argument("--json", action="store_true", help='print {"models": [...], "nodes": [status...]}')
+    p.set_defaults(func=cmd_ps)
+
+    p = sub.add_parser("show", parents=[common], help="details of a model (as `ollama show`)",
+                       description="Ollama's /api/show for MODEL, from a node that has it.")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--node", metavar="NAME", help="ask this node")
+    p.add_argument("--json", action="store_true", help="print Ollama's reply plus \"node\"")
+    for section in _SHOW_SECTIONS:
+        p.add_argument(f"--{section}", action="store_true", help=f"print only the {section}")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("pull", parents=[common], help="pull a model onto nodes (all by default)",
+                       description="Pull MODEL onto the named nodes, or every node, all at once: one progress "
+                                   "bar per node on a terminal. A node that fails does not stop the others; "
+                                   "exit 1 if any failed.")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("targets", nargs="*", metavar="NODE", help="nodes to pull onto (default: all)")
+    p.add_argument("--json", action="store_true", help="print [{node, ok, error}]")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("rm", parents=[common], help="remove a model from nodes",
+                       description="Delete MODEL from the named nodes, or from every node that has it, "
+                                   "after a confirmation (--yes skips it; required when stdin is not a terminal).")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("targets", nargs="*", metavar="NODE", help="nodes to delete from (default: all that have it)")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask")
+    p.add_argument("--json", action="store_true", help="print [{node, ok, error}]")
+    p.set_defaults(func=cmd_rm)
+
+    p = sub.add_parser("stop", parents=[common], help="unload a model everywhere (as `ollama stop`)",
+                       description="Unload MODEL from memory on every node where it is loaded (or the named ones).")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("targets", nargs="*", metavar="NODE", help="only these nodes")
+    p.add_argument("--json", action="store_true", help="print [{node, ok, error}]")
+    p.set_defaults(func=cmd_stop)
 
     p = sub.add_parser("serve", parents=[common], help="look like one Ollama on a local address",
                        description="An Ollama-compatible HTTP API in front of the whole mesh. Point any "
@@ -4017,10 +4926,36 @@ async def _run(args: Any) -> int:
         await orch.close()
 
 
+def _one_prompt(words: List[str]) -> Optional[str]:
+    """generate's PROMPT: one argument.  Two, the first like a model name, is the
+    `ollama run MODEL PROMPT` habit: say how it is written here."""
+    if len(words) <= 1:
+        return words[0] if words else None
+    if re.fullmatch(r"[\w.\-/]+(:[\w.\-]+)?", words[0]):
+        raise UsageError(f"generate takes one PROMPT; to pick the model: mesh.py run {words[0]} "
+                         f"\"{' '.join(words[1:])}\" (or generate --model {words[0]} \"...\")")
+    raise UsageError("generate takes one PROMPT: put it in quotes")
+
+
+def _short_help(parser: Any) -> str:
+    """What `mesh.py` alone prints: usage and the commands, one line each."""
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    width = max(len(a.dest) for a in sub._choices_actions)
+    lines = ["usage: mesh.py COMMAND [options]   (mesh.py COMMAND --help for more)", "",
+             "One pool of Ollama machines over nothing but SSH; the nodes are the Host entries "
+             "of your SSH config.", "", "commands:"]
+    lines += [f"  {a.dest:<{width}}  {a.help}" for a in sub._choices_actions]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line; returns the exit status (0 ok, 1 failure, 2 usage)."""
     try:
-        args = _build_parser().parse_args(argv)
+        parser = _build_parser()
+        if not (sys.argv[1:] if argv is None else list(argv)):
+            sys.stdout.write(_short_help(parser))
+            return 0
+        args = parser.parse_args(argv)
         for key in ("verbose",):
             if not hasattr(args, key):
                 setattr(args, key, 0)
@@ -4030,7 +4965,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if not os.path.isfile(args.config):
                 raise UsageError(f"--config {args.config}: no such file")
         if args.func is cmd_generate:
-            args.prompt_text = _read_prompt(args.prompt)
+            args.prompt_text = _read_prompt(_one_prompt(args.prompt))
+        elif args.func is cmd_run:
+            interactive = sys.stdin is not None and sys.stdin.isatty()
+            args.prompt_text = (_read_prompt(" ".join(args.prompt)) if args.prompt
+                                else None if interactive or sys.stdin is None else _read_prompt("-"))
         return asyncio.run(_run(args))
     except MeshError as exc:
         sys.stderr.write(f"mesh: error: {exc}\n")

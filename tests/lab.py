@@ -72,6 +72,7 @@ class FakeOllama:
         self.token_delay = token_delay    # seconds between streamed chunks
         self.tokens = tokens or ["Hello", " from", " " + name, "."]
         self.mode = "ok"
+        self.pull_error: Optional[str] = None   # /api/pull streams this as Ollama's {"error": ...} line
         self.requests: List[Dict[str, Any]] = []
         self.active = 0
         self.max_active = 0
@@ -196,7 +197,10 @@ class FakeOllama:
                          "digest": "sha256:" + str(abs(hash(m)))[:12], "details": {"family": "fake"}}
                         for m in fake.models]})
                 elif self.path == "/api/ps":
-                    self._json(200, {"models": [{"name": m, "model": m, "size": 1000} for m in fake.loaded]})
+                    self._json(200, {"models": [{"name": m, "model": m, "size": 2000, "size_vram": 1000,
+                                                 "digest": "sha256:" + str(abs(hash(m)))[:12],
+                                                 "expires_at": "2099-01-01T00:00:00.123456789Z"}
+                                                for m in fake.loaded]})
                 elif self.path == "/":
                     data = b"Ollama is running"
                     self.send_response(200)
@@ -205,6 +209,21 @@ class FakeOllama:
                     self.wfile.write(data)
                 else:
                     self._json(404, {"error": "404 page not found"})
+
+            def do_DELETE(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length) or b"{}")
+                fake.requests.append({"path": self.path, "body": body, "method": "DELETE"})
+                model = body.get("model") or body.get("name") or ""
+                if self.path != "/api/delete":
+                    self._json(405, {"error": "method not allowed"})
+                elif model not in fake.models:
+                    self._json(404, {"error": f"model '{model}' not found"})
+                else:   # Ollama answers 200 with no body
+                    fake.models.remove(model)
+                    self.send_response(200)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
@@ -237,6 +256,17 @@ class FakeOllama:
                     self.send_header("Transfer-Encoding", "chunked")
                     self.end_headers()
                     self._chunk({"status": "pulling manifest"})
+                    if fake.pull_error:
+                        self._chunk({"error": fake.pull_error})
+                        self._chunk(b"")
+                        return
+                    for done in (0, 500, 1000):
+                        self._chunk({"status": "pulling 8eeb52dfb3bb", "digest": "sha256:8eeb52dfb3bb",
+                                     "total": 1000, "completed": done})
+                        if fake.token_delay:
+                            time.sleep(fake.token_delay)
+                    self._chunk({"status": "verifying sha256 digest"})
+                    self._chunk({"status": "writing manifest"})
                     self._chunk({"status": "success"})
                     self._chunk(b"")
                     if model not in fake.models:
@@ -257,7 +287,18 @@ class FakeOllama:
                     self._json(200, {"embedding": [float(len(body.get("prompt", ""))), 0.5]})
                     return
                 if self.path == "/api/show":
-                    self._json(200, {"modelfile": "FROM " + model, "details": {"family": "fake"}})
+                    self._json(200, {"modelfile": "FROM " + model, "parameters": "temperature 0.7",
+                                     "template": "{{ .Prompt }}", "license": "FAKE LICENSE",
+                                     "details": {"family": "fake", "parameter_size": "7.6B",
+                                                 "quantization_level": "Q4_K_M", "format": "gguf"},
+                                     "model_info": {"general.architecture": "fake", "fake.context_length": 32768},
+                                     "capabilities": ["completion"]})
+                    return
+                if self.path == "/api/generate" and "prompt" not in body and body.get("keep_alive") == 0:
+                    if model in fake.loaded:   # `ollama stop`: unload
+                        fake.loaded.remove(model)
+                    self._json(200, {"model": model, "created_at": "2026-01-01T00:00:00Z", "response": "",
+                                     "done": True, "done_reason": "unload"})
                     return
                 chat = self.path == "/api/chat"
                 if chat:
