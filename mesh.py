@@ -4168,41 +4168,26 @@ class ChatSession:
     def _read_turn(self) -> Optional[str]:
         """One turn from the terminal: a line, a pasted block, or a \"\"\" block."""
         self._line_at_interrupt = ""
-        line = input(">>> ")
-        if not line.lstrip().startswith('"""'):
-            return line
-        first = line.lstrip()[3:]
-        if first.rstrip().endswith('"""') and first.strip():
-            return first.rstrip()[:-3]
-        parts = [first] if first else []
-        while True:
+        block = _Multiline()
+        text = block.feed(input(">>> "))
+        while text is None:
             try:
-                more = input("... ")
+                text = block.feed(input("... "))
             except KeyboardInterrupt:
                 self._write("\n")
-                return None     # Ctrl-C inside a """ block drops the block, not the session
-            if more.rstrip().endswith('"""'):
-                parts.append(more.rstrip()[:-3])
-                return "\n".join(parts)
-            parts.append(more)
+                return None     # Ctrl-C inside a triple-quote block drops the block, not the session
+        return text
 
     async def _gather_piped(self, line: str) -> Optional[str]:
-        if not line.lstrip().startswith('"""'):
-            return line
-        first = line.lstrip()[3:]
-        if first.rstrip().endswith('"""') and first.strip():
-            return first.rstrip()[:-3]
-        parts = [first] if first else []
         assert self._lines is not None
-        while True:
+        block = _Multiline()
+        text = block.feed(line)
+        while text is None:
             more = await self._lines.get()
             if more is None:
-                return "\n".join(parts)
-            more = more.rstrip("\n")
-            if more.rstrip().endswith('"""'):
-                parts.append(more.rstrip()[:-3])
-                return "\n".join(parts)
-            parts.append(more)
+                return block.end()
+            text = block.feed(more.rstrip("\n"))
+        return text
 
     def _write(self, text: str, *, err: bool = False) -> None:
         stream = self.stderr if err else self.stdout
@@ -4387,6 +4372,35 @@ class ChatSession:
             self._write(_answer_stats(final, first, time.monotonic() - started), err=True)
 
 
+class _Multiline:
+    """Ollama's triple-quote blocks: a line starting with three double quotes opens one,
+    a line ending with them closes it; the lines between are one message.  feed()
+    returns the message once it is complete (a plain line is complete at once), else None."""
+
+    def __init__(self) -> None:
+        self.parts: Optional[List[str]] = None
+
+    def feed(self, line: str) -> Optional[str]:
+        if self.parts is None:
+            if not line.lstrip().startswith('"""'):
+                return line
+            self.parts = []
+            line = line.lstrip()[3:]
+            if line.rstrip().endswith('"""') and line.strip() != "":
+                return line.rstrip()[:-3]
+        if line.rstrip().endswith('"""'):
+            line = line.rstrip()[:-3]
+            if line:
+                self.parts.append(line)
+            return self.end()
+        if line or self.parts:
+            self.parts.append(line)
+        return None
+
+    def end(self) -> str:
+        return "\n".join(self.parts or [])
+
+
 def _answer_stats(final: Dict[str, Any], ttft: Optional[float], elapsed: float) -> str:
     """What `ollama run --verbose` prints after an answer, plus the node and time to first token."""
     def dur(ns: Any) -> str:
@@ -4475,7 +4489,7 @@ class _LiveLines:
 
 def _terminal_width(stream: Any) -> int:
     try:
-        return os.get_terminal_size(stream.fileno()).columns
+        return os.get_terminal_size(stream.fileno()).columns or 80   # 0: a pty nobody sized
     except (OSError, ValueError, AttributeError):
         return 80
 

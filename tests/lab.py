@@ -199,7 +199,8 @@ class FakeOllama:
                 elif self.path == "/api/ps":
                     self._json(200, {"models": [{"name": m, "model": m, "size": 2000, "size_vram": 1000,
                                                  "digest": "sha256:" + str(abs(hash(m)))[:12],
-                                                 "expires_at": "2099-01-01T00:00:00.123456789Z"}
+                                                 "expires_at": time.strftime("%Y-%m-%dT%H:%M:%S.123456789Z",
+                                                                             time.gmtime(time.time() + 299))}
                                                 for m in fake.loaded]})
                 elif self.path == "/":
                     data = b"Ollama is running"

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import needs_sshd
-from lab import MESH, FakeOllama, _pids_matching, wait_for
+from lab import MESH, FakeOllama, _pids_matching, free_port as lab_free_port, wait_for
 
 pytestmark = needs_sshd
 
@@ -296,3 +296,122 @@ def test_this_machine_as_a_node_over_plain_http(lab):
         assert [r["transport"] for r in rows] == ["forward", "http"] and rows[1]["ssh_ms"] is None
     finally:
         here.close()
+
+
+# -- the commands an Ollama user knows, over the whole pool (issue 15) ---------------
+
+def test_list_ps_show_over_the_pool(lab):
+    lab.add_node("alpha", ["qwen2.5:7b", "llama3"], loaded=["qwen2.5:7b"])
+    lab.add_node("beta", ["qwen2.5:7b"])
+    p = lab.run("list")
+    assert p.returncode == 0, p.stderr.decode()
+    lines = p.stdout.decode().splitlines()
+    assert lines[0].split() == ["NAME", "ID", "SIZE", "MODIFIED", "NODES"]
+    assert lines[1].split()[0] == "llama3" and lines[1].endswith("alpha")
+    assert lines[2].split()[0] == "qwen2.5:7b" and lines[2].endswith("alpha, beta") and "1.0 KB" in lines[2]
+    listed = json.loads(lab.run("ls", "--json").stdout)
+    assert [(m["name"], m["nodes"]) for m in listed["models"]] == [("llama3", ["alpha"]),
+                                                                   ("qwen2.5:7b", ["alpha", "beta"])]
+    assert listed["down"] == {}
+
+    p = lab.run("ps")
+    lines = p.stdout.decode().splitlines()
+    assert lines[0].split() == ["NAME", "NODE", "SIZE", "PROCESSOR", "UNTIL"]
+    assert lines[1].split()[:3] == ["qwen2.5:7b", "alpha", "2.0"] and "50%/50% CPU/GPU" in lines[1]
+    assert lines[1].endswith("4 minutes from now"), lines[1]
+    ps = json.loads(lab.run("ps", "--json").stdout)
+    assert [(m["name"], m["node"]) for m in ps["models"]] == [("qwen2.5:7b", "alpha")]
+
+    p = lab.run("show", "llama3")
+    out = p.stdout.decode()
+    assert p.returncode == 0 and "parameters          7.6B" in out and "node                alpha" in out, out
+    assert lab.run("show", "--license", "llama3").stdout.decode() == "FAKE LICENSE\n"
+    assert json.loads(lab.run("show", "--json", "llama3").stdout)["node"] == "alpha"
+    p = lab.run("show", "lama3")
+    assert p.returncode == 1
+    assert 'model "lama3" not found on any node' in one_line_error(p) and "closest: llama3" in p.stderr.decode()
+
+
+def test_pull_onto_every_node_one_failing_does_not_stop_the_others(lab):
+    lab.add_node("alpha", ["llama3"])
+    lab.add_node("beta", ["llama3"]).pull_error = "pull model manifest: file does not exist"
+    lab.add_node("gamma", ["llama3"])
+    lab.nodes["gamma"].kill()
+    p = lab.run("pull", "phi3:mini")
+    assert p.returncode == 1
+    out = p.stdout.decode()
+    assert out.splitlines() == ["alpha  success", "beta   error: pull model manifest: file does not exist",
+                                "gamma  error: down: ssh: connection refused"]
+    assert "\x1b" not in out + p.stderr.decode()    # not a terminal: nothing drawn
+    assert "phi3:mini" in lab.fakes["alpha"].models
+    p = lab.run("pull", "--json", "qwen2:0.5b", "alpha")
+    assert p.returncode == 0 and json.loads(p.stdout) == [{"node": "alpha", "ok": True, "error": None}]
+    assert "qwen2:0.5b" not in lab.fakes["beta"].models
+    p = lab.run("pull", "x", "nosuch")
+    assert p.returncode == 2 and "unknown node 'nosuch'" in one_line_error(p)
+
+
+def test_rm_asks_first_and_stop_unloads(lab):
+    lab.add_node("alpha", ["llama3", "phi3:mini"], loaded=["llama3"])
+    lab.add_node("beta", ["llama3"], loaded=["llama3"])
+    p = lab.run("rm", "phi3:mini")
+    assert p.returncode == 2 and "add --yes" in one_line_error(p)
+    assert "phi3:mini" in lab.fakes["alpha"].models
+    p = lab.run("rm", "--yes", "phi3:mini")
+    assert p.returncode == 0 and p.stdout.decode() == "alpha  deleted 'phi3:mini'\n"
+    assert lab.fakes["alpha"].models == ["llama3"] and lab.fakes["beta"].models == ["llama3"]
+    p = lab.run("rm", "--yes", "phi3:mini")
+    assert p.returncode == 1 and 'model "phi3:mini" not found on any node' in one_line_error(p)
+
+    p = lab.run("stop", "--json", "llama3")
+    assert p.returncode == 0 and {r["node"] for r in json.loads(p.stdout)} == {"alpha", "beta"}
+    assert lab.fakes["alpha"].loaded == [] and lab.fakes["beta"].loaded == []
+    unload = lab.fakes["alpha"].bodies("/api/generate")[-1]
+    assert unload["keep_alive"] == 0 and "prompt" not in unload
+    p = lab.run("stop", "llama3")
+    assert p.returncode == 1 and "couldn't find model \"llama3\" to stop" in one_line_error(p)
+
+
+def test_misspelt_model_with_a_node_down_is_not_found_not_that_nodes_fault(lab):
+    lab.add_node("alpha", ["llama3"])
+    lab.add_node("beta", ["qwen2.5:7b"])
+    lab.nodes["beta"].kill()
+    p = lab.run("generate", "--model", "lama3", "hi")
+    assert p.returncode == 1
+    err = one_line_error(p)
+    assert 'model "lama3" not found on any node (searched: alpha); down: beta (ssh: connection refused)' in err
+    assert err.rstrip().endswith("closest: llama3")
+
+
+def test_run_generate_hint_short_help(lab):
+    lab.add_node("alpha", ["llama3"])
+    p = lab.run("run", "llama3", "why", "is", "the", "sky", "blue")
+    assert p.returncode == 0 and p.stdout.decode() == "Hello from alpha.\n", p.stderr.decode()
+    assert lab.fakes["alpha"].bodies("/api/generate")[-1]["prompt"] == "why is the sky blue"
+    p = lab.run("run", "llama3", input=b"from a pipe\n")
+    assert p.returncode == 0 and lab.fakes["alpha"].bodies("/api/generate")[-1]["prompt"] == "from a pipe\n"
+    p = lab.run("generate", "llama3", "why is the sky blue")
+    assert p.returncode == 2 and 'mesh.py run llama3 "why is the sky blue"' in one_line_error(p)
+    p = subprocess.run([sys.executable, MESH], capture_output=True)
+    assert p.returncode == 0 and p.stdout.startswith(b"usage: mesh.py COMMAND")
+    assert all(f"\n  {c} ".encode() in p.stdout for c in ("run", "list", "ps", "pull", "rm", "stop", "serve"))
+
+
+def test_no_config_and_no_local_ollama_says_so(lab, tmp_path):
+    cfg = tmp_path / "empty_config"
+    cfg.write_text("Host *\n    ServerAliveInterval 60\n")
+    env = lab.env(OLLAMA_HOST=f"127.0.0.1:{lab_free_port()}")
+    p = subprocess.run([sys.executable, MESH, "--config", str(cfg), "generate", "hi"], capture_output=True, env=env)
+    assert p.returncode == 1
+    err = one_line_error(p)
+    assert f"no nodes: {cfg} has no Host entries, and no Ollama answers on this machine" in err
+    assert "connection refused" in err and "Add a node: a Host block in" in err
+
+
+def test_bench_exits_1_when_a_node_could_not_be_measured(lab):
+    lab.add_node("alpha", ["qwen2.5:7b"])
+    lab.add_node("beta", ["qwen2.5:7b"])
+    lab.nodes["beta"].kill()
+    p = lab.run("bench", "--runs", "1")
+    assert p.returncode == 1 and "could not measure beta (down: ssh: connection refused)" in one_line_error(p)
+    assert any(line.split()[:2] == ["alpha", "1"] for line in p.stdout.decode().splitlines())

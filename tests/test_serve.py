@@ -75,7 +75,8 @@ def test_root_version_tags_ps_status(served, lab):
     names = [m["name"] for m in json.loads(served.call("GET", "/api/tags")[2])["models"]]
     assert names == ["llama3", "nomic-embed-text", "qwen2.5:7b"]          # the union, each once
     ps = json.loads(served.call("GET", "/api/ps")[2])["models"]
-    assert ps == [{"name": "llama3", "model": "llama3", "size": 1000, "node": "a"}]
+    assert [(m["name"], m["model"], m["size"], m["size_vram"], m["node"]) for m in ps] == [
+        ("llama3", "llama3", 2000, 1000, "a")]
     nodes = json.loads(served.call("GET", "/mesh/status")[2])["nodes"]
     assert [n["name"] for n in nodes] == ["a", "b"]
     assert {"name", "healthy", "reason", "in_flight", "latency_ms", "models"} <= set(nodes[0])

@@ -89,6 +89,15 @@ def test_parse_host_port(text, expected):
     assert mesh.parse_host_port(text, 11434) == expected
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("11652", ("127.0.0.1", 11652)), (":11652", ("127.0.0.1", 11652)), ("0.0.0.0:8080", ("0.0.0.0", 8080)),
+    ("0", ("127.0.0.1", 0)), ("box", ("box", 11500)),
+])
+def test_listen_address(text, expected):
+    """`serve --listen 11652` means port 11652 on the default (loopback) address."""
+    assert mesh.parse_host_port(text, 11500, listen=True) == expected
+
+
 def test_parse_host_port_rejects_bad_port():
     with pytest.raises(mesh.UsageError):
         mesh.parse_host_port("h:70000", 11434)
@@ -120,3 +129,49 @@ def test_request_bytes_carry_body_exactly():
     head, _, rest = req.partition(b"\r\n\r\n")
     assert rest == body
     assert b"Content-Length: %d" % len(body) in head
+
+
+@pytest.mark.parametrize("name, names, expected", [
+    ("lama3", ["llama3:latest", "qwen2.5:7b", "mistral:latest"], ["llama3:latest"]),
+    ("llama3:latest", ["llama3", "llama3.1:8b"], ["llama3", "llama3.1:8b"]),
+    ("qwen2.5:7", ["qwen2.5:7b", "qwen2.5:14b", "phi3:mini"], ["qwen2.5:7b", "qwen2.5:14b"]),
+    ("zzz", ["llama3:latest", "qwen2.5:7b"], []),
+    ("anything", [], []),
+])
+def test_closest_names(name, names, expected):
+    assert mesh.closest_names(name, names) == expected
+
+
+@pytest.mark.parametrize("size, text", [
+    (None, "-"), (512, "512 B"), (1000, "1.0 KB"), (4_683_087_332, "4.7 GB"), (274_302_450, "274 MB"),
+])
+def test_human_size(size, text):
+    assert mesh._human_size(size) == text
+
+
+@pytest.mark.parametrize("text, epoch", [
+    ("2024-06-04T14:38:31.83753-07:00", 1717537111.83753),
+    ("2026-01-01T00:00:00Z", 1767225600.0),
+    ("2026-01-01T00:00:00.123456789Z", 1767225600.123456),
+    ("0001-01-01T00:00:00Z", -62135596800.0),
+    ("soon", None), (None, None),
+])
+def test_parse_time(text, epoch):
+    got = mesh._parse_time(text)
+    assert got == epoch if epoch is None else got == pytest.approx(epoch)
+
+
+@pytest.mark.parametrize("delta, text", [
+    (240, "4 minutes from now"), (-3 * 86400, "3 days ago"), (30, "less than a minute from now"),
+    (20 * 365 * 86400, "Forever"), (3600, "1 hour from now"),
+])
+def test_relative_time(delta, text):
+    assert mesh._relative(1_000_000_000 + delta, now=1_000_000_000) == text
+
+
+@pytest.mark.parametrize("entry, text", [
+    ({"size": 100, "size_vram": 100}, "100% GPU"), ({"size": 100, "size_vram": 0}, "100% CPU"),
+    ({"size": 100, "size_vram": 52}, "48%/52% CPU/GPU"), ({"size": 100}, "-"),
+])
+def test_processor_column(entry, text):
+    assert mesh._processor(entry) == text

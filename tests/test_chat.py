@@ -1,0 +1,217 @@
+"""The chat REPL (`run MODEL`, `chat`) on a real terminal (a pty), through real sshd nodes."""
+import json
+import os
+import select
+import signal
+import sys
+
+import pytest
+
+import mesh
+from conftest import needs_sshd
+from lab import MESH, wait_for
+
+pytestmark = needs_sshd
+
+
+class Terminal:
+    """mesh.py on a pseudo-terminal: type into it, wait for what it shows."""
+
+    def __init__(self, lab, *args, tmp_path=None):
+        import pty
+        env = lab.env(MESH_HISTORY=str(tmp_path / "history") if tmp_path else "", TERM="xterm")
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:
+            os.environ.clear()
+            os.environ.update(env)
+            os.execv(sys.executable, [sys.executable, MESH, "--config", lab.config_path, *args])
+        import fcntl
+        import struct
+        import termios
+        fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        self.seen = bytearray()
+        self.mark = 0
+        self.status = None
+
+    def _pump(self):
+        r, _, _ = select.select([self.fd], [], [], 0.05)
+        if r:
+            try:
+                self.seen.extend(os.read(self.fd, 65536))
+            except OSError:
+                pass
+
+    def expect(self, needle, timeout=20):
+        """Wait until `needle` shows after the previous expectation; returns what came before it."""
+        needle = needle.encode() if isinstance(needle, str) else needle
+
+        def found():
+            self._pump()
+            return self.seen.find(needle, self.mark) >= 0
+        wait_for(found, timeout, f"{needle!r} on the terminal; got {bytes(self.seen[self.mark:])!r}")
+        at = self.seen.find(needle, self.mark)
+        before = bytes(self.seen[self.mark:at])
+        self.mark = at + len(needle)
+        return before
+
+    def type(self, data):
+        os.write(self.fd, data.encode() if isinstance(data, str) else data)
+
+    def exit_code(self, timeout=20):
+        def reaped():
+            self._pump()
+            done, status = os.waitpid(self.pid, os.WNOHANG)
+            if done:
+                self.status = os.waitstatus_to_exitcode(status)
+            return done
+        wait_for(reaped, timeout, "mesh.py to exit")
+        return self.status
+
+    def close(self):
+        if self.status is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        os.close(self.fd)
+
+
+def chats(fake):
+    return [r["body"] for r in fake.requests if r["path"] == "/api/chat"]
+
+
+def test_commands_paste_multiline_and_ctrl_c(lab, tmp_path):
+    fake = lab.add_node("alpha", ["qwen2.5:7b"], token_delay=0.05)
+    term = Terminal(lab, "run", "qwen2.5:7b", tmp_path=tmp_path)
+    try:
+        term.expect(">>> ")
+        term.type("/?\r")
+        assert "/set" in term.expect(">>> ").decode()
+        term.type("/set parameter temperature 0.25\r")
+        term.expect("Set parameter 'temperature' to '0.25'")
+        term.type("/set system You are terse.\r")
+        term.expect("Set system message.")
+        term.type("/nonsense\r")
+        term.expect("Unknown command '/nonsense'. Type /? for help")
+        term.expect(">>> ")
+        assert chats(fake) == []                       # none of that went to the model
+
+        term.type("\x1b[200~line one\nline two\nline three\x1b[201~")   # a bracketed paste
+        term.type("\r")
+        term.expect("Hello from alpha.")
+        term.expect(">>> ")
+        first = chats(fake)[-1]
+        assert first["messages"] == [{"role": "system", "content": "You are terse."},
+                                     {"role": "user", "content": "line one\nline two\nline three"}]
+        assert first["options"] == {"temperature": 0.25}
+
+        term.type('"""\rfirst\rsecond"""\r')
+        term.expect("Hello from alpha.")
+        term.expect(">>> ")
+        assert chats(fake)[-1]["messages"][-1] == {"role": "user", "content": "first\nsecond"}
+
+        fake.token_delay, fake.tokens = 0.3, ["tok "] * 60
+        term.type("a long answer please\r")
+        term.expect("tok tok ")
+        term.type("\x03")                              # Ctrl-C: stop the answer, keep the session
+        term.expect(">>> ")
+        wait_for(lambda: fake.active == 0, 10, "the node's request to be cancelled")
+        fake.token_delay, fake.tokens = 0.0, ["Hello", " again."]
+        term.type("and now?\r")
+        term.expect("Hello again.")
+        term.expect(">>> ")
+        history = chats(fake)[-1]["messages"]
+        assert [m["role"] for m in history] == ["system", "user", "assistant", "user", "assistant",
+                                                "user", "assistant", "user"]
+        assert history[-2]["content"].startswith("tok tok") and history[-1]["content"] == "and now?"
+
+        term.type("half-typed")
+        term.expect("half-typed")
+        term.type("\x03")                              # Ctrl-C on a typed line: clears it
+        term.expect(">>> ")
+        term.type("/clear\r")
+        term.expect("Cleared session context")
+        term.expect(">>> ")
+        term.type("\x04")                              # Ctrl-D leaves
+        assert term.exit_code() == 0
+    finally:
+        term.close()
+    assert "a long answer please" in (tmp_path / "history").read_text()   # readline history kept
+    assert lab.ssh_processes() == []
+
+
+def test_node_killed_mid_answer_keeps_the_session_and_verbose_names_the_node(lab):
+    lab.add_node("alpha", ["qwen2.5:7b"], token_delay=0.2, tokens=["a "] * 50)
+    lab.add_node("beta", ["qwen2.5:7b"], token_delay=0.2, tokens=["b "] * 50)
+    term = Terminal(lab, "chat", "--model", "qwen2.5:7b")
+    try:
+        term.expect(">>> ")
+        term.type("/set verbose\r")
+        term.expect(">>> ")
+        term.type("go\r")
+        term.expect(" ")
+        serving = wait_for(lambda: [n for n, f in lab.fakes.items() if f.active], 10, "a node to answer")[0]
+        other = "beta" if serving == "alpha" else "alpha"
+        lab.nodes[serving].kill()
+        broke = term.expect(">>> ").decode()
+        assert "the answer broke off" in broke and serving in broke and "send it again" in broke
+        lab.fakes[other].token_delay, lab.fakes[other].tokens = 0.0, ["fine."]
+        term.type("go\r")
+        stats = term.expect(">>> ").decode()
+        assert "fine." in stats and f"node:                 {other}" in stats
+        assert "time to first token:" in stats and "eval rate:" in stats
+        sent = chats(lab.fakes[other])[-1]["messages"]
+        assert sent == [{"role": "user", "content": "go"}]   # the broken turn was not kept
+        term.type("/bye\r")
+        assert term.exit_code() == 0
+    finally:
+        term.close()
+
+
+def test_misspelt_model_fails_before_the_first_prompt(lab):
+    lab.add_node("alpha", ["llama3", "qwen2.5:7b"])
+    term = Terminal(lab, "run", "lama3")
+    try:
+        assert term.exit_code() == 1
+        out = bytes(term.seen).decode()
+        assert 'mesh: error: model "lama3" not found on any node' in out and "closest: llama3" in out
+        assert ">>> " not in out
+    finally:
+        term.close()
+
+
+def test_pull_draws_bars_on_a_terminal(lab):
+    lab.add_node("alpha", ["llama3"], token_delay=0.2)
+    lab.add_node("beta", ["llama3"], token_delay=0.2)
+    term = Terminal(lab, "pull", "phi3:mini")
+    try:
+        assert term.exit_code() == 0
+        out = bytes(term.seen).decode()
+        assert "pulling 8eeb52dfb3bb" in out and "▕" in out and "100%" in out
+        assert out.endswith("alpha  success\r\nbeta   success\r\n") and "\x1b[" in out
+    finally:
+        term.close()
+
+
+def test_piped_chat_runs_one_turn_per_line_and_handles_commands(lab):
+    fake = lab.add_node("alpha", ["qwen2.5:7b"])
+    p = lab.run("chat", input=b'/set parameter seed 7\nfirst\n"""\ntwo\nlines\n"""\n/bye\nnever sent\n')
+    assert p.returncode == 0, p.stderr.decode()
+    assert p.stdout.decode() == "Set parameter 'seed' to '7'\nHello from alpha.\nHello from alpha.\n"
+    bodies = chats(fake)
+    assert [b["messages"][-1]["content"] for b in bodies] == ["first", "two\nlines"]
+    assert bodies[0]["options"] == {"seed": 7}
+    assert "\x1b" not in p.stdout.decode() + p.stderr.decode()
+    assert json.loads(json.dumps(bodies))   # plain JSON bodies
+
+
+@pytest.mark.parametrize("lines, text", [
+    (["plain"], "plain"), (['"""one line"""'], "one line"), (['"""', "x", 'y"""'], "x\ny"),
+    (['"""', "x", "", "y", '"""'], "x\n\ny"), (['"""first', 'second"""'], "first\nsecond"),
+    (['"""', "open"], None),
+])
+def test_triple_quote_blocks(lines, text):
+    block = mesh._Multiline()
+    out = [block.feed(line) for line in lines]
+    assert out[-1] == text and all(o is None for o in out[:-1])
