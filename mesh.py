@@ -13,6 +13,8 @@ Command line::
     python3 mesh.py test                 # check every node
     python3 mesh.py nodes --json         # what the SSH config says
     python3 mesh.py generate "Hello"     # ask the pool
+    python3 mesh.py run qwen2.5:7b       # chat, as `ollama run` (with a prompt: one answer)
+    python3 mesh.py list                 # models x nodes; also ps, show, pull, rm, stop
     python3 mesh.py chat                 # talk to the pool
     python3 mesh.py serve                # look like one Ollama on 127.0.0.1:11500
     python3 mesh.py bench                # time to first token, tokens/s per node
@@ -66,6 +68,7 @@ __all__ = [
     "NDJSONDecoder", "decode_json_body", "ollama_type_error", "HTTPError", "HTTPRequest", "parse_request_head", "find_head_end", "ChunkedDecoder",
     "response_head", "response_framing", "body_allowed", "SSHNode", "MeshOrchestrator",
     "ServerLimits", "Route", "Router", "Exchange", "StreamRelay", "MeshServer", "Listener", "main",
+    "ChatSession", "closest_names",
 ]
 
 __version__ = "1.0.0"
