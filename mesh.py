@@ -42,13 +42,14 @@ Sections, in dependency order (each begins with a banner comment)::
     node settings (pure)   NodeSpec, load_node_specs, parse_mesh_settings
     wire formats (pure)    NDJSONDecoder; HTTP/1.1 framing: parse_request_head,
                            ChunkedDecoder, response_head, response_framing
-    scoring (pure)         load_score, rank_nodes
+    scoring (pure)         load_score, rank_nodes, closest_names
     transport              the only code that spawns ssh or opens sockets to nodes
     nodes                  SSHNode: health, load, inventory
     orchestrator           MeshOrchestrator: the public async API
     HTTP front             ServerLimits, Router and one route table per API,
                            Exchange, StreamRelay, MeshServer; `serve`, `bench`
-    command line           one function per command, main()
+    command line           one function per command (run, list, ps, show, pull, rm, stop,
+                           generate, chat, test, nodes, bench, serve), ChatSession, main()
 """
 
 from __future__ import annotations
