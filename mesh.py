@@ -103,6 +103,7 @@ DEFAULT_IDLE_TIMEOUT = 120.0
 DEFAULT_CONTROL_PERSIST = 300        # seconds an idle master stays for the next command
 LIVENESS_INTERVAL = 5.0              # while waiting for a first byte, ask the node this often
 PROBE_TIMEOUT = 5.0                  # a /api/version probe answers within this or the node is sick
+FACTS_TTL = 60.0                     # serve re-reads a node's GPU/RAM/load facts this often
 INVENTORY_TTL = 30.0                 # how long /api/tags and /api/ps answers are trusted
 COOLDOWN_MIN, COOLDOWN_MAX = 1.0, 30.0
 EXEC_SESSION_CAP = 8                 # below sshd's default MaxSessions 10 for `ssh node curl`
@@ -1075,6 +1076,62 @@ def error_message(status: int, body: bytes) -> str:
     return f"HTTP {status}: {_excerpt(body)}" if body.strip() else f"HTTP {status}"
 
 
+# What a node says about itself, asked over its ssh master with standard tools (no agent):
+# nvidia-smi where there is one, else nothing; /proc on Linux.  Run by `sh -c` so a csh or
+# fish login shell reads it the same; a missing tool prints nothing and is not an error.
+FACTS_COMMAND = ("nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader,nounits "
+                 "2>/dev/null; echo @@meminfo; cat /proc/meminfo 2>/dev/null; echo @@loadavg; "
+                 "cat /proc/loadavg 2>/dev/null; echo @@nproc; nproc 2>/dev/null; exit 0")
+
+
+def parse_node_facts(text: str) -> Dict[str, Any]:
+    """FACTS_COMMAND's output -> a flat dict of what the node told (bytes, load averages):
+    gpu (names, ', '-joined; 'N x NAME' when alike), gpus, vram_total, vram_used (from
+    nvidia-smi's MiB), ram_total, ram_available (from /proc/meminfo's kB), load_1m,
+    load_5m, load_15m, cpus.  Keys the node could not tell are absent."""
+    section, gpus, facts = "gpu", [], {}   # type: str, List[Tuple[str, int, int]], Dict[str, Any]
+    mem: Dict[str, int] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("@@"):
+            section = line[2:]
+            continue
+        if not line:
+            continue
+        if section == "gpu":
+            parts = [p.strip() for p in line.split(",")]
+            if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+                gpus.append((parts[0], int(parts[1]) << 20, int(parts[2]) << 20))
+        elif section == "meminfo":
+            m = re.match(r"(\w+):\s+(\d+)\s*kB", line)
+            if m:
+                mem[m.group(1)] = int(m.group(2)) * 1024
+        elif section == "loadavg":
+            fields = line.split()
+            try:
+                facts.update(load_1m=float(fields[0]), load_5m=float(fields[1]), load_15m=float(fields[2]))
+            except (IndexError, ValueError):
+                pass
+        elif section == "nproc" and line.isdigit():
+            facts["cpus"] = int(line)
+    if gpus:
+        names = [g[0] for g in gpus]
+        facts["gpu"] = f"{len(names)} x {names[0]}" if len(set(names)) == 1 and len(names) > 1 else ", ".join(names)
+        facts.update(gpus=len(gpus), vram_total=sum(g[1] for g in gpus), vram_used=sum(g[2] for g in gpus))
+    if "MemTotal" in mem:
+        facts["ram_total"] = mem["MemTotal"]
+        facts["ram_available"] = mem.get("MemAvailable", mem.get("MemFree", 0))
+    return facts
+
+
+def fits_in_memory(size: Optional[int], facts: Dict[str, Any]) -> bool:
+    """Could a node with these facts hold a model of `size` bytes at all?  Ollama splits a
+    model between VRAM and RAM, so the bound is the two together; unknown facts or an
+    unknown size never rule a node out."""
+    memory = (facts.get("vram_total") or 0) + (facts.get("ram_total") or 0)
+    return not size or not memory or size <= memory
+
+
 MAX_JSON_DEPTH = 512     # nesting a request body may have; Go's encoding/json allows 10000,
                          # Python's json gives up near 1000 (and so would encoding it again)
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -1794,6 +1851,14 @@ class Transport:
         else:
             ex.writer.close()
 
+    async def run_shell(self, command: str, timeout: float) -> Optional[str]:
+        """`command` run by sh on the node; its stdout, or None when it can't be run there.
+        Plain HTTP reaches this machine only when the host is a loopback address."""
+        if self.host not in ("127.0.0.1", "localhost", "::1"):
+            return None
+        rc, out, _ = await run_command(["sh", "-c", command], timeout=timeout)
+        return out.decode("utf-8", "replace")
+
     async def diagnose_empty(self, ex: _Exchange) -> Tuple[str, bool]:
         """Why a connection closed without a reply: (reason, retry_on_this_node)."""
         return f"Ollama at {self.host}:{self.port} closed the connection without a reply", False
@@ -2120,6 +2185,16 @@ class SSHTransport(Transport):
             return "ssh master connection lost", False
         return f"Ollama on {self.host}:{self.port} closed the connection without a reply", False
 
+    async def run_shell(self, command: str, timeout: float) -> Optional[str]:
+        """`command` run by sh on the node, as a session of the master (no new connection)."""
+        import shlex
+        await self.prepare()
+        argv = self._base("-o", "ControlMaster=no", "-T", "--", self.name, "sh -c " + shlex.quote(command))
+        rc, out, err = await run_command(argv, timeout=timeout)
+        if rc == 255:
+            raise NodeError(self.name, describe_ssh_failure(err, rc))
+        return out.decode("utf-8", "replace")
+
     async def close(self, *, stop_master: bool = False) -> None:
         await super().close()
         if stop_master and self.started_master:
@@ -2163,6 +2238,8 @@ class SSHNode:
         self.served = 0
         self.probe_timeout = PROBE_TIMEOUT
         self._probe_task: Optional[asyncio.Task] = None
+        self.facts: Dict[str, Any] = {}   # parse_node_facts(): GPU, VRAM, RAM, load (bytes)
+        self.facts_at = 0.0
 
     def __repr__(self) -> str:
         return f"<SSHNode {self.name} active={self.active_requests} healthy={self.healthy}>"
@@ -2181,7 +2258,8 @@ class SSHNode:
                 "latency_ms": None if self.avg_latency is None else round(self.avg_latency * 1000, 1),
                 "models": sorted(m["name"] for m in self.models.values()),
                 "loaded": sorted(m["name"] for m in self.loaded.values()),
-                "version": self.version, "transport": self.transport.mode, "served": self.served}
+                "version": self.version, "transport": self.transport.mode, "served": self.served,
+                "facts": dict(self.facts)}
 
     # -- one HTTP exchange, with the first-byte watch --------------------------
     async def open(self, path: str, body: Optional[bytes], *, first_byte_timeout: Optional[float],
@@ -2314,6 +2392,27 @@ class SSHNode:
                 raise result
         return list(results)  # type: ignore[arg-type]
 
+    async def read_facts(self, timeout: Optional[float] = None) -> Dict[str, Any]:
+        """GPU, VRAM, RAM and load, asked with standard tools over the node's own
+        transport (FACTS_COMMAND); a node that can't tell keeps what it had.  A failure
+        here never marks the node down: the facts are extra."""
+        try:
+            out = await self.transport.run_shell(FACTS_COMMAND, timeout or self.probe_timeout)
+        except (MeshError, asyncio.TimeoutError, OSError) as exc:
+            logger.debug("%s: no node facts: %s", self.name, exc)
+            return self.facts
+        if out is not None:
+            self.facts = parse_node_facts(out)
+        self.facts_at = time.monotonic()
+        return self.facts
+
+    def can_hold(self, model: str) -> bool:
+        """False only when the facts say this node can't hold the model (fits_in_memory)."""
+        key = model_key(model)
+        if key in self.loaded:
+            return True
+        return fits_in_memory((self.models.get(key) or {}).get("size"), self.facts)
+
     async def refresh(self) -> None:
         """Version, models and loaded models, through the node's transport.  The three
         requests go out together: one round trip on a real link, not three."""
@@ -2367,7 +2466,9 @@ class MeshOrchestrator:
     first_byte_timeout (until the reply starts; a cold model load takes minutes),
     idle_timeout (silence between chunks).  Masters stay up for control_persist
     seconds after the last use so the next command starts warm; close(stop_masters=True)
-    ends the ones this orchestrator started.
+    ends the ones this orchestrator started.  facts_ttl (seconds): when set, inventory
+    refreshes also re-read each node's GPU/VRAM/RAM/load once they are older (serve sets
+    it); else they are read on request (node_facts(), check_node(facts=True)).
     """
 
     def __init__(self, config: Optional[str] = None, nodes: Optional[Sequence[str]] = None, *,
@@ -2376,7 +2477,8 @@ class MeshOrchestrator:
                  idle_timeout: Optional[float] = DEFAULT_IDLE_TIMEOUT,
                  control_persist: int = DEFAULT_CONTROL_PERSIST,
                  liveness_interval: float = LIVENESS_INTERVAL,
-                 ssh: str = "ssh", default_model: Optional[str] = None) -> None:
+                 ssh: str = "ssh", default_model: Optional[str] = None,
+                 facts_ttl: Optional[float] = None) -> None:
         explicit = config or os.environ.get("MESH_SSH_CONFIG") or None
         self.config_path = os.path.expanduser(explicit) if explicit else default_config_path()
         if explicit and not os.access(self.config_path, os.R_OK):
@@ -2387,6 +2489,7 @@ class MeshOrchestrator:
         self.first_byte_timeout = first_byte_timeout
         self.idle_timeout = idle_timeout
         self.liveness_interval = liveness_interval
+        self.facts_ttl = facts_ttl   # re-read node facts (GPU, RAM, load) this often on refresh; None: on request
         self.default_model = default_model or os.environ.get("MESH_MODEL") or DEFAULT_MODEL
         specs = load_node_specs(self.config_path, only=nodes)
         self.nodes: List[SSHNode] = []
@@ -2493,19 +2596,27 @@ class MeshOrchestrator:
         """The shape of one node's `test` result, before anything is known."""
         return {"name": node.name, "display_name": node.display_name, "ok": False, "ssh_ms": None,
                 "ollama_ms": None, "version": None, "models": [], "loaded": [], "error": error,
-                "transport": node.transport.mode}
+                "transport": node.transport.mode, "facts": dict(node.facts)}
 
-    async def check_node(self, node: SSHNode) -> Dict[str, Any]:
-        """Reach one node and ask its Ollama what it has (for `test` and status)."""
+    async def check_node(self, node: SSHNode, *, facts: bool = False) -> Dict[str, Any]:
+        """Reach one node and ask its Ollama what it has (for `test` and status).  With
+        facts=True, or when facts_ttl is set and they are older, the node's GPU/VRAM/RAM/
+        load are read at the same time (result["facts"])."""
         result = self.check_result(node)
+        want_facts = facts or (self.facts_ttl is not None and time.monotonic() - node.facts_at > self.facts_ttl)
         try:
             started = time.monotonic()
             await node.transport.prepare()
             if isinstance(node.transport, SSHTransport):
                 result["ssh_ms"] = round((time.monotonic() - started) * 1000, 1)
-            started = time.monotonic()
-            await node.refresh()
-            result["ollama_ms"] = round((time.monotonic() - started) * 1000, 1)
+            async def ollama() -> None:
+                started = time.monotonic()
+                await node.refresh()
+                result["ollama_ms"] = round((time.monotonic() - started) * 1000, 1)
+            if want_facts:
+                await asyncio.gather(ollama(), node.read_facts())
+            else:
+                await ollama()
         except NodeError as exc:
             result["error"] = exc.reason
             self._mark_down(node, exc.reason)
@@ -2515,6 +2626,7 @@ class MeshOrchestrator:
                           loaded=sorted(m["name"] for m in node.loaded.values()))
             self._mark_up(node)
         result["transport"] = node.transport.mode
+        result["facts"] = dict(node.facts)
         return result
 
     def _refresh_task(self, node: SSHNode) -> "asyncio.Future[Any]":
@@ -2572,6 +2684,13 @@ class MeshOrchestrator:
         await self.refresh(force=True)
         return [dict(entry, node=node.name) for node in self.nodes if node.healthy
                 for entry in node.loaded.values()]
+
+    async def node_facts(self) -> Dict[str, Dict[str, Any]]:
+        """Every healthy node's facts (parse_node_facts: GPU, VRAM, RAM, load), read now
+        and at once: {node: facts}; a node that can't tell gives {}."""
+        healthy = [n for n in self.nodes if n.healthy]
+        await asyncio.gather(*(n.read_facts() for n in healthy))
+        return {n.name: dict(n.facts) for n in healthy}
 
     # -- model management over the pool (the CLI's list/show/pull/rm/stop) ------
     def _targets(self, nodes: Optional[Sequence[str]]) -> List[SSHNode]:
@@ -2702,6 +2821,10 @@ class MeshOrchestrator:
         if key is not None and not have and any(n.inventory_at for n in self.nodes):
             raise self.model_not_found(model or "")
         healthy = [n for n in have if n.healthy and n.name not in exclude]
+        if key is not None and len(healthy) > 1:
+            # A node whose memory (VRAM + RAM, from its facts) can't hold the model is left
+            # out while another could; if none could, Ollama gets to say so.
+            healthy = [n for n in healthy if n.can_hold(key)] or healthy
         if not have:
             reasons = "; ".join(f"{n.name}: {n.reason or 'failed'}" for n in self.nodes)
             raise self._no_nodes(f"no node could be asked for {model or 'requests'}: {reasons}")
@@ -3875,7 +3998,25 @@ def _format_check(r: Dict[str, Any], width: int) -> str:
     parts.append("models: " + (", ".join(r["models"]) or "none"))
     if r["loaded"]:
         parts.append("loaded: " + ", ".join(r["loaded"]))
+    if r.get("facts"):
+        parts.append(_facts_text(r["facts"]))
     return f"ok    {r['name']:<{width}}  " + "  ".join(parts)
+
+
+def _facts_text(facts: Dict[str, Any]) -> str:
+    """A node's facts in one short phrase: 'RTX 4090 1.2/24.0 GB VRAM, RAM 64 GB (40 GB free), load 0.42'."""
+    parts = []
+    if facts.get("gpu"):
+        parts.append(f"{facts['gpu']} {_gb(facts.get('vram_used'))}/{_gb(facts.get('vram_total'))} GB VRAM")
+    if facts.get("ram_total"):
+        parts.append(f"RAM {_gb(facts['ram_total'])} GB ({_gb(facts.get('ram_available'))} GB free)")
+    if "load_1m" in facts:
+        parts.append(f"load {facts['load_1m']:.2f}" + (f"/{facts['cpus']} cpus" if facts.get("cpus") else ""))
+    return ", ".join(parts)
+
+
+def _gb(size: Optional[int]) -> str:
+    return "-" if size is None else f"{size / 1e9:.1f}"
 
 
 async def cmd_test(orch: MeshOrchestrator, args: Any) -> int:
@@ -3886,7 +4027,7 @@ async def cmd_test(orch: MeshOrchestrator, args: Any) -> int:
     async def one(node: SSHNode) -> Dict[str, Any]:
         async with limit:
             try:
-                return await asyncio.wait_for(orch.check_node(node), timeout)
+                return await asyncio.wait_for(orch.check_node(node, facts=True), timeout)
             except asyncio.TimeoutError:
                 reason = f"no answer within {timeout:g}s (node frozen or unreachable?)"
                 orch._mark_down(node, reason)
@@ -4601,6 +4742,7 @@ async def cmd_list(orch: MeshOrchestrator, args: Any) -> int:
 async def cmd_ps(orch: MeshOrchestrator, args: Any) -> int:
     """`ollama ps` over the pool: what is loaded where, how much of it in VRAM, until when."""
     loaded = await orch.ps()
+    facts = await orch.node_facts()
     down = {n.name: n.reason for n in orch.nodes if not n.healthy}
     if args.json:
         _print(json.dumps({"models": loaded, "nodes": [n.status() for n in orch.nodes]}, indent=2))
@@ -4608,6 +4750,14 @@ async def cmd_ps(orch: MeshOrchestrator, args: Any) -> int:
     rows = [(m.get("name", ""), m["node"], _human_size(m.get("size")), _processor(m),
              _relative(_parse_time(m.get("expires_at")))) for m in loaded]
     _print(_table(("NAME", "NODE", "SIZE", "PROCESSOR", "UNTIL"), rows))
+    told = {n: f for n, f in facts.items() if f}
+    if told:
+        _print()
+        _print(_table(("NODE", "GPU", "VRAM USED", "RAM FREE", "LOAD"), [
+            (n, f.get("gpu") or "-",
+             f"{_gb(f.get('vram_used'))}/{_gb(f.get('vram_total'))} GB" if f.get("gpu") else "-",
+             f"{_gb(f.get('ram_available'))}/{_gb(f.get('ram_total'))} GB" if f.get("ram_total") else "-",
+             f"{f['load_1m']:.2f}" if "load_1m" in f else "-") for n, f in told.items()]))
     for name, reason in down.items():
         _print(f"mesh: {name} is down ({reason})", file=sys.stderr)
     return 0 if len(down) < len(orch.nodes) else 1
@@ -4937,6 +5087,8 @@ async def _run(args: Any) -> int:
         kwargs["liveness_interval"] = float(os.environ["MESH_LIVENESS_INTERVAL"])
     if os.environ.get("MESH_CONTROL_PERSIST"):
         kwargs["control_persist"] = int(os.environ["MESH_CONTROL_PERSIST"])
+    if args.func is cmd_serve:
+        kwargs["facts_ttl"] = FACTS_TTL   # /mesh/status and the dashboard show them, kept fresh
     orch = MeshOrchestrator(config=getattr(args, "config", None), nodes=nodes, **kwargs)
     try:
         return await args.func(orch, args)

@@ -356,7 +356,7 @@ def _user() -> str:
 class SSHNodeProc:
     """One sshd on 127.0.0.1:port."""
 
-    def __init__(self, lab: "SSHLab", name: str, *, allow_forwarding: bool = True) -> None:
+    def __init__(self, lab: "SSHLab", name: str, *, allow_forwarding: bool = True, sshd_extra: str = "") -> None:
         self.lab, self.name = lab, name
         self.port = free_port()
         self.dir = os.path.join(lab.dir, "sshd-" + name)
@@ -376,6 +376,7 @@ StrictModes no
 AllowTcpForwarding {'yes' if allow_forwarding else 'no'}
 MaxStartups 100:30:200
 PrintMotd no
+{sshd_extra}
 """)
         self.proc: Optional[subprocess.Popen] = None
         self.start()
@@ -484,8 +485,8 @@ class SSHLab:
         self.extra_config = ""
 
     def add_node(self, name: str, models: List[str], *, settings: str = "", allow_forwarding: bool = True,
-                 **fake_kw: Any) -> FakeOllama:
-        node = SSHNodeProc(self, name, allow_forwarding=allow_forwarding)
+                 sshd_extra: str = "", **fake_kw: Any) -> FakeOllama:
+        node = SSHNodeProc(self, name, allow_forwarding=allow_forwarding, sshd_extra=sshd_extra)
         fake = FakeOllama(models, name=name, **fake_kw)
         self.nodes[name], self.fakes[name], self.settings[name] = node, fake, settings
         with open(self.hostkey + ".pub") as fh:

@@ -415,3 +415,51 @@ def test_bench_exits_1_when_a_node_could_not_be_measured(lab):
     p = lab.run("bench", "--runs", "1")
     assert p.returncode == 1 and "could not measure beta (down: ssh: connection refused)" in one_line_error(p)
     assert any(line.split()[:2] == ["alpha", "1"] for line in p.stdout.decode().splitlines())
+
+
+def test_node_facts_over_ssh_in_test_and_ps_and_status(lab, tmp_path):
+    """GPU from nvidia-smi (a stand-in on the node's PATH), RAM and load from /proc, over the master."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'NVIDIA GeForce RTX 4090, 24564, 1234'\n")
+    smi.chmod(0o755)
+    lab.add_node("gpu", ["qwen2.5:7b"], loaded=["qwen2.5:7b"],
+                 sshd_extra=f"SetEnv PATH={bin_dir}:/usr/local/bin:/usr/bin:/bin")
+    lab.add_node("cpu", ["qwen2.5:7b"])
+    rows = {r["name"]: r for r in json.loads(lab.run("test", "--json").stdout)}
+    gpu, cpu = rows["gpu"]["facts"], rows["cpu"]["facts"]
+    assert gpu["gpu"] == "NVIDIA GeForce RTX 4090" and gpu["vram_total"] == 24564 << 20
+    assert gpu["ram_total"] > 0 and "load_1m" in gpu and gpu["cpus"] >= 1
+    assert "gpu" not in cpu and cpu["ram_total"] == gpu["ram_total"]      # no GPU: simply less
+    line = [x for x in lab.run("test").stdout.decode().splitlines() if " gpu " in x][0]
+    assert "NVIDIA GeForce RTX 4090 1.3/25.8 GB VRAM" in line and "RAM " in line and "load " in line
+    out = lab.run("ps").stdout.decode()
+    assert "NODE" in out and "GPU" in out and "RTX 4090" in out
+    status = json.loads(lab.run("ps", "--json").stdout)["nodes"]
+    assert [n["facts"].get("gpu") for n in status] == ["NVIDIA GeForce RTX 4090", None]
+
+
+def test_routing_leaves_out_a_node_that_cannot_hold_the_model(mesh_env):
+    import asyncio
+    import mesh
+    lab = mesh_env
+    lab.add_node("small", ["big:70b"])
+    lab.add_node("large", ["big:70b"])
+
+    async def go():
+        async with mesh.MeshOrchestrator(config=lab.config_path) as orch:
+            await orch.refresh(force=True)
+            for node in orch.nodes:
+                node.models[mesh.model_key("big:70b")]["size"] = 40_000_000_000
+            orch.node("small").facts = {"vram_total": 8 << 30, "ram_total": 16 << 30}
+            orch.node("large").facts = {"vram_total": 48 << 30, "ram_total": 64 << 30}
+            served = [(await orch.generate("hi", model="big:70b"))["node"] for _ in range(6)]
+            orch.node("small").facts, orch.node("large").facts = orch.node("large").facts, {"ram_total": 1 << 30}
+            swapped = [(await orch.generate("hi", model="big:70b"))["node"] for _ in range(6)]
+            orch.node("small").facts = {"ram_total": 1 << 30}     # now neither could: Ollama decides
+            last = await orch.generate("hi", model="big:70b")
+            return served, swapped, last
+    served, swapped, last = asyncio.run(go())
+    assert served == ["large"] * 6 and swapped == ["small"] * 6
+    assert last["node"] in ("small", "large") and last["response"]

@@ -175,3 +175,36 @@ def test_relative_time(delta, text):
 ])
 def test_processor_column(entry, text):
     assert mesh._processor(entry) == text
+
+
+MEMINFO = "MemTotal:       65794068 kB\nMemFree:         1000000 kB\nMemAvailable:   40000000 kB\n"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("NVIDIA GeForce RTX 4090, 24564, 1234\n@@meminfo\n" + MEMINFO + "@@loadavg\n0.42 0.30 0.20 1/523 4242\n"
+     "@@nproc\n16\n",
+     {"gpu": "NVIDIA GeForce RTX 4090", "gpus": 1, "vram_total": 24564 << 20, "vram_used": 1234 << 20,
+      "ram_total": 65794068 * 1024, "ram_available": 40000000 * 1024, "load_1m": 0.42, "load_5m": 0.30,
+      "load_15m": 0.20, "cpus": 16}),
+    ("Tesla T4, 15360, 0\nTesla T4, 15360, 100\n@@meminfo\n@@loadavg\n@@nproc\n",
+     {"gpu": "2 x Tesla T4", "gpus": 2, "vram_total": 30720 << 20, "vram_used": 100 << 20}),
+    ("A100, 81920, 1\nRTX 3090, 24576, 2\n@@meminfo\n", {"gpu": "A100, RTX 3090", "gpus": 2,
+                                                        "vram_total": 106496 << 20, "vram_used": 3 << 20}),
+    # no nvidia-smi, no /proc (macOS, BSD): nothing to tell
+    ("@@meminfo\n@@loadavg\n@@nproc\n8\n", {"cpus": 8}),
+    # nvidia-smi that failed prints its complaint on stdout
+    ("NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.\n@@meminfo\n", {}),
+    ("MemTotal: 1 kB\n", {}),     # before any section marker: GPU lines only
+])
+def test_parse_node_facts(text, expected):
+    assert mesh.parse_node_facts(text) == expected
+
+
+@pytest.mark.parametrize("size, facts, fits", [
+    (40_000_000_000, {"vram_total": 8 << 30, "ram_total": 16 << 30}, False),
+    (4_000_000_000, {"vram_total": 8 << 30, "ram_total": 16 << 30}, True),
+    (20_000_000_000, {"vram_total": 8 << 30, "ram_total": 16 << 30}, True),    # split GPU/CPU, as Ollama does
+    (40_000_000_000, {}, True), (None, {"ram_total": 1}, True), (0, {"ram_total": 1}, True),
+])
+def test_fits_in_memory(size, facts, fits):
+    assert mesh.fits_in_memory(size, facts) is fits
