@@ -4034,11 +4034,18 @@ async def cmd_test(orch: MeshOrchestrator, args: Any) -> int:
                 return orch.check_result(node, reason)
 
     results: Dict[str, Dict[str, Any]] = {}
-    for fut in asyncio.as_completed([one(n) for n in orch.nodes]):
-        r = await fut
-        results[r["name"]] = r
-        if not args.json:
-            _print(_format_check(r, width))
+    waiting = _Pending([n.name for n in orch.nodes], enabled=not args.json)
+    try:
+        for fut in asyncio.as_completed([one(n) for n in orch.nodes]):
+            r = await fut
+            results[r["name"]] = r
+            waiting.done(r["name"])
+            if not args.json:
+                waiting.live.clear()
+                _print(_format_check(r, width))
+                waiting.show()
+    finally:
+        waiting.close()
     ordered = [results[n.name] for n in orch.nodes]
     if args.json:
         _print(json.dumps(ordered, indent=2))
@@ -4630,6 +4637,37 @@ class _LiveLines:
             self.stream.write("\x1b[%dF\x1b[J" % self._drawn)
             self.stream.flush()
         self._drawn = 0
+
+
+class _Pending:
+    """`test`'s live line on a terminal: which nodes are still being waited for, and how long."""
+
+    def __init__(self, names: Sequence[str], *, enabled: bool = True) -> None:
+        self.pending = list(names)
+        self.live = _LiveLines(sys.stderr)
+        self.live.enabled = self.live.enabled and enabled
+        self.started = time.monotonic()
+        self._ticker = asyncio.ensure_future(self._tick()) if self.live.enabled else None
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)   # the first results usually come sooner: no flash of the line
+            self.show()
+
+    def show(self) -> None:
+        if not self.pending or time.monotonic() - self.started < 0.5:
+            return
+        names = ", ".join(self.pending[:6]) + (f" and {len(self.pending) - 6} more" if len(self.pending) > 6 else "")
+        self.live.set("pending", f"waiting for {names} ({time.monotonic() - self.started:.0f} s)", force=True)
+
+    def done(self, name: str) -> None:
+        if name in self.pending:
+            self.pending.remove(name)
+
+    def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+        self.live.clear()
 
 
 def _terminal_width(stream: Any) -> int:

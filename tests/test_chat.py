@@ -215,3 +215,20 @@ def test_triple_quote_blocks(lines, text):
     block = mesh._Multiline()
     out = [block.feed(line) for line in lines]
     assert out[-1] == text and all(o is None for o in out[:-1])
+
+
+def test_test_shows_pending_nodes_live_on_a_terminal_only(lab):
+    lab.add_node("quick", ["qwen2.5:7b"])
+    lab.add_node("frozen", ["qwen2.5:7b"])
+    lab.nodes["frozen"].freeze()
+    term = Terminal(lab, "test", "--timeout", "3")
+    try:
+        term.expect("ok    quick")
+        term.expect("waiting for frozen (")
+        assert term.exit_code() == 1
+        assert "FAIL  frozen  no answer within 3s" in bytes(term.seen).decode()
+    finally:
+        term.close()
+        lab.nodes["frozen"].thaw()
+    p = lab.run("test", "--timeout", "3", "--nodes", "quick")
+    assert p.returncode == 0 and "\x1b" not in p.stdout.decode() + p.stderr.decode()
