@@ -19,3 +19,13 @@ def test_readme_documents_every_command():
     readme = open(os.path.join(ROOT, "README.md")).read()
     for command in ("test", "nodes", "generate", "chat", "serve", "bench"):
         assert f"python3 mesh.py {command}" in readme or f"mesh.py {command}" in readme, command
+
+
+def test_mesh_py_is_executable():
+    """`./mesh.py test`, as the README shows it: the executable bit, in git too."""
+    import subprocess
+    path = os.path.join(ROOT, "mesh.py")
+    assert os.access(path, os.X_OK) and open(path).readline() == "#!/usr/bin/env python3\n"
+    mode = subprocess.run(["git", "ls-files", "-s", "mesh.py"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert not mode or mode.startswith("100755 ")
+    assert subprocess.run([path, "--version"], capture_output=True, text=True).stdout.startswith("mesh.py ")
