@@ -3079,7 +3079,9 @@ class ServerLimits:
     max_pipelined: bytes a client may send while its reply streams (a pipelined next
       request); beyond that they are dropped and the connection closes after the reply.
     drain_body: an unread request body up to this size is read and discarded so the
-      connection can be kept (Go's maxPostHandlerReadBytes); a larger one closes it."""
+      connection can be kept (Go's maxPostHandlerReadBytes); a larger one closes it.
+    write_timeout: a client that takes none of its reply for this long is
+      disconnected (its node request is cancelled)."""
 
     max_header_bytes = 64 * 1024
     max_body = 128 * 1024 * 1024
@@ -3088,6 +3090,7 @@ class ServerLimits:
     body_timeout = 60.0
     max_pipelined = 64 * 1024
     drain_body = 256 * 1024
+    write_timeout = 120.0
 
     def __init__(self, **overrides: Any) -> None:
         for key, value in overrides.items():
@@ -3499,7 +3502,7 @@ class Exchange:
             self.conn.writer.write(body)
             self.bytes_out += len(body)
         self.first_byte_at = time.monotonic()
-        await self.conn.writer.drain()
+        await self.conn.drain()
 
     async def send_json(self, status: int, obj: Any, *, node: Optional[str] = None,
                         headers: Sequence[Tuple[str, str]] = ()) -> None:
@@ -3511,7 +3514,7 @@ class Exchange:
         """Start a body of unknown length: chunked to HTTP/1.1, close-delimited to 1.0."""
         await self._head(status, None, content_type, headers, node)
         self._streaming = True
-        await self.conn.writer.drain()
+        await self.conn.drain()
 
     async def write(self, data: bytes) -> None:
         """One piece of a streamed body, sent at once."""
@@ -3524,7 +3527,7 @@ class Exchange:
             self.conn.writer.write(b"%x\r\n%s\r\n" % (len(data), data))
         else:
             self.conn.writer.write(data)
-        await self.conn.writer.drain()
+        await self.conn.drain()
 
     async def write_json_line(self, obj: Dict[str, Any]) -> None:
         await self.write(json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n")
@@ -3532,7 +3535,7 @@ class Exchange:
     async def end_stream(self) -> None:
         if self._chunked:
             self.conn.writer.write(b"0\r\n\r\n")
-            await self.conn.writer.drain()
+            await self.conn.drain()
         self._streaming = False
 
     async def client_gone(self) -> None:
@@ -3642,6 +3645,21 @@ class _Connection:
             pass
         finally:
             self.server.request_finished(ex)
+
+    async def drain(self) -> None:
+        """Wait until the client has taken what was written, for at most
+        limits.write_timeout: a client that stops reading would otherwise hold its
+        request (and the node's slot) for ever.  Past it the connection is aborted."""
+        transport = self.writer.transport
+        if transport.get_write_buffer_size() <= 65536:
+            await self.writer.drain()         # returns at once: no timer to set up
+            return
+        try:
+            await asyncio.wait_for(self.writer.drain(), self.server.limits.write_timeout)
+        except asyncio.TimeoutError:
+            transport.abort()
+            raise ConnectionResetError(f"client read nothing for {self.server.limits.write_timeout:g} s") \
+                from None
 
     async def discard_body(self, ex: Exchange) -> None:
         """Before a response to a request whose body the handler did not read: a
@@ -3847,7 +3865,7 @@ async def cmd_serve(orch: MeshOrchestrator, args: Any) -> int:
                          "(anyone who can reach it could use your GPUs); add --allow-remote to force")
     limits = ServerLimits(max_body=args.max_body, max_header_bytes=args.max_header_bytes,
                           header_timeout=args.header_timeout, body_timeout=args.body_timeout,
-                          keepalive_timeout=args.keepalive_timeout)
+                          keepalive_timeout=args.keepalive_timeout, write_timeout=args.write_timeout)
     front = MeshServer(orch, token=args.token, limits=limits)
     server = Listener(front, host, port)
     try:
@@ -5072,6 +5090,9 @@ def _build_parser() -> Any:
                      help=f"a request head must arrive within S seconds (default {ServerLimits.header_timeout:g})")
     lim.add_argument("--body-timeout", type=seconds, default=ServerLimits.body_timeout, metavar="S",
                      help=f"silence allowed while a body arrives (default {ServerLimits.body_timeout:g})")
+    lim.add_argument("--write-timeout", type=seconds, default=ServerLimits.write_timeout, metavar="S",
+                     help=f"disconnect a client that reads nothing of its reply for S seconds "
+                          f"(default {ServerLimits.write_timeout:g})")
     lim.add_argument("--keepalive-timeout", type=seconds, default=ServerLimits.keepalive_timeout, metavar="S",
                      help=f"close an idle keep-alive connection after S seconds "
                           f"(default {ServerLimits.keepalive_timeout:g})")
