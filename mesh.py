@@ -66,8 +66,9 @@ from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple
 __all__ = [
     "MeshError", "UsageError", "ConfigError", "NodeError", "ModelNotFoundError", "NoNodeAvailableError",
     "StreamInterruptedError", "SSHConfig", "HostInfo", "NodeSpec", "load_node_specs", "parse_mesh_settings",
-    "NDJSONDecoder", "decode_json_body", "ollama_type_error", "HTTPError", "HTTPRequest", "parse_request_head", "find_head_end", "ChunkedDecoder",
-    "response_head", "response_framing", "body_allowed", "SSHNode", "MeshOrchestrator",
+    "NDJSONDecoder", "decode_json_body", "ollama_type_error", "HTTPError", "HTTPRequest", "parse_request_head",
+    "find_head_end", "ChunkedDecoder", "response_head", "response_framing", "body_allowed", "SSHNode",
+    "MeshOrchestrator",
     "ServerLimits", "Route", "Router", "Exchange", "StreamRelay", "MeshServer", "Listener", "main",
     "ChatSession", "closest_names",
 ]
