@@ -16,6 +16,7 @@ Command line::
     python3 mesh.py run qwen2.5:7b       # chat, as `ollama run` (with a prompt: one answer)
     python3 mesh.py list                 # models x nodes; also ps, show, pull, rm, stop
     python3 mesh.py chat                 # talk to the pool
+    python3 mesh.py connections --stop   # list (or end) mesh's own ssh masters
     python3 mesh.py serve                # look like one Ollama on 127.0.0.1:11500
     python3 mesh.py bench                # time to first token, tokens/s per node
 
@@ -43,13 +44,14 @@ Sections, in dependency order (each begins with a banner comment)::
     wire formats (pure)    NDJSONDecoder; HTTP/1.1 framing: parse_request_head,
                            ChunkedDecoder, response_head, response_framing
     scoring (pure)         load_score, rank_nodes, closest_names
-    transport              the only code that spawns ssh or opens sockets to nodes
+    transport              the only code that spawns ssh or opens sockets to nodes; list_masters
     nodes                  SSHNode: health, load, inventory
     orchestrator           MeshOrchestrator: the public async API
     HTTP front             ServerLimits, Router and one route table per API,
                            Exchange, StreamRelay, MeshServer; `serve`, `bench`
     command line           one function per command (run, list, ps, show, pull, rm, stop,
-                           generate, chat, test, nodes, bench, serve), ChatSession, main()
+                           connections, generate, chat, test, nodes, bench, serve),
+                           ChatSession, main()
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ __all__ = [
     "find_head_end", "ChunkedDecoder", "response_head", "response_framing", "body_allowed", "SSHNode",
     "MeshOrchestrator",
     "ServerLimits", "Route", "Router", "Exchange", "StreamRelay", "MeshServer", "Listener", "main",
-    "ChatSession", "closest_names",
+    "ChatSession", "closest_names", "parse_node_facts", "fits_in_memory", "FACTS_COMMAND", "list_masters",
+    "stop_master",
 ]
 
 __version__ = "1.0.0"
@@ -1595,6 +1598,68 @@ def control_dir() -> str:
     raise MeshError("no private directory for SSH control sockets (set MESH_CONTROL_DIR to a short path)")
 
 
+def list_masters(directory: str) -> List[Dict[str, Any]]:
+    """mesh's ssh masters in a control directory: [{node, since (epoch s), transport,
+    socket, alive, ollama, config}], oldest first.  `node` and `since` come from the
+    CTL.json that SSHTransport writes when it starts a master (else the socket's time
+    and "?"); `alive` is whether anything answers on the socket; `transport` is
+    "forward" when the master's forward socket answers, else what was recorded."""
+    import socket
+    import stat
+
+    def answers(path: str) -> bool:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+            return True
+        except OSError:
+            return False
+        finally:
+            probe.close()
+
+    out = []
+    try:
+        entries = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    for entry in entries:
+        path = os.path.join(directory, entry)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if "." in entry or not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid():
+            continue
+        meta: Dict[str, Any] = {}
+        try:
+            with open(path + ".json") as fh:
+                meta = json.load(fh)
+        except (OSError, ValueError):
+            pass
+        forward = os.path.exists(path + ".f") and answers(path + ".f")
+        recorded = meta.get("transport") or "?"
+        out.append({"node": meta.get("node") or "?", "since": meta.get("started") or st.st_mtime,
+                    "transport": "forward" if forward else "stdio" if recorded == "forward" else recorded,
+                    "socket": path, "alive": answers(path), "ollama": meta.get("ollama"),
+                    "config": meta.get("config")})
+    return sorted(out, key=lambda m: m["since"])
+
+
+async def stop_master(path: str, *, ssh: str = "ssh", timeout: float = 10.0) -> None:
+    """End the master on control socket `path` (`ssh -O exit`) and remove what mesh keeps
+    beside it (forward socket, log, CTL.json).  -F none: no user config can redirect it."""
+    try:
+        await run_command([_which(ssh), "-F", "none", "-o", f"ControlPath={path}", "-O", "exit", "mesh-master"],
+                          timeout=timeout)
+    except (asyncio.TimeoutError, OSError):
+        pass
+    for extra in ("", ".f", ".log", ".json"):
+        try:
+            os.unlink(path + extra)
+        except OSError:
+            pass
+
+
 _SSH_FAILURES = (
     ("Permission denied", "authentication failed (permission denied)"),
     ("Host key verification failed", "host key verification failed (unknown or changed host key)"),
@@ -1949,7 +2014,20 @@ class SSHTransport(Transport):
                 fresh = True
             if self.mode == "forward" and not self.pinned or self.pinned == "forward":
                 await self._add_forward(fresh)
+            if fresh:
+                self._write_meta()
             self._master_ok = True
+
+    def _write_meta(self) -> None:
+        """Who this master is, next to its socket (CTL.json), for `mesh.py connections`:
+        the socket's own name is a hash."""
+        meta = {"node": self.name, "ollama": f"{self.host}:{self.port}", "config": self.config,
+                "started": time.time(), "transport": self.mode}
+        try:
+            with open(self.ctl + ".json", "w") as fh:
+                json.dump(meta, fh)
+        except OSError as exc:
+            logger.debug("%s: cannot write %s.json: %s", self.name, self.ctl, exc)
 
     async def _start_master(self) -> None:
         for stale in (self.ctl, self.fwd):
@@ -2685,6 +2763,20 @@ class MeshOrchestrator:
         await self.refresh(force=True)
         return [dict(entry, node=node.name) for node in self.nodes if node.healthy
                 for entry in node.loaded.values()]
+
+    def connections(self) -> List[Dict[str, Any]]:
+        """The ssh masters mesh keeps in its control directory, for every config and
+        node (list_masters): [{node, since, transport, socket, alive, ollama, config}]."""
+        return list_masters(control_dir())
+
+    async def stop_connections(self, node: Optional[str] = None) -> List[Dict[str, Any]]:
+        """End mesh's masters (all, or the ones for ssh alias `node`); returns those ended."""
+        chosen = [m for m in self.connections() if node is None or m["node"] == node]
+        await asyncio.gather(*(stop_master(m["socket"]) for m in chosen))
+        for n in self.nodes:
+            if isinstance(n.transport, SSHTransport) and any(m["socket"] == n.transport.ctl for m in chosen):
+                n.transport.master_lost()
+        return chosen
 
     async def node_facts(self) -> Dict[str, Dict[str, Any]]:
         """Every healthy node's facts (parse_node_facts: GPU, VRAM, RAM, load), read now
@@ -4780,6 +4872,31 @@ def _results_out(args: Any, results: Dict[str, Optional[str]], done: str) -> int
     return 0 if all(r is None for r in results.values()) else 1
 
 
+async def cmd_connections(orch: MeshOrchestrator, args: Any) -> int:
+    """mesh's own ssh masters: list them, or end them (--stop [NODE])."""
+    if args.stop is not None:
+        node = args.stop or None
+        stopped = await orch.stop_connections(node)
+        if args.json:
+            _print(json.dumps(stopped, indent=2))
+        elif not stopped:
+            _print("mesh: no ssh master " + (f"for {node}" if node else "to stop"), file=sys.stderr)
+        for m in stopped if not args.json else ():
+            _print(f"stopped {m['node']} ({m['socket']})")
+        return 0 if stopped or node is None else 1
+    masters = orch.connections()
+    if args.json:
+        _print(json.dumps(masters, indent=2))
+        return 0
+    if not masters:
+        _print("mesh: no ssh masters (they start with the first command that reaches a node)", file=sys.stderr)
+        return 0
+    _print(_table(("NODE", "SINCE", "TRANSPORT", "STATE", "SOCKET"), [
+        (m["node"], _relative(m["since"]), m["transport"], "up" if m["alive"] else "stale", m["socket"])
+        for m in masters]))
+    return 0
+
+
 async def cmd_list(orch: MeshOrchestrator, args: Any) -> int:
     """`ollama list` over the pool: each model once, with the nodes that have it."""
     inventory = await orch.models()
@@ -5025,6 +5142,15 @@ def _build_parser() -> Any:
                                    "/bye, Ctrl-D or Ctrl-C at an empty prompt ends it. Piped stdin: one turn per line.")
     model_opts(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("connections", parents=[common], help="mesh's own ssh masters: list or --stop them",
+                       description="The ssh ControlMasters mesh keeps (one per node; they outlive a command "
+                                   "by ControlPersist): node, since when, transport. --stop ends them all, or "
+                                   "one node's.")
+    p.add_argument("--stop", nargs="?", const="", default=None, metavar="NODE",
+                   help="end the masters (all, or this node's)")
+    p.add_argument("--json", action="store_true", help="print [{node, since, transport, socket, alive, ...}]")
+    p.set_defaults(func=cmd_connections)
 
     p = sub.add_parser("list", aliases=["ls"], parents=[common], help="models on each node (as `ollama list`)",
                        description="Every model in the pool once, with its size and the nodes that have it.")

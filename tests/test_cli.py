@@ -214,7 +214,8 @@ def test_local_pseudo_node_without_any_ssh_node(lab, tmp_path):
 
 
 def test_help_for_every_command():
-    for args in ([], ["test"], ["nodes"], ["generate"], ["chat"], ["serve"], ["bench"]):
+    for args in ([], ["test"], ["nodes"], ["generate"], ["chat"], ["serve"], ["bench"], ["run"], ["list"], ["ps"],
+                 ["show"], ["pull"], ["rm"], ["stop"], ["connections"]):
         p = subprocess.run([sys.executable, MESH, *args, "--help"], capture_output=True)
         assert p.returncode == 0 and b"usage: mesh.py" in p.stdout
 
@@ -463,3 +464,29 @@ def test_routing_leaves_out_a_node_that_cannot_hold_the_model(mesh_env):
     served, swapped, last = asyncio.run(go())
     assert served == ["large"] * 6 and swapped == ["small"] * 6
     assert last["node"] in ("small", "large") and last["response"]
+
+
+def test_connections_lists_and_stops_meshs_own_masters(lab):
+    lab.add_node("alpha", ["qwen2.5:7b"])
+    lab.add_node("beta", ["qwen2.5:7b"], settings="transport=exec")
+    p = lab.run("connections")
+    assert p.returncode == 0 and p.stdout == b"" and b"no ssh masters" in p.stderr
+    assert lab.run("test").returncode == 0
+    masters = json.loads(lab.run("connections", "--json").stdout)
+    assert sorted((m["node"], m["transport"], m["alive"]) for m in masters) == [("alpha", "forward", True),
+                                                                               ("beta", "exec", True)]
+    lines = lab.run("connections").stdout.decode().splitlines()
+    assert lines[0].split() == ["NODE", "SINCE", "TRANSPORT", "STATE", "SOCKET"]
+    assert {tuple(x.split()[:1]) for x in lines[1:]} == {("alpha",), ("beta",)} and "ago" in lines[1]
+    assert len(lab.ssh_processes(include_masters=True)) == 2
+
+    p = lab.run("connections", "--stop", "alpha")
+    assert p.returncode == 0 and p.stdout.decode().startswith("stopped alpha (")
+    assert [m["node"] for m in json.loads(lab.run("connections", "--json").stdout)] == ["beta"]
+    wait_for(lambda: len(lab.ssh_processes(include_masters=True)) == 1, 10, "alpha's master to end")
+    p = lab.run("connections", "--stop", "alpha")
+    assert p.returncode == 1 and b"no ssh master for alpha" in p.stderr
+    assert lab.run("connections", "--stop").returncode == 0
+    wait_for(lambda: lab.ssh_processes(include_masters=True) == [], 10, "every master to end")
+    assert os.listdir(lab.control_dir) == []
+    assert lab.run("generate", "hi").returncode == 0       # the next command starts a new master
