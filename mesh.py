@@ -1960,6 +1960,9 @@ class SSHTransport(Transport):
         self.ctl = os.path.join(self.dir, ident)
         self.fwd = self.ctl + ".f"
         self.log = self.ctl + ".log"
+        self.nodelay_mark = self.ctl + ".n"    # this master has had its first session (TCP_NODELAY)
+        self._nodelay_proc: Any = None
+        self._nodelay_reaper: Any = None
         # Made on first use, inside the event loop (Python 3.9 binds them when created).
         self._lock_obj: Optional[asyncio.Lock] = None
         self._slots_obj: Optional[asyncio.Semaphore] = None
@@ -2012,6 +2015,7 @@ class SSHTransport(Transport):
             if not (os.path.exists(self.ctl) and self._master_answers()):
                 await self._start_master()
                 fresh = True
+            await self._nodelay_session()
             if self.mode == "forward" and not self.pinned or self.pinned == "forward":
                 await self._add_forward(fresh)
             if fresh:
@@ -2030,7 +2034,7 @@ class SSHTransport(Transport):
             logger.debug("%s: cannot write %s.json: %s", self.name, self.ctl, exc)
 
     async def _start_master(self) -> None:
-        for stale in (self.ctl, self.fwd):
+        for stale in (self.ctl, self.fwd, self.nodelay_mark):
             try:
                 os.unlink(stale)  # a master killed by SIGKILL leaves its socket behind
             except FileNotFoundError:
@@ -2040,14 +2044,12 @@ class SSHTransport(Transport):
                 pass
         except OSError:
             pass
-        # The master's own session is `true` on a pty: OpenSSH turns on TCP_NODELAY (at
-        # both ends) only for a connection that has had an interactive session, and
-        # without it every new channel's reply waits ~40 ms on Nagle and delayed ACKs.
-        # It runs after -f has backgrounded the master; ControlPersist keeps the master.
+        # -N: the master runs no session of its own (with -f and ControlPersist a command
+        # given here never reaches the node anyway); _nodelay_session() follows.
         argv = self._base("-o", "ControlMaster=yes", "-o", f"ControlPersist={self.control_persist}",
                           "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=3",
                           "-o", "ClearAllForwardings=yes", "-o", "StreamLocalBindUnlink=yes",
-                          "-o", "SessionType=default", "-E", self.log, "-f", "-tt", "--", self.name, "true")
+                          "-E", self.log, "-f", "-N", "--", self.name)
         try:
             rc, _, err = await run_command(argv, timeout=self.connect_timeout + 5)
         except asyncio.TimeoutError:
@@ -2058,6 +2060,51 @@ class SSHTransport(Transport):
             raise NodeError(self.name, describe_ssh_failure(err, rc))
         self.started_master = True
         logger.debug("%s: master started", self.name)
+
+    async def _nodelay_session(self) -> None:
+        """Open one session through the master so that sshd turns Nagle off on its socket.
+
+        sshd sets TCP_NODELAY on its side of a connection when the connection's first
+        session starts its command (session.c -> ssh_packet_set_interactive: the first call
+        decides, later sessions change nothing); forwarded channels are not sessions.  A
+        master that has only ever carried forwards sends every reply with Nagle on, and a
+        stream whose chunks come close together waits ~40 ms for the client's delayed ACK.
+        ssh's own side has it from the start.  We wait only until the master says the
+        session is open (`master session id`, ssh -v): by then it has sent the exec request,
+        and sshd handles a connection's messages in order, so it has decided before it sees
+        any later request.  The command's shell startup (.bashrc) is not waited for.  A
+        marker file says a master already had its session; a reused master is not asked again."""
+        if os.path.exists(self.nodelay_mark):
+            return
+        argv = self._base("-o", "ControlMaster=no", "-v", "-T", "--", self.name, "exit 0")
+        try:
+            proc = await spawn(argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL)
+        except OSError:
+            return
+        self._nodelay_proc = proc
+        try:
+            async def opened() -> bool:
+                while True:
+                    line = await proc.stderr.readline()
+                    if not line:
+                        return False
+                    if b"master session id" in line:
+                        return True
+            if await asyncio.wait_for(opened(), self.connect_timeout):
+                with open(self.nodelay_mark, "w"):
+                    pass
+        except (asyncio.TimeoutError, OSError):
+            pass
+        except BaseException:
+            await _kill(proc)
+            raise
+
+        async def reap() -> None:
+            try:
+                await asyncio.wait_for(proc.wait(), max(30.0, self.connect_timeout))
+            except asyncio.TimeoutError:
+                await _kill(proc)
+        self._nodelay_reaper = asyncio.ensure_future(reap())
 
     async def _add_forward(self, fresh: bool = False) -> None:
         spec = f"{self.fwd}:{self.host}:{self.port}"
@@ -2276,12 +2323,15 @@ class SSHTransport(Transport):
 
     async def close(self, *, stop_master: bool = False) -> None:
         await super().close()
+        if self._nodelay_reaper is not None and not self._nodelay_reaper.done():
+            self._nodelay_reaper.cancel()
+            await _kill(self._nodelay_proc)
         if stop_master and self.started_master:
             try:
                 await run_command(self._base("-O", "exit", "--", self.name), timeout=5)
             except (asyncio.TimeoutError, OSError):
                 pass
-            for path in (self.fwd, self.log):
+            for path in (self.fwd, self.log, self.nodelay_mark):
                 try:
                     os.unlink(path)
                 except OSError:
@@ -3868,6 +3918,18 @@ def _status_for(exc: MeshError) -> int:
     return 502
 
 
+def listen_backlog() -> int:
+    """The kernel's limit for a listen queue (net.core.somaxconn), as Go's net package
+    (Ollama) uses: asyncio's default of 100 drops SYNs in a burst of a few hundred
+    connects, and each dropped client waits a second for its SYN retry."""
+    import socket
+    try:
+        with open("/proc/sys/net/core/somaxconn") as fh:
+            return max(int(fh.read().split()[0]), 128)
+    except (OSError, ValueError, IndexError):
+        return max(socket.SOMAXCONN, 511)   # nginx's default on systems without /proc
+
+
 class Listener:
     """The listening sockets of a MeshServer and their accept loops.
 
@@ -3879,9 +3941,9 @@ class Listener:
 
     accept_retry = 0.25
 
-    def __init__(self, server: "MeshServer", host: str, port: int, *, backlog: int = 100) -> None:
+    def __init__(self, server: "MeshServer", host: str, port: int, *, backlog: Optional[int] = None) -> None:
         self.server = server
-        self.host, self.port, self.backlog = host, port, backlog
+        self.host, self.port, self.backlog = host, port, backlog or listen_backlog()
         self.sockets: List[Any] = []
         self._tasks: List[Any] = []
 
