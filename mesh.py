@@ -42,11 +42,12 @@ Sections, in dependency order (each begins with a banner comment)::
     SSH config (pure)      SSHConfig, HostInfo: text in, hosts out, held to `ssh -G`
     node settings (pure)   NodeSpec, load_node_specs, parse_mesh_settings
     wire formats (pure)    NDJSONDecoder; HTTP/1.1 framing: parse_request_head,
-                           ChunkedDecoder, response_head, response_framing
+                           ChunkedDecoder, response_head, response_framing;
+                           node replies: ReplyDechunker, ReplyScanner (end, bad lines)
     scoring (pure)         load_score, rank_nodes, closest_names
     transport              the only code that spawns ssh or opens sockets to nodes; list_masters
     nodes                  SSHNode: health, load, inventory
-    orchestrator           MeshOrchestrator: the public async API
+    orchestrator           MeshOrchestrator: the public async API; RawStream (bytes)
     HTTP front             ServerLimits, Router and one route table per API,
                            Exchange, StreamRelay, MeshServer; `serve`, `bench`
     command line           one function per command (run, list, ps, show, pull, rm, stop,
@@ -56,6 +57,7 @@ Sections, in dependency order (each begins with a banner comment)::
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -74,6 +76,7 @@ __all__ = [
     "ServerLimits", "Route", "Router", "Exchange", "StreamRelay", "MeshServer", "Listener", "main",
     "ChatSession", "closest_names", "parse_node_facts", "fits_in_memory", "FACTS_COMMAND", "list_masters",
     "stop_master",
+    "ReplyDechunker", "ReplyScanner", "RawStream",
 ]
 
 __version__ = "1.0.0"
@@ -1520,6 +1523,207 @@ def response_framing(req_version: Tuple[int, int], method: str, status: int, len
     return fields, chunked, keep_alive
 
 
+class ReplyDechunker:
+    """A node's chunked reply body taken off as bytes arrive (RFC 9112 section 7.1).
+
+    feed(data) returns the payload bytes complete so far; `done` turns true at the
+    last chunk and its trailers, and `rest` then holds whatever came after the body.
+    Bad framing raises ProtocolError.  Go's server (Ollama) sends one chunk per line it
+    flushes, so a read usually holds many small chunks: whole chunks at a chunk
+    boundary are checked and joined with a few bytes-level calls (split, map) instead
+    of a Python step per chunk - each piece must be exactly as long as its size line
+    says.  Everything else (a chunk cut by the read, data containing CRLF, extensions,
+    the last chunk and trailers) goes through ChunkedDecoder, the exact decoder."""
+
+    def __init__(self) -> None:
+        self._exact = ChunkedDecoder(max_body=1 << 62)
+        self._buf = b""
+        self.done = False
+        self.rest = b""
+
+    def feed(self, data: bytes) -> bytes:
+        if self.done:
+            self.rest += data
+            return b""
+        out: List[bytes] = []
+        buf = self._buf + data if self._buf else data
+        self._buf = b""
+        exact = self._exact
+        if exact._state == "size" and not exact._line:
+            buf = self._fast(buf, out)
+        try:
+            piece, used = exact.feed(buf)
+        except HTTPError as exc:
+            raise ProtocolError(f"bad chunked framing: {exc}") from None
+        if piece:
+            out.append(piece)
+        if exact.done:
+            self.done, self.rest = True, buf[used:]
+        return b"".join(out) if len(out) != 1 else out[0]
+
+    @staticmethod
+    def _fast(buf: bytes, out: List[bytes]) -> bytes:
+        parts = buf.split(b"\r\n")
+        pairs = (len(parts) - 1) // 2
+        if pairs == 0:
+            return buf
+        sizes, datas = parts[0:2 * pairs:2], parts[1:2 * pairs:2]
+        try:
+            lengths = list(map(int, sizes, itertools.repeat(16)))
+        except ValueError:
+            return buf
+        if 0 in lengths or lengths != list(map(len, datas)):
+            return buf
+        out.extend(datas)
+        return buf[sum(map(len, sizes)) + sum(lengths) + 4 * pairs:]
+
+
+_DONE_TRUE = re.compile(rb'"done"\s*:\s*true')
+_SSE_END = re.compile(rb"^data: ?\[DONE\]|^event: ?message_stop", re.M)
+
+
+class ReplyScanner:
+    """Finds what mesh must know in a streamed reply without decoding every line:
+    where it ends, its final line, and lines that are not what Ollama sends.
+
+    feed(payload) returns the bytes to pass on: whole lines (NDJSON) or whole events
+    (SSE, `text/event-stream`), exactly as the node sent them, nothing after the end.
+    NDJSON ends at the line whose top-level "done" is true (Ollama's routes.go sends
+    it last); SSE at `data: [DONE]` (OpenAI) or the `message_stop` event (Anthropic);
+    either also at the end of the body (finish()).  Checks run on whole reads with
+    bytes-level calls (count, regex search); a line is JSON-decoded only when one of
+    them points at it.  After a feed, `error` (str) tells why the reply must end early:
+    a line that is not a JSON object, or Ollama's own `{"error": ...}` line (`node_error`
+    holds its text).  strict=False (whole replies) skips the shape check."""
+
+    def __init__(self, sse: bool = False, *, strict: bool = True, max_line: int = 64 * 1024 * 1024) -> None:
+        self.sse = sse
+        self.strict = strict
+        self.done = False            # the final line/event was seen: the reply is complete
+        self.final: Optional[bytes] = None   # that final line (NDJSON)
+        self.error: Optional[str] = None
+        self.node_error: Optional[str] = None
+        self.lines = 0               # NDJSON lines passed on
+        self.extra = 0               # bytes the node sent after the end (ignored)
+        self.last = b""              # the last line passed on (NDJSON)
+        self._tail = b""
+        self._max_line = max_line
+
+    def feed(self, data: bytes) -> bytes:
+        if self.done or self.error:
+            self.extra += len(data)
+            return b""
+        buf = self._tail + data if self._tail else data
+        sep = b"\n\n" if self.sse else b"\n"
+        cut = buf.rfind(sep)
+        if self.sse and cut < 0 and b"\r\n\r\n" in buf:
+            sep, cut = b"\r\n\r\n", buf.rfind(b"\r\n\r\n")
+        if cut < 0:
+            if len(buf) > self._max_line:
+                self.error = f"a line longer than {self._max_line} bytes"
+            self._tail = buf
+            return b""
+        cut += len(sep)
+        block, self._tail = buf[:cut], buf[cut:]
+        return self._sse(block) if self.sse else self._ndjson(block)
+
+    def finish(self) -> bytes:
+        """End of the body: a last line without its newline still counts if it is whole."""
+        tail, self._tail = self._tail, b""
+        if self.done or self.error or not tail.strip():
+            return b""
+        return self._sse(tail) if self.sse else self._ndjson(tail)
+
+    def final_obj(self) -> Optional[Dict[str, Any]]:
+        """The final line decoded (its statistics: eval_count, eval_duration, ...), or None."""
+        line = self.final if self.final is not None else (self.last if not self.sse else None)
+        if not line:
+            return None
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            return None
+        return obj if isinstance(obj, dict) else None
+
+    def _sse(self, block: bytes) -> bytes:
+        m = _SSE_END.search(block)
+        if m is None:
+            return block
+        end = block.find(b"\n\n", m.end())
+        end = len(block) if end < 0 else end + 2
+        self.done = True
+        self.extra += len(block) - end + len(self._tail)
+        self._tail = b""
+        return block[:end]
+
+    def _ndjson(self, block: bytes) -> bytes:
+        n = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
+        if self.strict and not (block[:1] == b"{" and block.count(b"}\n") + (block[-1:] == b"}") == n
+                                and block.count(b"\n{") == n - 1):
+            block = self._clean(block)      # blank lines, CRLF, or a bad line: line by line
+            n = block.count(b"\n")
+        end = len(block)
+        if b'"error"' in block:
+            end = self._find_error(block)
+        m = _DONE_TRUE.search(block, 0, end)
+        while m is not None:
+            start = block.rfind(b"\n", 0, m.start()) + 1
+            stop = block.find(b"\n", m.end())
+            stop = len(block) if stop < 0 else stop + 1
+            obj = self._decode(block[start:stop])
+            if isinstance(obj, dict) and obj.get("done") is True:
+                self.done, self.final = True, block[start:stop]
+                self.extra += len(block) - stop + len(self._tail)
+                self._tail = b""
+                self.error = self.node_error = None
+                end = stop
+                break
+            m = _DONE_TRUE.search(block, stop, end)
+        out = block[:end]
+        if out:
+            self.lines += out.count(b"\n") + (0 if out.endswith(b"\n") else 1)
+            last_nl = out.rfind(b"\n", 0, len(out) - 1)
+            self.last = out[last_nl + 1:]
+        return out
+
+    def _find_error(self, block: bytes) -> int:
+        """Ollama's `{"error": "..."}` line ends a stream: pass on what came before it."""
+        pos = 0
+        while True:
+            i = block.find(b'"error"', pos)
+            if i < 0:
+                return len(block)
+            start = block.rfind(b"\n", 0, i) + 1
+            stop = block.find(b"\n", i)
+            stop = len(block) if stop < 0 else stop + 1
+            obj = self._decode(block[start:stop])
+            if isinstance(obj, dict) and "error" in obj and len(obj) <= 2 and obj.get("done") is not True:
+                self.node_error = str(obj["error"])
+                self.error = f"Ollama error: {self.node_error}"
+                return start
+            pos = stop
+
+    def _clean(self, block: bytes) -> bytes:
+        out = []
+        for line in block.split(b"\n"):
+            line = line.strip()
+            if not line:
+                continue
+            if not (line[:1] == b"{" and line[-1:] == b"}") or not isinstance(self._decode(line), dict):
+                what = "not JSON" if self._decode(line) is None else "not a JSON object"
+                self.error = f"{what}: {_excerpt(line)}"
+                break
+            out.append(line + b"\n")
+        return b"".join(out)
+
+    @staticmethod
+    def _decode(line: bytes) -> Any:
+        try:
+            return json.loads(line)
+        except ValueError:
+            return None
+
+
 # ---------------------------------------------------------------------------
 # Scoring and routing (pure).
 # ---------------------------------------------------------------------------
@@ -1743,6 +1947,38 @@ class _EmptyReply(Exception):
     """The connection closed before a single byte of reply (a refused channel)."""
 
 
+class _CutOff(ProtocolError):
+    """The connection closed before the body's end."""
+
+
+class _IdleTimeout(Exception):
+    """Raised inside a read by _IdleWatch: the node was silent for idle_timeout."""
+
+
+class _IdleWatch:
+    """One idle deadline for a reply's whole body.  A read sets `since` while it waits;
+    the timer, armed once, re-arms itself for the remaining time until a read has waited
+    the whole timeout, then fails that read (the connection is not reused after that).
+    asyncio.wait_for around every read would cost a task and a timer per chunk."""
+
+    def __init__(self, reader: asyncio.StreamReader, timeout: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.reader, self.timeout = reader, timeout
+        self.since: Optional[float] = None
+        self._handle = self.loop.call_later(timeout, self._check)
+
+    def _check(self) -> None:
+        now = self.loop.time()
+        if self.since is not None and now - self.since >= self.timeout:
+            self.reader.set_exception(_IdleTimeout())
+            return
+        self._handle = self.loop.call_at((self.since if self.since is not None else now) + self.timeout,
+                                         self._check)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
 class _Exchange:
     """One HTTP request/response on a connection: a socket or an ssh child's pipes."""
 
@@ -1756,15 +1992,33 @@ class _Exchange:
         self._on_done = on_done
         self._complete = False
         self._closed = False
+        self._dechunk: Optional[ReplyDechunker] = None
+        self._remaining: Optional[int] = None
+        self._idle: Optional[_IdleWatch] = None
+        self.leftover = b""             # bytes after the body: make the connection unfit for reuse
+        self.retire = False             # the reply was odd: do not reuse the connection
         self.log_mark = 0               # SSH transport: where the master's log stood at the start
 
     async def send(self, request: bytes) -> None:
         self.writer.write(request)
         await self.writer.drain()
 
+    async def _head_bytes(self) -> bytes:
+        if not self.leftover:
+            return await self.reader.readuntil(b"\r\n\r\n")
+        buf, self.leftover = self.leftover, b""   # what the last body's read took beyond its end
+        while b"\r\n\r\n" not in buf:
+            more = await self.reader.read(65536)
+            if not more:
+                raise asyncio.IncompleteReadError(buf, None)
+            buf += more
+        end = buf.index(b"\r\n\r\n") + 4
+        self.leftover = buf[end:]
+        return buf[:end]
+
     async def read_head(self) -> Tuple[int, Dict[str, str]]:
         try:
-            head = await self.reader.readuntil(b"\r\n\r\n")
+            head = await self._head_bytes()
         except asyncio.IncompleteReadError as exc:
             if not exc.partial:
                 raise _EmptyReply() from None
@@ -1774,49 +2028,87 @@ class _Exchange:
         except (ConnectionError, OSError):
             raise _EmptyReply() from None
         while head.startswith(b"HTTP/1.1 100"):  # curl may relay an interim 100 Continue
-            head = await self.reader.readuntil(b"\r\n\r\n")
+            head = await self._head_bytes()
         self.status, self.headers = parse_http_head(head)
+        self._start_body()
         return self.status, self.headers
 
-    async def body(self, idle_timeout: Optional[float]) -> AsyncIterator[bytes]:
-        """The body as it arrives; each read waits at most idle_timeout."""
-        async def read(coro: Any) -> Any:
-            return await asyncio.wait_for(coro, idle_timeout) if idle_timeout else await coro
-
+    def _start_body(self) -> None:
+        """How the body after this head is framed: chunked, Content-Length, or to EOF."""
         chunked = "chunked" in self.headers.get("transfer-encoding", "").lower() and not self.decoded
+        self._dechunk = ReplyDechunker() if chunked else None
         length = self.headers.get("content-length")
-        try:
-            if chunked:
-                while True:
-                    size_line = await read(self.reader.readline())
-                    if not size_line.endswith(b"\n"):
-                        raise ProtocolError("stream cut off (truncated chunk header)")
-                    size = int(size_line.split(b";")[0].strip() or b"0", 16)
-                    if size == 0:
-                        while (await read(self.reader.readline())).strip():
-                            pass
-                        break
-                    data = await read(self.reader.readexactly(size + 2))
-                    yield data[:-2]
-            elif length is not None and not self.decoded:
-                remaining = int(length)
-                while remaining > 0:
-                    data = await read(self.reader.read(min(remaining, 65536)))
-                    if not data:
-                        raise ProtocolError(f"reply cut off ({remaining} of {length} bytes missing)")
-                    remaining -= len(data)
-                    yield data
+        self._remaining = None
+        if not chunked and length is not None and not self.decoded:
+            try:
+                self._remaining = int(length)
+            except ValueError:
+                raise ProtocolError(f"bad Content-Length {length!r}") from None
+        self._complete = self._remaining == 0
+
+    def watch(self, idle_timeout: Optional[float]) -> None:
+        """Arm the idle deadline for the body: one timer for the whole phase, not one per read."""
+        self.unwatch()
+        if idle_timeout:
+            self._idle = _IdleWatch(self.reader, idle_timeout)
+
+    def unwatch(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    async def read_payload(self, size: int = 1 << 18) -> bytes:
+        """The body's next bytes as they arrive, framing taken off (b"" at its end).
+        Whatever has arrived is returned at once: several of the node's chunks read
+        together are returned together."""
+        while not self._complete:
+            idle = self._idle
+            if idle is not None:
+                idle.since = idle.loop.time()
+            if self.leftover:
+                data, self.leftover = self.leftover, b""
             else:
-                while True:
-                    data = await read(self.reader.read(65536))
-                    if not data:
-                        break
-                    yield data
-        except asyncio.IncompleteReadError:
-            raise ProtocolError("stream cut off in the middle of a chunk") from None
-        except ValueError as exc:
-            raise ProtocolError(f"bad chunked framing: {exc}") from None
-        self._complete = True
+                try:
+                    data = await self.reader.read(size if self._remaining is None else min(size, self._remaining))
+                except _IdleTimeout:
+                    raise asyncio.TimeoutError() from None
+                finally:
+                    if idle is not None:
+                        idle.since = None
+            if self._dechunk is not None:
+                if not data:
+                    raise _CutOff("stream cut off (truncated: the chunked body did not end)")
+                out = self._dechunk.feed(data)
+                if self._dechunk.done:
+                    self._complete = True
+                    self.leftover = self._dechunk.rest   # a pipelined next reply starts here
+                if out:
+                    return out
+            elif self._remaining is not None:
+                if not data:
+                    raise _CutOff(f"reply cut off ({self._remaining} bytes missing)")
+                if len(data) >= self._remaining:
+                    data, self.leftover = data[:self._remaining], data[self._remaining:]
+                    self._complete = True
+                self._remaining -= len(data)
+                return data
+            elif data:
+                return data
+            else:
+                self._complete = True
+        return b""
+
+    async def body(self, idle_timeout: Optional[float]) -> AsyncIterator[bytes]:
+        """The body as it arrives; silence longer than idle_timeout raises asyncio.TimeoutError."""
+        self.watch(idle_timeout)
+        try:
+            while True:
+                data = await self.read_payload()
+                if not data:
+                    return
+                yield data
+        finally:
+            self.unwatch()
 
     async def read_body(self, idle_timeout: Optional[float], limit: int = 256 * 1024 * 1024) -> bytes:
         parts, size = [], 0
@@ -1827,12 +2119,27 @@ class _Exchange:
                 raise ProtocolError("reply too large")
         return b"".join(parts)
 
+    async def finish_body(self, grace: float = 1.0) -> None:
+        """After the reply's final line: read what is left of the body (normally just the
+        last chunk) for up to `grace` seconds, then give the connection back for reuse
+        if nothing else came, else end it."""
+        self.unwatch()
+        try:
+            data = await asyncio.wait_for(self.read_payload(), grace)
+            if data.strip() or self.leftover or not self._complete:
+                self.retire = True
+        except (asyncio.TimeoutError, ProtocolError, ConnectionError, OSError):
+            self.retire = True
+        finally:
+            await self.close()
+
     async def close(self) -> None:
         """Give the connection back for reuse when the reply was complete, else end it."""
         if self._closed:
             return
         self._closed = True
-        reusable = (self._complete and self.proc is None
+        self.unwatch()
+        reusable = (self._complete and self.proc is None and not self.leftover and not self.retire
                     and self.headers.get("connection", "").lower() != "close")
         if self._on_done is not None:
             await self._on_done(self, reusable)
@@ -1961,8 +2268,6 @@ class SSHTransport(Transport):
         self.fwd = self.ctl + ".f"
         self.log = self.ctl + ".log"
         self.nodelay_mark = self.ctl + ".n"    # this master has had its first session (TCP_NODELAY)
-        self._nodelay_proc: Any = None
-        self._nodelay_reaper: Any = None
         # Made on first use, inside the event loop (Python 3.9 binds them when created).
         self._lock_obj: Optional[asyncio.Lock] = None
         self._slots_obj: Optional[asyncio.Semaphore] = None
@@ -2072,8 +2377,9 @@ class SSHTransport(Transport):
         ssh's own side has it from the start.  We wait only until the master says the
         session is open (`master session id`, ssh -v): by then it has sent the exec request,
         and sshd handles a connection's messages in order, so it has decided before it sees
-        any later request.  The command's shell startup (.bashrc) is not waited for.  A
-        marker file says a master already had its session; a reused master is not asked again."""
+        any later request - or our closing of that session, which spares the node's shell
+        startup (.bashrc).  A marker file says a master already had its session; a reused
+        master is not asked again."""
         if os.path.exists(self.nodelay_mark):
             return
         argv = self._base("-o", "ControlMaster=no", "-v", "-T", "--", self.name, "exit 0")
@@ -2081,7 +2387,6 @@ class SSHTransport(Transport):
             proc = await spawn(argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL)
         except OSError:
             return
-        self._nodelay_proc = proc
         try:
             async def opened() -> bool:
                 while True:
@@ -2095,16 +2400,10 @@ class SSHTransport(Transport):
                     pass
         except (asyncio.TimeoutError, OSError):
             pass
-        except BaseException:
+        finally:
+            # The exec request is on its way and sshd reads in order: ending the session now
+            # (the channel is closed after the exec) does not undo it, and spares the node's shell.
             await _kill(proc)
-            raise
-
-        async def reap() -> None:
-            try:
-                await asyncio.wait_for(proc.wait(), max(30.0, self.connect_timeout))
-            except asyncio.TimeoutError:
-                await _kill(proc)
-        self._nodelay_reaper = asyncio.ensure_future(reap())
 
     async def _add_forward(self, fresh: bool = False) -> None:
         spec = f"{self.fwd}:{self.host}:{self.port}"
@@ -2323,9 +2622,6 @@ class SSHTransport(Transport):
 
     async def close(self, *, stop_master: bool = False) -> None:
         await super().close()
-        if self._nodelay_reaper is not None and not self._nodelay_reaper.done():
-            self._nodelay_reaper.cancel()
-            await _kill(self._nodelay_proc)
         if stop_master and self.started_master:
             try:
                 await run_command(self._base("-O", "exit", "--", self.name), timeout=5)
@@ -2563,21 +2859,187 @@ class SSHNode:
 # Orchestrator: the public API.
 # ---------------------------------------------------------------------------
 
+class RawStream:
+    """A node's reply as the bytes the node sent: what `serve` relays.
+
+    Async iteration yields byte blocks of whole NDJSON lines (or whole SSE events, for
+    `text/event-stream`), exactly as the node sent them, as many as had arrived at
+    each read: one block per wake-up, not one per token.  Nothing after the reply's end
+    is passed on (Ollama's final `"done": true` line, `data: [DONE]`, `message_stop`).
+    `node` is the node's name, `content_type` the node's Content-Type.  After the end,
+    `final` is the final line decoded (Ollama's statistics: eval_count, eval_duration,
+    prompt_eval_count, prompt_eval_duration, load_duration, total_duration) or None.
+    A failure after the first block raises StreamInterruptedError; closing early
+    (aclose) ends the node's request, and with it the ssh child or channel."""
+
+    def __init__(self, orch: "MeshOrchestrator", node: SSHNode, ex: _Exchange, path: str,
+                 streaming: bool) -> None:
+        self._orch, self._node, self._ex = orch, node, ex
+        self.node = node.name
+        self.status = ex.status
+        self.content_type = ex.headers.get("content-type") or "application/x-ndjson"
+        self.sse = "text/event-stream" in self.content_type.lower()
+        self._scan = ReplyScanner(sse=self.sse, strict=streaming)
+        self._path = path
+        self._streaming = streaming
+        self._first = b""
+        self._relayed = False
+        self._ended = False
+        self._closed = False
+        self._error: Optional[NodeError] = None
+        self._handed_off = False         # the exchange finishes its body in the background
+        self._whole: Dict[str, Any] = {}  # stream=False: the answer
+
+    @property
+    def final(self) -> Optional[Dict[str, Any]]:
+        return self._scan.final_obj() if self._ended else None
+
+    def __aiter__(self) -> "RawStream":
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._first:
+            block, self._first = self._first, b""
+            self._relayed = True
+            return block
+        try:
+            block = await self._next_block()
+        except NodeError as exc:
+            await self.aclose()
+            raise StreamInterruptedError(f"{exc} (after part of the answer was sent; not retried)") from None
+        except BaseException:
+            await self.aclose()
+            raise
+        if not block:
+            await self.aclose()
+            raise StopAsyncIteration
+        self._relayed = True
+        return block
+
+    async def _prime(self) -> None:
+        """Read up to the first whole line: a node that fails before it can still be
+        replaced by another (nothing was passed on yet)."""
+        self._first = await self._next_block()
+        if not self._first:
+            await self.aclose()
+            raise NodeError(self.node, "empty reply")
+
+    async def _next_block(self) -> bytes:
+        """The next block to pass on; b"" at the reply's proper end; NodeError otherwise."""
+        if self._error is not None:
+            raise self._error
+        if self._ended:
+            return b""
+        scan, ex, node = self._scan, self._ex, self.node
+        first = not self._relayed and not self._first
+        try:
+            while True:
+                cut: Optional[_CutOff] = None
+                try:
+                    data = await ex.read_payload()
+                except _CutOff as exc:
+                    data, cut = b"", exc
+                out = scan.feed(data) if data else scan.finish()
+                if scan.error:
+                    self._error = NodeError(node, scan.error if scan.node_error is not None
+                                            else f"bad reply: {scan.error}",
+                                            retryable=first and not out,
+                                            mark_down=scan.node_error is None)
+                    if not out:
+                        raise self._error
+                    return out
+                if scan.done or not data:
+                    self._ended = True
+                    self._finish(cut)
+                    if not out and scan.lines == 0 and not scan.sse:
+                        raise NodeError(node, "empty reply", retryable=first)
+                    if out:
+                        return out
+                    return b""
+                if out:
+                    return out
+        except asyncio.TimeoutError:
+            raise NodeError(node, f"no data for idle_timeout={self._orch.idle_timeout:g}s",
+                            retryable=first) from None
+        except ProtocolError as exc:
+            raise NodeError(node, f"bad reply: {exc}", retryable=first) from None
+
+    def _finish(self, cut: Optional[ProtocolError]) -> None:
+        """The reply ended: its final line, the body's end, or the connection's (cut).
+        A final line is what counts: a node that closes right after it has answered."""
+        scan, ex = self._scan, self._ex
+        if not scan.done and self._streaming and not scan.sse and \
+                self._path in ("/api/generate", "/api/chat") and scan.lines:
+            last = scan.final_obj() or {}
+            if "done_reason" not in last:
+                # Ollama always ends a stream with a done line: anything else was cut off.
+                self._error = NodeError(self.node, "stream ended before the final chunk (truncated)",
+                                        retryable=False)
+                raise self._error
+        elif cut is not None and not scan.done:
+            self._error = NodeError(self.node, f"bad reply: {cut}", retryable=not self._relayed and not scan.lines)
+            raise self._error
+        if cut is not None:
+            ex.retire = True
+        if scan.extra or ex.leftover:
+            ex.retire = True      # bytes after the end: the connection is not trusted again
+        elif not ex._complete and ex.proc is None:
+            # Stopped at the final line; the body's last chunk is usually a moment behind:
+            # wait for it in the background, so the connection can serve again.
+            self._handed_off = True
+            self._orch._spawn(ex.finish_body())
+        self._node.served += 1
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if not self._handed_off:
+                await self._ex.close()
+        finally:
+            self._orch._release(self._node)
+
+    async def __aenter__(self) -> "RawStream":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+
 class _Stream:
     """What `await generate(..., stream=True)` returns: an async iterator of chunk
-    dicts that ends the node's request (and its ssh child) when closed early."""
+    dicts (each with "node") that ends the node's request (and its ssh child) when
+    closed early."""
 
-    def __init__(self, agen: Any) -> None:
-        self._agen = agen
+    def __init__(self, raw: RawStream) -> None:
+        self._raw = raw
+        self._objs: List[Dict[str, Any]] = []
+
+    @property
+    def node(self) -> str:
+        return self._raw.node
 
     def __aiter__(self) -> "_Stream":
         return self
 
     async def __anext__(self) -> Dict[str, Any]:
-        return await self._agen.__anext__()
+        while not self._objs:
+            block = await self._raw.__anext__()
+            node = self._raw.node
+            if self._raw.sse:
+                self._objs = [{"event": block.decode("utf-8", "replace"), "node": node}]
+                continue
+            for line in block.splitlines():
+                if line.strip():
+                    obj = json.loads(line)
+                    obj["node"] = node
+                    self._objs.append(obj)
+            self._objs.reverse()
+        return self._objs.pop()
 
     async def aclose(self) -> None:
-        await self._agen.aclose()
+        await self._raw.aclose()
 
     async def __aenter__(self) -> "_Stream":
         return self
@@ -3034,20 +3496,20 @@ class MeshOrchestrator:
             payload["stream"] = stream
         streaming = payload.get("stream", True) if path in ("/api/generate", "/api/chat", "/api/pull") \
             else bool(payload.get("stream", False))
-        agen = self._route(path, payload, pinned=node, streaming=streaming)
+        raw = await self.open_stream(path, payload, node=node, stream=streaming)
         if streaming:
-            return _Stream(agen)
-        try:
-            result = None
-            async for obj in agen:
-                result = obj
-            return result
-        finally:
-            await agen.aclose()
+            return _Stream(raw)
+        return await self._answer(raw)
 
-    async def _route(self, path: str, payload: Dict[str, Any], *, pinned: Optional[str],
-                     streaming: bool) -> AsyncIterator[Dict[str, Any]]:
+    async def open_stream(self, path: str, payload: Dict[str, Any], *, node: Optional[str] = None,
+                          stream: bool = True) -> RawStream:
+        """Route a request and return the reply as a RawStream of the node's own bytes
+        (what `serve` relays).  Failover happens here, before anything is returned: a
+        node that fails before its first whole line is replaced by the next best one.
+        For stream=False the whole reply is read before returning.  Raises MeshError
+        (ModelNotFoundError, NoNodeAvailableError, NodeError ...)."""
         model = payload.get("model")
+        pinned = node
         if pinned is None and model and len(self.nodes) > 1:
             # With one node there is nothing to choose: the request itself tells whether the
             # node has the model (404), one round trip sooner than asking /api/tags first.
@@ -3059,7 +3521,7 @@ class MeshOrchestrator:
         rechecked = False
         while True:
             try:
-                node = await self._acquire(model, pinned, tried)
+                chosen = await self._acquire(model, pinned, tried)
             except ModelNotFoundError:
                 # The model lists may be up to INVENTORY_TTL old: a model pulled a moment
                 # ago on a node is looked for once more before the caller hears "not found".
@@ -3081,40 +3543,36 @@ class MeshOrchestrator:
                 if isinstance(exc, NoNodeAvailableError) and self.implicit_local:
                     raise self._no_nodes(str(exc)) from None
                 raise
-            relayed = False
             try:
-                async for obj in self._relay(node, path, body, streaming):
-                    relayed = True
-                    yield obj
-                node.served += 1
-                return
+                return await self._attempt(chosen, path, body, stream)
             except _ClientError:
                 raise
             except NodeError as exc:
-                if relayed:
-                    raise StreamInterruptedError(
-                        f"{exc} (after part of the answer was sent; not retried)") from None
                 if not exc.retryable:
                     raise
-                tried.add(node.name)
+                tried.add(chosen.name)
                 failures.append(str(exc))
                 if exc.status == 404 and model:
-                    node.models.pop(model_key(model), None)
-                    not_found.append(node.name)
+                    chosen.models.pop(model_key(model), None)
+                    not_found.append(chosen.name)
                     if pinned:
-                        raise ModelNotFoundError(f'model "{model}" not found on node {node.name}') from None
+                        raise ModelNotFoundError(f'model "{model}" not found on node {chosen.name}') from None
                 elif exc.mark_down:
-                    self._mark_down(node, exc.reason)
+                    self._mark_down(chosen, exc.reason)
                 if pinned:
                     raise
-                logger.info("%s failed before the first byte; trying another node: %s", node.name, exc.reason)
-            finally:
-                self._release(node)
+                logger.info("%s failed before the first byte; trying another node: %s", chosen.name, exc.reason)
 
-    async def _relay(self, node: SSHNode, path: str, body: bytes, streaming: bool
-                     ) -> AsyncIterator[Dict[str, Any]]:
-        ex = await node.open(path, body, first_byte_timeout=self.first_byte_timeout,
-                             liveness_interval=self.liveness_interval)
+    async def _attempt(self, node: SSHNode, path: str, body: bytes, streaming: bool) -> RawStream:
+        """One node's try: the reply's head and its first whole line (all of it for
+        stream=False).  The node's slot is released on failure, else when the stream closes."""
+        try:
+            ex = await node.open(path, body, first_byte_timeout=self.first_byte_timeout,
+                                 liveness_interval=self.liveness_interval)
+        except BaseException:
+            self._release(node)
+            raise
+        raw = RawStream(self, node, ex, path, streaming)
         try:
             if ex.status != 200:
                 try:
@@ -3127,41 +3585,49 @@ class MeshOrchestrator:
                 raise NodeError(node.name, msg, status=ex.status,
                                 mark_down=ex.status >= 500 and ex.status != 503)
             ctype = ex.headers.get("content-type", "")
-            if "json" not in ctype and "ndjson" not in ctype and ctype:
+            if ctype and "json" not in ctype and not raw.sse:
                 raise NodeError(node.name, f"not Ollama (reply is {ctype})")
-            decoder = NDJSONDecoder()
-            count = 0
-            last: Dict[str, Any] = {}
-            try:
-                async for data in ex.body(self.idle_timeout):
-                    for obj in decoder.feed(data):
-                        count += 1
-                        last = obj
-                        yield self._tag(obj, node, count)
-                for obj in decoder.finish():
-                    count += 1
-                    yield self._tag(obj, node, count)
-                    last = obj
-            except asyncio.TimeoutError:
-                raise NodeError(node.name, f"no data for idle_timeout={self.idle_timeout:g}s",
-                                retryable=count == 0) from None
-            except ProtocolError as exc:
-                raise NodeError(node.name, f"bad reply: {exc}", retryable=count == 0) from None
-            if count == 0:
-                raise NodeError(node.name, "empty reply")
-            if streaming and path in ("/api/generate", "/api/chat") and last.get("done") is not True:
-                # Ollama always ends a stream with a done chunk: anything else was cut off.
-                raise NodeError(node.name, "stream ended before the final chunk (truncated)", retryable=False)
-        finally:
-            await ex.close()
+            ex.watch(self.idle_timeout)
+            await raw._prime()
+            if not streaming:
+                raw._whole = await self._collect(raw)
+        except BaseException:
+            await raw.aclose()
+            raise
+        return raw
 
-    @staticmethod
-    def _tag(obj: Dict[str, Any], node: SSHNode, count: int) -> Dict[str, Any]:
+    async def _collect(self, raw: RawStream, limit: int = 256 * 1024 * 1024) -> Dict[str, Any]:
+        """A whole (stream=False) reply as one dict: the final done line when the node
+        sent lines, else the one JSON object.  Anything after done is ignored."""
+        parts, size = [raw._first], len(raw._first)
+        raw._first = b""
+        while True:
+            block = await raw._next_block()
+            if not block:
+                break
+            parts.append(block)
+            size += len(block)
+            if size > limit:
+                raise NodeError(raw.node, "reply too large")
+        data = b"".join(parts)
+        obj = raw._scan.final_obj() if raw._scan.final is not None else None
+        if obj is None:
+            try:
+                obj = json.loads(data)
+            except ValueError:
+                obj = raw._scan.final_obj()   # several lines, none done: the last one
+        if not isinstance(obj, dict):
+            raise NodeError(raw.node, f"bad reply: not a JSON object: {_excerpt(data)}")
         if "error" in obj and len(obj) <= 2:
-            raise NodeError(node.name, f"Ollama error: {obj['error']}", retryable=count == 1,
-                            mark_down=False)
-        obj["node"] = node.name
+            raise NodeError(raw.node, f"Ollama error: {obj['error']}", mark_down=False)
+        obj["node"] = raw.node
         return obj
+
+    async def _answer(self, raw: RawStream) -> Dict[str, Any]:
+        try:
+            return raw._whole
+        finally:
+            await raw.aclose()
 
     # -- the familiar calls ------------------------------------------------------
     async def generate(self, prompt: str, model: Optional[str] = None, *, node: Optional[str] = None,
@@ -3403,7 +3869,7 @@ class OllamaAPI(_API):
             result = await self.orch.request(path, payload, node=pinned, stream=False)
             await ex.send_json(200, result, node=result.pop("node", None))
             return
-        stream = await self.orch.request(path, payload, node=pinned, stream=True)
+        stream = await self.orch.open_stream(path, payload, node=pinned, stream=True)
         await self.server.relay(ex).run(stream)
 
     async def pull(self, ex: "Exchange") -> None:
@@ -3653,10 +4119,30 @@ class Exchange:
                         "application/json; charset=utf-8", node=node, headers=headers)
 
     async def start_stream(self, content_type: str = "application/x-ndjson", *, status: int = 200,
-                           node: Optional[str] = None, headers: Sequence[Tuple[str, str]] = ()) -> None:
-        """Start a body of unknown length: chunked to HTTP/1.1, close-delimited to 1.0."""
+                           node: Optional[str] = None, headers: Sequence[Tuple[str, str]] = (),
+                           first: bytes = b"") -> None:
+        """Start a body of unknown length: chunked to HTTP/1.1, close-delimited to 1.0.
+        `first`, the body's first piece, goes out with the head (one write, one segment)."""
         await self._head(status, None, content_type, headers, node)
         self._streaming = True
+        if first:
+            self.write_nowait(first)
+        await self.conn.drain()
+
+    def write_nowait(self, data: bytes) -> bool:
+        """One piece of a streamed body, written without waiting for the client (the
+        socket takes it at once when it can).  True when the client's side has more than
+        _WRITE_HIGH_WATER bytes queued: the caller should then await drain_client()."""
+        if not data or not body_allowed(self.request.method, self.status or 200):
+            return False
+        if self.first_byte_at is None:
+            self.first_byte_at = time.monotonic()
+        self.bytes_out += len(data)
+        writer = self.conn.writer
+        writer.write(b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data)
+        return writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER
+
+    async def drain_client(self) -> None:
         await self.conn.drain()
 
     async def write(self, data: bytes) -> None:
@@ -3686,17 +4172,25 @@ class Exchange:
         await self.conn.reader.until_eof()
 
 
+_WRITE_HIGH_WATER = 256 * 1024   # bytes queued for a client before the relay waits for it
+
+
 class StreamRelay:
-    """Moves a node's streamed reply to the client: NDJSON, each line passed on the
-    moment it arrives.  The first line is awaited before the status line, so that a
-    failure before it still gets a proper status; after it an error becomes a last
-    {"error": ...} line.  A client that goes away cancels the node's request.
-    One job, replaceable: MeshServer.relay() makes one per streamed reply."""
+    """Moves a node's streamed reply to the client as the bytes the node sent (NDJSON,
+    or SSE for the OpenAI/Anthropic endpoints), with the node's Content-Type: one
+    chunk and one write per read from the node (several of its lines when they came
+    together), waiting for the client only when its socket buffer is full.  The
+    stream arrives with its first line in hand (open_stream), so failures before it
+    already got a proper status; after it an error becomes a last line or event in
+    the stream's own format (_error_event).  A client that goes away cancels the
+    node's request.  One job, replaceable: MeshServer.relay() makes one per streamed reply."""
 
     def __init__(self, ex: Exchange) -> None:
         self.ex = ex
 
-    async def run(self, stream: "_Stream") -> None:
+    async def run(self, stream: "Any") -> None:
+        if isinstance(stream, _Stream):
+            stream = stream._raw          # a dict stream not yet read: relay its bytes
         ex = self.ex
         pump_task = asyncio.ensure_future(self._pump(stream))
         watch = asyncio.ensure_future(ex.client_gone())
@@ -3719,20 +4213,23 @@ class StreamRelay:
                 pass
             await stream.aclose()
 
-    async def _pump(self, stream: "_Stream") -> None:
+    async def _pump(self, stream: "RawStream") -> None:
         ex = self.ex
+        headers = [("Cache-Control", "no-cache")] if stream.sse else []
+        started = False
         try:
-            first = await stream.__anext__()
-        except StopAsyncIteration:
-            raise HTTPError(502, "node sent no data") from None
-        await ex.start_stream(node=first.pop("node", None))
-        await ex.write_json_line(first)
-        try:
-            async for obj in stream:
-                obj.pop("node", None)
-                await ex.write_json_line(obj)
+            async for block in stream:
+                if not started:
+                    started = True
+                    await ex.start_stream(stream.content_type, node=stream.node, headers=headers, first=block)
+                elif ex.write_nowait(block):
+                    await ex.drain_client()
         except MeshError as exc:
-            await ex.write_json_line({"error": str(exc)})
+            if not started:
+                raise
+            ex.write_nowait(_error_event(stream, str(exc)))
+        if not started:
+            raise HTTPError(502, "node sent no data")
         await ex.end_stream()
 
 
@@ -3902,6 +4399,19 @@ class MeshServer:
         client left first)."""
         logger.debug("%s %s -> %s (%s, %.1f ms)", ex.request.method, ex.request.target, ex.status,
                      ex.node or "-", (time.monotonic() - ex.started) * 1000)
+
+
+def _error_event(stream: RawStream, message: str) -> bytes:
+    """How a stream that fails midway says so, in its own format: Ollama's error line
+    for NDJSON; for SSE, Anthropic's `error` event on /v1/messages, else OpenAI's
+    `data: {"error": {...}}` (what each API sends when a stream fails)."""
+    if not stream.sse:
+        return json.dumps({"error": message}, ensure_ascii=False).encode("utf-8") + b"\n"
+    if stream._path.startswith("/v1/messages"):
+        obj = {"type": "error", "error": {"type": "api_error", "message": message}}
+        return b"event: error\ndata: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n"
+    obj2 = {"error": {"message": message, "type": "api_error", "param": None, "code": None}}
+    return b"data: " + json.dumps(obj2, ensure_ascii=False).encode("utf-8") + b"\n\n"
 
 
 def _status_for(exc: MeshError) -> int:
