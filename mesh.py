@@ -76,7 +76,8 @@ __all__ = [
     "ServerLimits", "Route", "Router", "Exchange", "StreamRelay", "MeshServer", "Listener", "main",
     "ChatSession", "closest_names", "parse_node_facts", "fits_in_memory", "FACTS_COMMAND", "list_masters",
     "stop_master",
-    "ReplyDechunker", "ReplyScanner", "RawStream",
+   
+    "ReplyDechunker", "ReplyScanner", "RawStream", "listen_backlog", "terminal_text",
 ]
 
 __version__ = "1.0.0"
@@ -3611,6 +3612,8 @@ class MeshOrchestrator:
                 raise NodeError(raw.node, "reply too large")
         data = b"".join(parts)
         obj = raw._scan.final_obj() if raw._scan.final is not None else None
+        if obj is not None and raw._scan.lines > 1:
+            obj = self._merge_lines(data, obj)
         if obj is None:
             try:
                 obj = json.loads(data)
@@ -3622,6 +3625,28 @@ class MeshOrchestrator:
             raise NodeError(raw.node, f"Ollama error: {obj['error']}", mark_down=False)
         obj["node"] = raw.node
         return obj
+
+    @staticmethod
+    def _merge_lines(data: bytes, final: Dict[str, Any]) -> Dict[str, Any]:
+        """A node that streamed although asked not to: its text joined into the final
+        line, as Ollama itself answers stream=False."""
+        pieces: List[str] = []
+        for line in data.splitlines():
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                piece = obj.get("response")
+                if piece is None and isinstance(obj.get("message"), dict):
+                    piece = obj["message"].get("content")
+                if isinstance(piece, str):
+                    pieces.append(piece)
+        if "response" in final:
+            final["response"] = "".join(pieces)
+        elif isinstance(final.get("message"), dict):
+            final["message"]["content"] = "".join(pieces)
+        return final
 
     async def _answer(self, raw: RawStream) -> Dict[str, Any]:
         try:
@@ -4115,8 +4140,11 @@ class Exchange:
 
     async def send_json(self, status: int, obj: Any, *, node: Optional[str] = None,
                         headers: Sequence[Tuple[str, str]] = ()) -> None:
-        await self.send(status, json.dumps(obj, ensure_ascii=False).encode("utf-8"),
-                        "application/json; charset=utf-8", node=node, headers=headers)
+        try:
+            body = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:   # a lone surrogate from a node: keep it as the \\udXXX escape it came as
+            body = json.dumps(obj).encode("ascii")
+        await self.send(status, body, "application/json; charset=utf-8", node=node, headers=headers)
 
     async def start_stream(self, content_type: str = "application/x-ndjson", *, status: int = 200,
                            node: Optional[str] = None, headers: Sequence[Tuple[str, str]] = (),
@@ -4159,7 +4187,11 @@ class Exchange:
         await self.conn.drain()
 
     async def write_json_line(self, obj: Dict[str, Any]) -> None:
-        await self.write(json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n")
+        try:
+            line = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:   # a lone surrogate from a node
+            line = json.dumps(obj).encode("ascii")
+        await self.write(line + b"\n")
 
     async def end_stream(self) -> None:
         if self._chunked:
@@ -4406,12 +4438,12 @@ def _error_event(stream: RawStream, message: str) -> bytes:
     for NDJSON; for SSE, Anthropic's `error` event on /v1/messages, else OpenAI's
     `data: {"error": {...}}` (what each API sends when a stream fails)."""
     if not stream.sse:
-        return json.dumps({"error": message}, ensure_ascii=False).encode("utf-8") + b"\n"
+        return json.dumps({"error": message}).encode("ascii") + b"\n"
     if stream._path.startswith("/v1/messages"):
         obj = {"type": "error", "error": {"type": "api_error", "message": message}}
-        return b"event: error\ndata: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n"
+        return b"event: error\ndata: " + json.dumps(obj).encode("ascii") + b"\n\n"
     obj2 = {"error": {"message": message, "type": "api_error", "param": None, "code": None}}
-    return b"data: " + json.dumps(obj2, ensure_ascii=False).encode("utf-8") + b"\n\n"
+    return b"data: " + json.dumps(obj2).encode("ascii") + b"\n\n"
 
 
 def _status_for(exc: MeshError) -> int:
@@ -4621,9 +4653,38 @@ async def cmd_bench(orch: MeshOrchestrator, args: Any) -> int:
 # Command line.
 # ---------------------------------------------------------------------------
 
+_CONTROL_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")   # all but \t and \n
+_CONTROL_CHARS_ONE_LINE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def _visible_char(m: "re.Match[str]") -> str:
+    c = m.group()
+    return "\ufffd" if "\ud800" <= c <= "\udfff" else repr(c)[1:-1]
+
+
+def terminal_text(text: str, *, one_line: bool = False) -> str:
+    """Text from a node made safe for a terminal: control characters shown as escapes
+    (ESC as `\\x1b`: no fake lines, window titles or cleared screens), \t and \n kept
+    unless one_line; a lone surrogate (JSON allows `\\ud800`, UTF-8 cannot carry it)
+    becomes U+FFFD."""
+    return (_CONTROL_CHARS_ONE_LINE if one_line else _CONTROL_CHARS).sub(_visible_char, text)
+
+
+def _for_stream(stream: Any, text: str) -> str:
+    """Text as it may be written to stream: through terminal_text() on a terminal;
+    elsewhere byte for byte but for lone surrogates (U+FFFD: UTF-8 cannot carry them)."""
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    return terminal_text(text) if tty else _SURROGATES.sub("\ufffd", text)
+
+
 def _print(text: str = "", *, end: str = "\n", file: Any = None) -> None:
+    """Write a line of output (see _for_stream)."""
     stream = file or sys.stdout
-    stream.write(text + end)
+    stream.write(_for_stream(stream, text) + end)
     stream.flush()
 
 
@@ -4781,8 +4842,7 @@ async def cmd_generate(orch: MeshOrchestrator, args: Any) -> int:
             first = False
             piece = chunk.get("response") or ""
             if piece:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+                _print(piece, end="")
                 last = piece
     finally:
         await stream.aclose()
@@ -5026,7 +5086,7 @@ class ChatSession:
 
     def _write(self, text: str, *, err: bool = False) -> None:
         stream = self.stderr if err else self.stdout
-        stream.write(text)
+        stream.write(_for_stream(stream, text))
         stream.flush()
 
     def _say(self, text: str) -> None:
@@ -5157,7 +5217,7 @@ class ChatSession:
             self._write(f"\nmesh: the answer broke off: {exc}\n"
                         "mesh: that turn is not kept; send it again to ask another node\n", err=True)
         else:
-            self._write(f"mesh: error: {exc}\n", err=True)
+            self._write(f"mesh: error: {terminal_text(str(exc), one_line=True)}\n", err=True)
 
     async def _stream(self) -> None:
         messages = list(self.messages)
@@ -5309,7 +5369,7 @@ class _LiveLines:
         width = max(20, _terminal_width(self.stream) - 1)
         out = ["\x1b[%dF" % self._drawn] if self._drawn else []
         for text in self.lines.values():
-            out.append("\x1b[2K" + text[:width] + "\n")
+            out.append("\x1b[2K" + terminal_text(text, one_line=True)[:width] + "\n")
         self.stream.write("".join(out))
         self.stream.flush()
         self._drawn = len(self.lines)
@@ -5900,7 +5960,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                 else None if interactive or sys.stdin is None else _read_prompt("-"))
         return asyncio.run(_run(args))
     except MeshError as exc:
-        sys.stderr.write(f"mesh: error: {exc}\n")
+        sys.stderr.write(f"mesh: error: {terminal_text(str(exc), one_line=True)}\n")
         return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("mesh: interrupted\n")

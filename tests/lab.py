@@ -58,8 +58,10 @@ class _Server(ThreadingHTTPServer):
 class FakeOllama:
     """Speaks the parts of Ollama's API mesh.py uses.  `mode` injects faults:
     ok, hang (accept, never answer), garbage (200 with non-JSON), error500, html,
-    busy (503), truncate (stream cut before done), error_line (an error mid-stream),
-    badhead (not HTTP at all)."""
+    busy (503), truncate (stream cut before done), error_line (an error mid-stream,
+    `error_text`), badhead (not HTTP at all), bad_line (a line that is not JSON
+    mid-stream), after_done (more lines after done, then the reply held open - for
+    stream:false too), done_reason (a last line with done_reason but no done)."""
 
     def __init__(self, models: List[str], *, name: str = "fake", version: str = "0.6.1",
                  delay: float = 0.0, token_delay: float = 0.0, tokens: Optional[List[str]] = None,
@@ -73,6 +75,7 @@ class FakeOllama:
         self.tokens = tokens or ["Hello", " from", " " + name, "."]
         self.mode = "ok"
         self.pull_error: Optional[str] = None   # /api/pull streams this as Ollama's {"error": ...} line
+        self.error_text = "CUDA error: out of memory"
         self.requests: List[Dict[str, Any]] = []
         self.active = 0
         self.max_active = 0
@@ -319,8 +322,18 @@ class FakeOllama:
                                    eval_duration=1_000_000, prompt_eval_count=len(last))
                     return obj
 
-                if body.get("stream", True) is False:
+                if body.get("stream", True) is False and fake.mode != "after_done":
                     self._json(200, piece("".join(tokens), True))
+                    return
+                if body.get("stream", True) is False:      # after_done: the answer, junk, held open
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json; charset=utf-8")
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    self._chunk(piece("".join(tokens), True))
+                    self._chunk(piece("JUNK AFTER DONE", False))
+                    fake.release.wait(10)
+                    self._chunk(b"")
                     return
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-ndjson")
@@ -328,9 +341,11 @@ class FakeOllama:
                 self.end_headers()
                 for i, tok in enumerate(tokens):
                     if fake.mode == "error_line" and i == 1:
-                        self._chunk({"error": "CUDA error: out of memory"})
+                        self._chunk({"error": fake.error_text})
                         self._chunk(b"")
                         return
+                    if fake.mode == "bad_line" and i == 1:
+                        self._chunk(b"this is not json\n")
                     if fake.mode == "truncate" and i == 2:
                         self.close_connection = True
                         self.wfile.flush()
@@ -338,7 +353,13 @@ class FakeOllama:
                     self._chunk(piece(tok, False))
                     if fake.token_delay:
                         time.sleep(fake.token_delay)
-                self._chunk(piece("", True))
+                final = piece("", True)
+                if fake.mode == "done_reason":
+                    del final["done"]
+                self._chunk(final)
+                if fake.mode == "after_done":
+                    self._chunk(piece("JUNK AFTER DONE", False))
+                    fake.release.wait(10)
                 self._chunk(b"")
 
         return Handler

@@ -208,3 +208,85 @@ def test_parse_node_facts(text, expected):
 ])
 def test_fits_in_memory(size, facts, fits):
     assert mesh.fits_in_memory(size, facts) is fits
+
+
+# -- node replies: chunked framing taken off in bulk, the reply's end found in bytes --
+
+def _chunked(lines):
+    return b"".join(b"%x\r\n%s\r\n" % (len(x), x) for x in lines) + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize("lines", [
+    [b'{"a":1}\n', b'{"b":2}\n'],
+    [b'{"a":1}\n' * 40],                               # one big chunk
+    [b"x\r\ny", b"\r\n", b"z" * 70000],                # CRLF inside data, a chunk larger than a read
+    [b'{"t":"caf\xc3\xa9"}\n'],
+])
+def test_reply_dechunker_any_split(lines):
+    raw = _chunked(lines) + b"NEXT"
+    for step in (1, 2, 3, 7, 64, len(raw)):
+        dec = mesh.ReplyDechunker()
+        out = b"".join(dec.feed(raw[i:i + step]) for i in range(0, len(raw), step))
+        assert out == b"".join(lines) and dec.done and dec.rest == b"NEXT", step
+
+
+@pytest.mark.parametrize("raw", [b"zz\r\nabc\r\n", b"3\r\nabcd\r\n0\r\n\r\n", b"-1\r\n"])
+def test_reply_dechunker_rejects_bad_framing(raw):
+    with pytest.raises(mesh.ProtocolError, match="bad chunked framing"):
+        mesh.ReplyDechunker().feed(raw)
+
+
+LINE = b'{"model":"m","response":"a","done":false}\n'
+DONE = b'{"model":"m","response":"","done":true,"done_reason":"stop","eval_count":3,"eval_duration":9}\n'
+
+
+@pytest.mark.parametrize("pieces, passed, done, error", [
+    ([LINE, DONE], LINE + DONE, True, None),
+    ([LINE + DONE + LINE], LINE + DONE, True, None),                       # bytes after done: ignored
+    ([LINE[:10], LINE[10:] + DONE[:5], DONE[5:]], LINE + DONE, True, None),  # lines split across reads
+    ([b'{"response":"done","done":false}\n'], b'{"response":"done","done":false}\n', False, None),
+    ([b'{"message":{"tool_calls":[{"arguments":{"done":true}}]},"done":false}\n'],
+     b'{"message":{"tool_calls":[{"arguments":{"done":true}}]},"done":false}\n', False, None),
+    ([LINE, b"this is not json\n", LINE], LINE, False, "not JSON: 'this is not json'"),
+    ([LINE + b"[1]\n"], LINE, False, "not a JSON object: '[1]'"),
+    ([LINE + b'{"error":"CUDA error"}\n' + LINE], LINE, False, "Ollama error: CUDA error"),
+    ([b'{"response":"the error","done":false}\n'], b'{"response":"the error","done":false}\n', False, None),
+    ([LINE.replace(b"\n", b"\r\n") + b"\r\n" + DONE], LINE + DONE, True, None),   # CRLF, blank line
+])
+def test_reply_scanner_ndjson(pieces, passed, done, error):
+    sc = mesh.ReplyScanner()
+    out = b"".join(sc.feed(p) for p in pieces) + sc.finish()
+    assert (out, sc.done, sc.error) == (passed, done, error)
+    if done:
+        assert sc.final_obj()["eval_count"] == 3
+
+
+def test_reply_scanner_last_line_with_done_reason_but_no_done():
+    sc = mesh.ReplyScanner()
+    last = b'{"response":"","done_reason":"stop"}'
+    assert sc.feed(LINE + last) == LINE and sc.finish() == last
+    assert not sc.done and sc.error is None and sc.final_obj() == {"response": "", "done_reason": "stop"}
+
+
+@pytest.mark.parametrize("pieces, passed", [
+    ([b'data: {"a":1}\n\ndata: {"b"', b':2}\n\ndata: [DONE]\n\ndata: late\n\n'],
+     b'data: {"a":1}\n\ndata: {"b":2}\n\ndata: [DONE]\n\n'),                      # OpenAI
+    ([b'event: message_start\ndata: {}\n\nevent: message_stop\ndata: {"type":"message_stop"}\n\nx'],
+     b'event: message_start\ndata: {}\n\nevent: message_stop\ndata: {"type":"message_stop"}\n\n'),  # Anthropic
+    ([b'data: {"a":1}\r\n\r\n'], b'data: {"a":1}\r\n\r\n'),
+])
+def test_reply_scanner_sse_event_by_event(pieces, passed):
+    sc = mesh.ReplyScanner(sse=True)
+    assert b"".join(sc.feed(p) for p in pieces) + sc.finish() == passed
+
+
+@pytest.mark.parametrize("text, one_line, shown", [
+    ("plain\ttext\n", False, "plain\ttext\n"),
+    ("\x1b]0;owned\x07title", False, "\\x1b]0;owned\\x07title"),
+    ("a\x1b[2Jb\rc", False, "a\\x1b[2Jb\\rc"),
+    ("line1\nline2", True, "line1\\nline2"),
+    ("lone \ud800 surrogate", False, "lone \ufffd surrogate"),
+    ("\x9b31m", False, "\\x9b31m"),                       # C1 CSI
+])
+def test_terminal_text(text, one_line, shown):
+    assert mesh.terminal_text(text, one_line=one_line) == shown

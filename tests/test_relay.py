@@ -1,0 +1,151 @@
+"""The data path (issue 16) and node replies read strictly (issue 12 item 6): what a
+client of `serve` or the CLI gets from a node that misbehaves, TCP_NODELAY on sshd's
+side of a master, and the listen backlog."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from conftest import needs_sshd
+from lab import SSH, _descendants
+from test_serve import Serve, lines
+
+pytestmark = needs_sshd
+
+
+def post(serve, body, path="/api/generate", timeout=8):
+    req = urllib.request.Request(serve.base + path, data=json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return r.status, dict(r.headers), r.read()
+
+
+@pytest.fixture
+def hostile(lab):
+    fake = lab.add_node("h", ["m:1"], tokens=["Hello", " \ud800", " there"])
+    s = Serve(lab)
+    yield fake, s
+    s.stop()
+
+
+def test_reply_ends_at_done_later_bytes_ignored(hostile, lab):
+    fake, s = hostile
+    fake.mode = "after_done"            # done, a junk line, then the reply held open for 10 s
+    status, headers, body = post(s, {"model": "m:1", "prompt": "x"})
+    got = lines(body)
+    assert status == 200 and headers["Content-Type"] == "application/x-ndjson"
+    assert got[-1]["done"] is True and "JUNK" not in body.decode()
+    assert "\\ud800" in body.decode()                    # the node's bytes, as it sent them
+    status, _, body = post(s, {"model": "m:1", "prompt": "x", "stream": False})
+    assert json.loads(body)["response"] == "Hello \ufffd there".replace("\ufffd", "\ud800")
+    p = lab.run("generate", "--model", "m:1", "--no-stream", "hi", timeout=8)
+    assert p.returncode == 0 and p.stdout.decode() == "Hello \ufffd there\n"   # surrogate shown as U+FFFD
+
+
+def test_last_line_with_done_reason_but_no_done_is_passed_on(hostile):
+    fake, s = hostile
+    fake.mode = "done_reason"
+    _, _, body = post(s, {"model": "m:1", "prompt": "x"})
+    got = lines(body)
+    assert got[-1]["done_reason"] == "stop" and "done" not in got[-1] and "error" not in body.decode()
+
+
+def test_bad_line_mid_stream_ends_with_an_error_line(hostile):
+    fake, s = hostile
+    fake.mode = "bad_line"
+    _, _, body = post(s, {"model": "m:1", "prompt": "x"})
+    got = lines(body)
+    assert got[0]["response"] == "Hello" and list(got[-1]) == ["error"] and len(got) == 2
+    assert "h: bad reply: not JSON: 'this is not json'" in got[-1]["error"]
+
+
+def test_control_characters_from_a_node_are_made_visible(lab):
+    fake = lab.add_node("solo", ["m:1"])
+    fake.mode = "error_line"
+    fake.error_text = "\x1b]0;owned\x07\x1b[2Jgone\nmesh: fake line"
+    p = lab.run("generate", "--model", "m:1", "hi")
+    err = p.stderr.decode()
+    assert p.returncode == 1 and "\x1b" not in err and "\x07" not in err
+    assert err.count("\n") == 1 and "\\x1b]0;owned\\x07\\x1b[2Jgone\\nmesh: fake line" in err
+
+
+# -- TCP_NODELAY on sshd's side of the master ---------------------------------------
+
+def _nodelay_of(pid):
+    """TCP_NODELAY of each TCP socket another process holds (pidfd_getfd: root, Linux 5.6+)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    values = []
+    pidfd = os.pidfd_open(pid)
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                    continue
+            except OSError:
+                continue
+            mine = libc.syscall(438, pidfd, int(fd), 0)   # SYS_pidfd_getfd
+            if mine < 0:
+                continue
+            sock = socket.socket(fileno=mine)
+            try:
+                if sock.family == socket.AF_INET and sock.type == socket.SOCK_STREAM:
+                    values.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            except OSError:
+                pass
+            finally:
+                sock.close()
+    finally:
+        os.close(pidfd)
+    return values
+
+
+def sshd_nodelay(lab, name):
+    return [v for pid in _descendants(lab.nodes[name].proc.pid) for v in _nodelay_of(pid)]
+
+
+@pytest.mark.skipif(os.getuid() != 0 or not hasattr(os, "pidfd_open"), reason="reads sshd's socket: root only")
+def test_sshd_side_of_the_master_has_tcp_nodelay(lab):
+    lab.add_node("a", ["m:1"])
+    lab.add_node("b", ["m:1"])
+    try:
+        _nodelay_of(os.getpid())
+    except OSError:
+        pytest.skip("no pidfd_getfd here")
+    # b's master is started the way mesh used to (no session ever runs on the node), then reused
+    env = lab.env()
+    ctl_b = None
+    p = lab.run("generate", "--model", "m:1", "--nodes", "a", "hi")
+    assert p.returncode == 0, p.stderr
+    assert sshd_nodelay(lab, "a") == [1]
+    p = lab.run("nodes", "--json")
+    ctl_dir = env["MESH_CONTROL_DIR"]
+    before = set(os.listdir(ctl_dir))
+    subprocess.run([SSH, "-F", lab.config_path, "-o", "BatchMode=yes", "-o", "ControlMaster=yes",
+                    "-o", "ControlPersist=60", "-o", "ControlPath=" + os.path.join(ctl_dir, "probe"),
+                    "-f", "-N", "b"], check=True, timeout=30)
+    assert sshd_nodelay(lab, "b") == [0]                   # what a master without a session has
+    subprocess.run([SSH, "-o", "ControlPath=" + os.path.join(ctl_dir, "probe"), "-O", "exit", "b"],
+                   capture_output=True, timeout=10)
+    p = lab.run("generate", "--model", "m:1", "--nodes", "b", "hi")
+    assert p.returncode == 0, p.stderr
+    ctl_b = [e for e in set(os.listdir(ctl_dir)) - before if "." not in e and e != "probe"]
+    assert ctl_b and sshd_nodelay(lab, "b") == [1]
+
+
+def test_listen_backlog_is_the_kernels(lab):
+    if not shutil.which("ss"):
+        pytest.skip("ss (iproute2) not installed")
+    lab.add_node("a", ["m:1"])
+    s = Serve(lab)
+    try:
+        out = subprocess.run(["ss", "-Hltn", f"sport = :{s.port}"], capture_output=True, text=True).stdout
+        backlog = int(out.split()[2])                      # Send-Q of a listener is its backlog
+        with open("/proc/sys/net/core/somaxconn") as fh:
+            assert backlog == int(fh.read()) >= 500
+    finally:
+        s.stop()
