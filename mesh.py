@@ -3026,18 +3026,22 @@ class _Stream:
 
     async def __anext__(self) -> Dict[str, Any]:
         while not self._objs:
-            block = await self._raw.__anext__()
-            node = self._raw.node
-            if self._raw.sse:
-                self._objs = [{"event": block.decode("utf-8", "replace"), "node": node}]
-                continue
-            for line in block.splitlines():
-                if line.strip():
-                    obj = json.loads(line)
-                    obj["node"] = node
-                    self._objs.append(obj)
+            self._objs = self.decode(await self._raw.__anext__(), self._raw)
             self._objs.reverse()
         return self._objs.pop()
+
+    @staticmethod
+    def decode(block: bytes, raw: RawStream) -> List[Dict[str, Any]]:
+        """A block's lines as dicts, each with "node" (SSE: {"event": text, "node": ...})."""
+        if raw.sse:
+            return [{"event": block.decode("utf-8", "replace"), "node": raw.node}]
+        objs = []
+        for line in block.splitlines():
+            if line.strip():
+                obj = json.loads(line)
+                obj["node"] = raw.node
+                objs.append(obj)
+        return objs
 
     async def aclose(self) -> None:
         await self._raw.aclose()
@@ -3625,6 +3629,24 @@ class MeshOrchestrator:
             raise NodeError(raw.node, f"Ollama error: {obj['error']}", mark_down=False)
         obj["node"] = raw.node
         return obj
+
+    async def _relay(self, node: SSHNode, path: str, body: bytes, streaming: bool
+                     ) -> AsyncIterator[Dict[str, Any]]:
+        """One node, no failover and no queueing (pull and the like on every node): the
+        reply's lines as dicts with "node".  Failures raise NodeError, midway too."""
+        node.active_requests += 1          # released by _attempt on failure, else by aclose
+        raw = await self._attempt(node, path, body, streaming)
+        try:
+            if not streaming:
+                yield raw._whole
+                return
+            block, raw._first = raw._first, b""
+            while block:
+                for obj in _Stream.decode(block, raw):
+                    yield obj
+                block = await raw._next_block()
+        finally:
+            await raw.aclose()
 
     @staticmethod
     def _merge_lines(data: bytes, final: Dict[str, Any]) -> Dict[str, Any]:
