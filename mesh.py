@@ -76,7 +76,6 @@ __all__ = [
     "ServerLimits", "Route", "Router", "Exchange", "StreamRelay", "MeshServer", "Listener", "main",
     "ChatSession", "closest_names", "parse_node_facts", "fits_in_memory", "FACTS_COMMAND", "list_masters",
     "stop_master",
-   
     "ReplyDechunker", "ReplyScanner", "RawStream", "listen_backlog", "terminal_text",
 ]
 
