@@ -1851,13 +1851,14 @@ def list_masters(directory: str) -> List[Dict[str, Any]]:
 
 async def stop_master(path: str, *, ssh: str = "ssh", timeout: float = 10.0) -> None:
     """End the master on control socket `path` (`ssh -O exit`) and remove what mesh keeps
-    beside it (forward socket, log, CTL.json).  -F none: no user config can redirect it."""
+    beside it (forward socket, log, CTL.json, the TCP_NODELAY marker).  -F none: no user
+    config can redirect it."""
     try:
         await run_command([_which(ssh), "-F", "none", "-o", f"ControlPath={path}", "-O", "exit", "mesh-master"],
                           timeout=timeout)
     except (asyncio.TimeoutError, OSError):
         pass
-    for extra in ("", ".f", ".log", ".json"):
+    for extra in ("", ".f", ".log", ".json", ".n"):
         try:
             os.unlink(path + extra)
         except OSError:
