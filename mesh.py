@@ -77,6 +77,9 @@ __all__ = [
     "ChatSession", "closest_names", "parse_node_facts", "fits_in_memory", "FACTS_COMMAND", "list_masters",
     "stop_master",
     "ReplyDechunker", "ReplyScanner", "RawStream", "listen_backlog", "terminal_text",
+    "UnsupportedPathError", "api_family", "error_body", "is_unsupported_reply", "openai_model",
+    "openai_model_list", "merge_ps", "keep_alive_seconds", "is_unload_request", "allowed_origins",
+    "origin_allowed", "host_allowed", "DEFAULT_ORIGINS",
 ]
 
 __version__ = "1.0.0"
@@ -158,8 +161,23 @@ class _ClientError(NodeError):
         super().__init__(node, message, status=status, retryable=False, mark_down=False)
 
 
+class _UnsupportedPath(NodeError):
+    """The node's Ollama has no such endpoint (Go's plain-text 404): it is too old
+    for this path.  Not the model's absence, not the node's health."""
+
+    def __init__(self, node: str, path: str, version: Optional[str]) -> None:
+        super().__init__(node, f"this node's Ollama{' ' + version if version else ''} does not support {path}",
+                         status=404, retryable=True, mark_down=False)
+
+
 class ModelNotFoundError(MeshError):
     """No node has the requested model (Ollama's 404)."""
+
+    status = 404
+
+
+class UnsupportedPathError(MeshError):
+    """No node that could take the request has an Ollama new enough for its endpoint."""
 
     status = 404
 
@@ -1071,11 +1089,15 @@ def parse_http_head(head: bytes) -> Tuple[int, Dict[str, str]]:
 
 
 def error_message(status: int, body: bytes) -> str:
-    """Ollama's `{"error": ...}` text, or a description of what came instead."""
+    """Ollama's `{"error": ...}` text (also inside the OpenAI and Anthropic shapes,
+    `{"error": {"message": ...}}`), or a description of what came instead."""
     try:
         obj = json.loads(body)
         if isinstance(obj, dict) and isinstance(obj.get("error"), str):
             return obj["error"]
+        if isinstance(obj, dict) and isinstance(obj.get("error"), dict) \
+                and isinstance(obj["error"].get("message"), str):
+            return obj["error"]["message"]
     except ValueError:
         pass
     if b"<html" in body[:512].lower() or b"<!doctype" in body[:512].lower():
@@ -1725,6 +1747,205 @@ class ReplyScanner:
 
 
 # ---------------------------------------------------------------------------
+# API shapes and browser rules (pure): the OpenAI and Anthropic error bodies,
+# the lists mesh merges itself, and Ollama's CORS and Host checks.
+# ---------------------------------------------------------------------------
+
+def api_family(path: str) -> str:
+    """Which API a path belongs to, for the shape of its error bodies:
+    "anthropic" for /v1/messages, "openai" for the rest of /v1/, else "ollama"."""
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return "anthropic"
+    if path.startswith("/v1/"):
+        return "openai"
+    return "ollama"
+
+
+# The error type names each API gives a status, as Ollama's openai.NewError and
+# anthropic.NewError map them.
+_OPENAI_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error"}
+_ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                          404: "not_found_error", 429: "rate_limit_error", 503: "overloaded_error",
+                          529: "overloaded_error"}
+
+
+def error_body(family: str, status: int, message: str) -> Dict[str, Any]:
+    """The error object each API sends: Ollama `{"error": message}`; OpenAI
+    `{"error": {"message", "type", "param", "code"}}` (Ollama's openai/openai.go);
+    Anthropic `{"type": "error", "error": {"type", "message"}}` (Ollama's anthropic.go)."""
+    if family == "openai":
+        return {"error": {"message": message, "type": _OPENAI_ERROR_TYPES.get(status, "api_error"),
+                          "param": None, "code": None}}
+    if family == "anthropic":
+        return {"type": "error", "error": {"type": _ANTHROPIC_ERROR_TYPES.get(status, "api_error"),
+                                           "message": message}}
+    return {"error": message}
+
+
+def is_unsupported_reply(status: int, headers: Dict[str, str], body: bytes) -> bool:
+    """True for the plain-text `404 page not found` Go's router (gin) sends for a
+    path it has no route for: the node's Ollama is too old for this endpoint.  A
+    missing model is a JSON 404 instead."""
+    return (status in (404, 405) and "json" not in headers.get("content-type", "")
+            and body.strip().lower().startswith((b"404 page not found", b"405 method not allowed")))
+
+
+def _unix_time(stamp: Any) -> int:
+    """Seconds since the epoch of an RFC 3339 time as Ollama writes it (0 if unreadable)."""
+    import datetime
+    if not isinstance(stamp, str) or not stamp:
+        return 0
+    m = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)?$", stamp.strip())
+    if not m:
+        return 0
+    zone = m.group(3) or "Z"
+    when = datetime.datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S")
+    offset = 0 if zone == "Z" else (1 if zone[0] == "+" else -1) * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
+    return int(when.replace(tzinfo=datetime.timezone.utc).timestamp()) - offset
+
+
+def _owned_by(name: str) -> str:
+    """The namespace of a model name, as Ollama's model.ParseName gives it ("library" by default)."""
+    parts = name.split(":", 1)[0].split("/")
+    return parts[-2] if len(parts) >= 2 else "library"
+
+
+def openai_model(entry: Dict[str, Any], name: Optional[str] = None) -> Dict[str, Any]:
+    """An /api/tags entry as an OpenAI model object, as Ollama's openai.ToModel builds it."""
+    name = name or entry.get("name") or entry.get("model", "")
+    return {"id": name, "object": "model", "created": _unix_time(entry.get("modified_at")),
+            "owned_by": _owned_by(name)}
+
+
+def openai_model_list(tags: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """/v1/models from merged /api/tags entries (Ollama's openai.ToListCompletion)."""
+    return {"object": "list", "data": [openai_model(m) for m in tags]}
+
+
+def merge_ps(entries: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Merge per-node /api/ps entries (each with "node") into one entry per model.
+
+    Each entry keeps Ollama's fields (name, model, size, digest, details, expires_at,
+    size_vram) from the node whose copy expires last, and adds "nodes": the nodes
+    that have it loaded, in configuration order.  Sorted as Ollama sorts /api/ps:
+    the longest time left first."""
+    merged: Dict[str, Dict[str, Any]] = {}
+    for entry in entries:
+        key = model_key(entry.get("name") or entry.get("model", ""))
+        node = entry.get("node")
+        fields = {k: v for k, v in entry.items() if k != "node"}
+        have = merged.get(key)
+        if have is None:
+            merged[key] = dict(fields, nodes=[node] if node else [])
+            continue
+        if node:
+            have["nodes"].append(node)
+        if str(fields.get("expires_at", "")) > str(have.get("expires_at", "")):
+            merged[key] = dict(fields, nodes=have["nodes"])
+    return sorted(merged.values(), key=lambda m: str(m.get("expires_at", "")), reverse=True)
+
+
+def keep_alive_seconds(value: Any) -> Optional[float]:
+    """Ollama's keep_alive as seconds: a number is seconds, a string a Go duration
+    ("5m", "1h30m", "0"); None when absent or unreadable."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = str(value).strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    units = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+    parts = re.findall(r"(\d+(?:\.\d*)?)(ns|us|\u00b5s|ms|s|m|h)", text.lstrip("+-"))
+    if not parts or "".join(a + b for a, b in parts) != text.lstrip("+-"):
+        return None
+    total = sum(float(num) * units[unit] for num, unit in parts)
+    return -total if text.startswith("-") else total
+
+
+def is_unload_request(path: str, payload: Dict[str, Any]) -> bool:
+    """Ollama unloads instead of generating when there is no prompt (no messages for
+    /api/chat) and keep_alive is under one second (GenerateHandler/ChatHandler:
+    int(KeepAlive.Seconds()) == 0)."""
+    seconds = keep_alive_seconds(payload.get("keep_alive"))
+    if seconds is None or not (-1 < seconds < 1):
+        return False
+    return not payload.get("messages") if path == "/api/chat" else not payload.get("prompt")
+
+
+# Origins Ollama allows without OLLAMA_ORIGINS (envconfig.AllowedOrigins): localhost,
+# 127.0.0.1 and 0.0.0.0 on any port over http and https, and app shells.
+DEFAULT_ORIGINS = tuple(
+    f"{scheme}://{host}{port}" for host in ("localhost", "127.0.0.1", "0.0.0.0")
+    for scheme in ("http", "https") for port in ("", ":*")
+) + ("app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*")
+# gin-contrib/cors AllowBrowserExtensions, which Ollama turns on.
+_EXTENSION_SCHEMES = ("chrome-extension://", "safari-extension://", "moz-extension://",
+                      "ms-browser-extension://")
+# Request headers a page may send (Ollama's list, plus the Anthropic SDK's and mesh's own).
+CORS_ALLOW_HEADERS = ("Authorization", "Content-Type", "User-Agent", "Accept", "X-Requested-With",
+                      "OpenAI-Beta", "x-stainless-lang", "x-stainless-package-version", "x-stainless-os",
+                      "x-stainless-arch", "x-stainless-retry-count", "x-stainless-runtime",
+                      "x-stainless-runtime-version", "x-stainless-async", "x-stainless-helper-method",
+                      "x-stainless-poll-helper", "x-stainless-custom-poll-interval", "x-stainless-timeout",
+                      "x-api-key", "anthropic-version", "anthropic-beta",
+                      "anthropic-dangerous-direct-browser-access", "X-Mesh-Node")
+CORS_ALLOW_METHODS = "GET,POST,PUT,PATCH,DELETE,HEAD,OPTIONS"
+CORS_MAX_AGE = 43200   # seconds; gin-contrib/cors' DefaultConfig (12 h)
+
+
+def allowed_origins(extra: Optional[str] = None) -> List[str]:
+    """The origin patterns a browser page may call from: `extra` (OLLAMA_ORIGINS /
+    --origins, comma-separated, "*" for any) followed by Ollama's defaults."""
+    listed = [o.strip() for o in (extra or "").strip("\"'").split(",") if o.strip()]
+    return listed + list(DEFAULT_ORIGINS)
+
+
+def origin_allowed(origin: str, patterns: Sequence[str]) -> bool:
+    """Whether `origin` (the Origin header) matches: exact, "*" for any, or one
+    wildcard ("http://localhost:*"), as gin-contrib/cors with AllowWildcard;
+    browser extensions always (AllowBrowserExtensions)."""
+    origin = origin.strip().lower()
+    if origin.startswith(_EXTENSION_SCHEMES):
+        return True
+    for pattern in patterns:
+        pattern = pattern.lower()
+        if pattern == "*" or pattern == origin:
+            return True
+        if "*" in pattern:
+            head, _, tail = pattern.partition("*")
+            if origin.startswith(head) and origin.endswith(tail) and len(origin) >= len(head) + len(tail):
+                return True
+    return False
+
+
+def host_allowed(host_header: str, listen_host: str, *, hostname: Optional[str] = None) -> bool:
+    """Ollama's allowedHostsMiddleware for a server bound to loopback: the Host header
+    must name this machine (empty, "localhost", *.localhost, *.local, *.internal, the
+    machine's hostname, a loopback/private/unspecified IP) or the listen address, so
+    a DNS-rebinding page (Host: evil.example) is refused."""
+    import ipaddress
+    import socket
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        host = host[1:].split("]", 1)[0]
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    if host in ("", "localhost", listen_host.lower()):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+        return ip.is_loopback or ip.is_private or ip.is_unspecified
+    except ValueError:
+        pass
+    if host == (hostname if hostname is not None else socket.gethostname()).lower():
+        return True
+    return host.endswith((".localhost", ".local", ".internal"))
+
+
+# ---------------------------------------------------------------------------
 # Scoring and routing (pure).
 # ---------------------------------------------------------------------------
 
@@ -1999,6 +2220,7 @@ class _Exchange:
         self.leftover = b""             # bytes after the body: make the connection unfit for reuse
         self.retire = False             # the reply was odd: do not reuse the connection
         self.log_mark = 0               # SSH transport: where the master's log stood at the start
+        self.head_only = False          # a HEAD request: the reply has no body whatever its headers say
 
     async def send(self, request: bytes) -> None:
         self.writer.write(request)
@@ -2037,10 +2259,12 @@ class _Exchange:
     def _start_body(self) -> None:
         """How the body after this head is framed: chunked, Content-Length, or to EOF."""
         chunked = "chunked" in self.headers.get("transfer-encoding", "").lower() and not self.decoded
-        self._dechunk = ReplyDechunker() if chunked else None
         length = self.headers.get("content-length")
+        if self.head_only or self.status in (204, 304):
+            chunked, length = False, "0"      # no body, whatever the headers say (RFC 9112 6.3)
+        self._dechunk = ReplyDechunker() if chunked else None
         self._remaining = None
-        if not chunked and length is not None and not self.decoded:
+        if not chunked and length is not None and (not self.decoded or length == "0"):
             try:
                 self._remaining = int(length)
             except ValueError:
@@ -2181,6 +2405,7 @@ class Transport:
                 writer.close()
                 continue
             ex = _Exchange(reader, writer, reused=True, on_done=self._done)
+            ex.head_only = method == "HEAD"
             try:
                 await ex.send(build_request(path, body, host=self._host_header(), keep_alive=True,
                                             method=method))
@@ -2189,6 +2414,7 @@ class Transport:
                 writer.close()
         reader, writer = await self._open_socket()
         ex = _Exchange(reader, writer, on_done=self._done)
+        ex.head_only = method == "HEAD"
         try:
             await ex.send(build_request(path, body, host=self._host_header(), keep_alive=True,
                                         method=method))
@@ -2501,6 +2727,7 @@ class SSHTransport(Transport):
         mark = self._log_size()   # the master's log from here on tells why a channel failed
         ex = await self._start_mode(path, body, method)
         ex.log_mark = mark
+        ex.head_only = method == "HEAD"
         return ex
 
     async def _start_mode(self, path: str, body: Optional[bytes], method: Optional[str]) -> _Exchange:
@@ -2526,10 +2753,12 @@ class SSHTransport(Transport):
         if ":" in self.host:
             url = f"http://[{self.host}]:{self.port}{path}"
         remote = ["curl", "-sS", "-i", "-N", "-H", "Expect:", "-H", "Accept: application/x-ndjson"]
-        if method:
-            remote += ["-X", method]
         if body is not None:
             remote += ["-H", "Content-Type: application/json", "--data-binary", "@-"]
+        if method == "HEAD":
+            remote.append("--head")      # -X HEAD would make curl wait for a body
+        elif method:
+            remote += ["-X", method]
         remote.append(url)
         await self._exec_slots.acquire()
         try:
@@ -2662,6 +2891,7 @@ class SSHNode:
         self.failures = 0
         self.down_since: Optional[float] = None
         self.served = 0
+        self.unsupported: set = set()   # paths this node's Ollama answered with Go's plain 404
         self.probe_timeout = PROBE_TIMEOUT
         self._probe_task: Optional[asyncio.Task] = None
         self.facts: Dict[str, Any] = {}   # parse_node_facts(): GPU, VRAM, RAM, load (bytes)
@@ -2839,6 +3069,22 @@ class SSHNode:
             return True
         return fits_in_memory((self.models.get(key) or {}).get("size"), self.facts)
 
+    async def call(self, method: str, path: str, body: Optional[bytes], *,
+                   timeout: Optional[float]) -> Tuple[int, Dict[str, str], bytes]:
+        """One whole exchange with any method (DELETE /api/delete, HEAD /api/blobs/...):
+        (status, lowercased headers, body).  A reply whose every read waits more than
+        `timeout` seconds is a NodeError."""
+        ex = await self.open(path, body, first_byte_timeout=timeout, method=method)
+        try:
+            data = await ex.read_body(timeout, limit=64 << 20)
+        except asyncio.TimeoutError:
+            raise NodeError(self.name, f"{path}: reply stalled") from None
+        except ProtocolError as exc:
+            raise NodeError(self.name, f"{path}: {exc}") from None
+        finally:
+            await ex.close()
+        return ex.status, ex.headers, data
+
     async def refresh(self) -> None:
         """Version, models and loaded models, through the node's transport.  The three
         requests go out together: one round trip on a real link, not three."""
@@ -2848,6 +3094,8 @@ class SSHNode:
             raise NodeError(self.name, "not Ollama (/api/version has no version)")
         if not isinstance(tags.get("models"), list):
             raise NodeError(self.name, "not Ollama (/api/tags has no model list)")
+        if self.version != str(version["version"]):
+            self.unsupported = set()    # a new Ollama may have the endpoints the old one lacked
         self.version = str(version["version"])
         self.models = {model_key(m.get("name") or m.get("model", "")): m
                        for m in tags["models"] if isinstance(m, dict)}
@@ -3499,7 +3747,8 @@ class MeshOrchestrator:
         payload = dict(payload)
         if stream is not None:
             payload["stream"] = stream
-        streaming = payload.get("stream", True) if path in ("/api/generate", "/api/chat", "/api/pull") \
+        streaming = payload.get("stream", True) \
+            if path in ("/api/generate", "/api/chat", "/api/pull", "/api/create", "/api/push") \
             else bool(payload.get("stream", False))
         raw = await self.open_stream(path, payload, node=node, stream=streaming)
         if streaming:
@@ -3507,26 +3756,39 @@ class MeshOrchestrator:
         return await self._answer(raw)
 
     async def open_stream(self, path: str, payload: Dict[str, Any], *, node: Optional[str] = None,
-                          stream: bool = True) -> RawStream:
+                          stream: bool = True, body: Optional[bytes] = None) -> RawStream:
         """Route a request and return the reply as a RawStream of the node's own bytes
         (what `serve` relays).  Failover happens here, before anything is returned: a
         node that fails before its first whole line is replaced by the next best one.
-        For stream=False the whole reply is read before returning.  Raises MeshError
-        (ModelNotFoundError, NoNodeAvailableError, NodeError ...)."""
+        For stream=False the whole reply is read before returning.  `body` is sent as
+        is when given (the client's own bytes), else payload as JSON.  A node whose
+        Ollama lacks `path` (Go's plain 404) is skipped, and remembered.  Raises
+        MeshError (ModelNotFoundError, NoNodeAvailableError, UnsupportedPathError when
+        no node can serve `path`, NodeError ...)."""
         model = payload.get("model")
         pinned = node
         if pinned is None and model and len(self.nodes) > 1:
             # With one node there is nothing to choose: the request itself tells whether the
             # node has the model (404), one round trip sooner than asking /api/tags first.
             await self.refresh(model=model)
-        body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
-        tried: set = set()
+        if body is None:
+            body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        # Nodes whose Ollama is known to lack this endpoint are not asked again.
+        too_old = [n.name for n in self.nodes if path in n.unsupported]
+        tried: set = set(too_old) if not pinned else set()
         failures: List[str] = []
         not_found: List[str] = []
         rechecked = False
         while True:
             try:
-                chosen = await self._acquire(model, pinned, tried)
+                try:
+                    chosen = await self._acquire(model, pinned, tried)
+                except NoNodeAvailableError:
+                    if too_old and not failures:
+                        raise UnsupportedPathError(
+                            f"no node can serve {path}: the Ollama on {', '.join(too_old)} does not support "
+                            f"{path} (too old: update Ollama there)") from None
+                    raise
             except ModelNotFoundError:
                 # The model lists may be up to INVENTORY_TTL old: a model pulled a moment
                 # ago on a node is looked for once more before the caller hears "not found".
@@ -3552,6 +3814,13 @@ class MeshOrchestrator:
                 return await self._attempt(chosen, path, body, stream)
             except _ClientError:
                 raise
+            except _UnsupportedPath as exc:
+                chosen.unsupported.add(path)
+                too_old.append(chosen.name)
+                tried.add(chosen.name)
+                if pinned:
+                    raise UnsupportedPathError(str(exc)) from None
+                logger.info("%s; trying another node", exc)
             except NodeError as exc:
                 if not exc.retryable:
                     raise
@@ -3584,11 +3853,7 @@ class MeshOrchestrator:
                     data = await ex.read_body(self.idle_timeout, limit=1 << 20)
                 except (ProtocolError, asyncio.TimeoutError):
                     data = b""
-                msg = error_message(ex.status, data)
-                if 400 <= ex.status < 500 and ex.status != 404:
-                    raise _ClientError(ex.status, msg, node.name)
-                raise NodeError(node.name, msg, status=ex.status,
-                                mark_down=ex.status >= 500 and ex.status != 503)
+                self._refused(node, path, ex, data)
             ctype = ex.headers.get("content-type", "")
             if ctype and "json" not in ctype and not raw.sse:
                 raise NodeError(node.name, f"not Ollama (reply is {ctype})")
@@ -3649,6 +3914,18 @@ class MeshOrchestrator:
             await raw.aclose()
 
     @staticmethod
+    def _refused(node: SSHNode, path: str, ex: _Exchange, data: bytes) -> None:
+        """Raise what a non-200 reply means: the endpoint missing on an old Ollama
+        (Go's plain-text 404), the request's own fault (4xx, not retried), or the
+        node's (retried elsewhere)."""
+        if is_unsupported_reply(ex.status, ex.headers, data):
+            raise _UnsupportedPath(node.name, path, node.version)
+        msg = error_message(ex.status, data)
+        if 400 <= ex.status < 500 and ex.status != 404:
+            raise _ClientError(ex.status, msg, node.name)
+        raise NodeError(node.name, msg, status=ex.status, mark_down=ex.status >= 500 and ex.status != 503)
+
+    @staticmethod
     def _merge_lines(data: bytes, final: Dict[str, Any]) -> Dict[str, Any]:
         """A node that streamed although asked not to: its text joined into the final
         line, as Ollama itself answers stream=False."""
@@ -3703,6 +3980,111 @@ class MeshOrchestrator:
         """Ollama's /api/embed: {"embeddings": [[...]], "node": ...}."""
         payload = {"model": model or self.default_model, "input": input, **extra}
         return await self.request("/api/embed", payload, node=node, stream=False)
+
+    # -- model management across the pool -------------------------------------------
+    # Each operation reads the model lists fresh first and again right after, so the
+    # next request (and /api/tags) sees the change.
+
+    async def nodes_with(self, model: str, *, loaded: bool = False) -> List[SSHNode]:
+        """Healthy nodes that have `model` (in memory, with loaded=True), after reading
+        every node's lists afresh.  Configuration order."""
+        await self.refresh(force=True)
+        key = model_key(model)
+        return [n for n in self.nodes if n.healthy and key in (n.loaded if loaded else n.models)]
+
+    async def _changed(self, nodes: Sequence[SSHNode]) -> None:
+        """Read the lists of nodes whose models just changed, before answering."""
+        for node in nodes:
+            node.inventory_at = 0.0
+        await asyncio.gather(*(self._refresh_task(n) for n in nodes if n.healthy), return_exceptions=True)
+
+    async def _call_each(self, nodes: Sequence[SSHNode], method: str, path: str,
+                         payload: Dict[str, Any]) -> Dict[str, Tuple[int, str]]:
+        """The same request to each node at once: {node: (status, error text or "")}."""
+        body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+
+        async def one(node: SSHNode) -> Tuple[int, str]:
+            try:
+                status, _, data = await node.call(method, path, body, timeout=self.first_byte_timeout)
+            except NodeError as exc:
+                return 502, exc.reason
+            return status, "" if status == 200 else error_message(status, data)
+
+        results = await asyncio.gather(*(one(n) for n in nodes))
+        await self._changed(nodes)
+        return {n.name: r for n, r in zip(nodes, results)}
+
+    @staticmethod
+    def _check_all(what: str, results: Dict[str, Tuple[int, str]]) -> List[str]:
+        failed = {k: v for k, v in results.items() if v[0] != 200}
+        if failed:
+            done = [k for k in results if k not in failed]
+            raise NoNodeAvailableError(
+                f"{what} failed on " + "; ".join(f"{k}: {v[1]}" for k, v in failed.items())
+                + (f" (done on {', '.join(done)})" if done else ""))
+        return list(results)
+
+    async def copy(self, source: str, destination: str, *, node: Optional[str] = None) -> List[str]:
+        """Ollama's /api/copy on every healthy node that has `source` (or on the node
+        given).  Returns the node names changed.  ModelNotFoundError only when no node
+        has the source; NoNodeAvailableError (naming the nodes) when some failed."""
+        targets = [self.node(node)] if node else await self.nodes_with(source)
+        if not targets:
+            raise self.model_not_found(source)
+        results = await self._call_each(targets, "POST", "/api/copy",
+                                        {"source": source, "destination": destination})
+        if all(status == 404 for status, _ in results.values()):
+            raise ModelNotFoundError(f'model "{source}" not found')
+        return self._check_all("copy", results)
+
+    def blob_node(self, node: Optional[str] = None) -> SSHNode:
+        """Where blobs go and where a `create` from files (no base model) runs: the node
+        given, else the first healthy node in configuration order - one fixed node, so
+        that HEAD, POST /api/blobs/DIGEST and the create that uses them meet."""
+        if node:
+            return self.node(node)
+        for candidate in self.nodes:
+            if candidate.healthy:
+                return candidate
+        raise NoNodeAvailableError("no healthy node: " + "; ".join(f"{n.name}: {n.reason}" for n in self.nodes))
+
+    async def create_targets(self, payload: Dict[str, Any], *, node: Optional[str] = None) -> List[SSHNode]:
+        """Where /api/create runs: the node given; else, when the request names a base
+        model (`from`, or FROM in a legacy `modelfile`) and brings no files of its own
+        (`files`, `adapters`), every healthy node that has that base; else blob_node()."""
+        if node:
+            return [self.node(node)]
+        base = payload.get("from")
+        if not base and isinstance(payload.get("modelfile"), str):
+            m = re.search(r"^\s*FROM\s+(\S+)", payload["modelfile"], re.IGNORECASE | re.MULTILINE)
+            base = m.group(1) if m else None
+        if base and not payload.get("files") and not payload.get("adapters"):
+            have = await self.nodes_with(base)
+            if have:
+                return have
+        await self.refresh()
+        return [self.blob_node()]
+
+    async def progress(self, path: str, payload: Dict[str, Any], nodes: Sequence[SSHNode]
+                       ) -> AsyncIterator[Dict[str, Any]]:
+        """A streaming management request (/api/pull, /api/create, /api/push) on each
+        node in turn: yields every progress object with "node" added, then one final
+        {"status": "success"} only if all succeeded, else {"error": "..."} naming the
+        nodes that failed.  The nodes' model lists are read again afterwards."""
+        failures = []
+        payload = dict(payload, stream=True)
+        try:
+            for target in nodes:
+                try:
+                    stream = await self.request(path, payload, node=target.name, stream=True)
+                    async for obj in stream:
+                        if obj.get("status") != "success":
+                            yield obj
+                except MeshError as exc:
+                    failures.append(f"{target.name}: {exc}")
+        finally:
+            await self._changed(nodes)
+        yield {"status": "success"} if not failures else {"error": "; ".join(failures)}
 
 
 # ---------------------------------------------------------------------------
@@ -3854,6 +4236,13 @@ class _API:
         """This API's error shape; Ollama's is {"error": "..."}."""
         return {"error": message}
 
+    def pinned(self, ex: "Exchange") -> Optional[str]:
+        """The node the X-Mesh-Node header names, if any."""
+        pinned = ex.request.header("x-mesh-node") or None
+        if pinned and pinned not in self.orch._by_name:
+            raise HTTPError(400, f"unknown node {pinned!r} in X-Mesh-Node")
+        return pinned
+
 
 class OllamaAPI(_API):
     """Ollama's API, with the shapes of Ollama's server/routes.go."""
@@ -3869,6 +4258,11 @@ class OllamaAPI(_API):
         Route("POST", "/api/embed", "forward"),
         Route("POST", "/api/embeddings", "forward"),
         Route("POST", "/api/pull", "pull"),
+        Route("POST", "/api/create", "create"),
+        Route("POST", "/api/push", "push"),
+        Route("POST", "/api/copy", "copy"),
+        Route("DELETE", "/api/delete", "delete"),
+        Route("HEAD POST", "/api/blobs/:digest", "blob"),
     ]
 
     async def root(self, ex: "Exchange") -> None:
@@ -3883,7 +4277,8 @@ class OllamaAPI(_API):
         await ex.send_json(200, {"models": await self.orch.tags()})
 
     async def ps(self, ex: "Exchange") -> None:
-        await ex.send_json(200, {"models": await self.orch.ps()})
+        """Ollama's /api/ps, one entry per model, each with "nodes" (see merge_ps)."""
+        await ex.send_json(200, {"models": merge_ps(await self.orch.ps())})
 
     async def payload(self, ex: "Exchange") -> Dict[str, Any]:
         """The JSON request body with "model" set (Ollama still takes "name")."""
@@ -3898,13 +4293,6 @@ class OllamaAPI(_API):
         ex.model = str(payload["model"])
         return payload
 
-    def pinned(self, ex: "Exchange") -> Optional[str]:
-        """The node the X-Mesh-Node header names, if any."""
-        pinned = ex.request.header("x-mesh-node") or None
-        if pinned and pinned not in self.orch._by_name:
-            raise HTTPError(400, f"unknown node {pinned!r} in X-Mesh-Node")
-        return pinned
-
     async def forward(self, ex: "Exchange") -> None:
         """generate, chat, embed, embeddings, show: to the best node; streamed
         replies go through StreamRelay."""
@@ -3912,6 +4300,9 @@ class OllamaAPI(_API):
         pinned = self.pinned(ex)
         path = ex.request.path
         streaming = path in _STREAMING_PATHS and payload.get("stream", True) is not False
+        if path in ("/api/generate", "/api/chat") and is_unload_request(path, payload):
+            await self.unload(ex, path, payload, pinned)
+            return
         if not streaming:
             result = await self.orch.request(path, payload, node=pinned, stream=False)
             await ex.send_json(200, result, node=result.pop("node", None))
@@ -3919,35 +4310,165 @@ class OllamaAPI(_API):
         stream = await self.orch.open_stream(path, payload, node=pinned, stream=True)
         await self.server.relay(ex).run(stream)
 
-    async def pull(self, ex: "Exchange") -> None:
-        """Pull onto the X-Mesh-Node node, or onto every healthy node in turn; progress
-        lines carry "node"; the last line is {"status": "success"} only if all succeeded."""
-        payload = await self.payload(ex)
-        pinned = self.pinned(ex)
-        targets = [pinned] if pinned else [n.name for n in self.orch.nodes if n.healthy]
-        if not targets:
-            raise HTTPError(503, "no healthy node to pull onto")
+    async def unload(self, ex: "Exchange", path: str, payload: Dict[str, Any], pinned: Optional[str]) -> None:
+        """`ollama stop`: every node that has the model loaded (or the X-Mesh-Node node)
+        lets it go (MeshOrchestrator.unload); Ollama's answer comes only when all did.
+        Loaded nowhere: one node that has the model answers, as Ollama would."""
+        model = str(payload["model"])
+        try:
+            results = await self.orch.unload(model, nodes=[pinned] if pinned else None)
+        except ModelNotFoundError:
+            raise
+        except MeshError:     # loaded on no node
+            result = await self.orch.request(path, payload, stream=False)
+            await ex.send_json(200, result, node=result.pop("node", None))
+            return
+        failed = {n: why for n, why in results.items() if why}
+        if failed:
+            raise HTTPError(502, "unload failed on " + "; ".join(f"{n}: {why}" for n, why in failed.items()))
+        answer: Dict[str, Any] = {"model": model, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if path == "/api/chat":
+            answer["message"] = {"role": "assistant", "content": ""}
+        else:
+            answer["response"] = ""
+        answer.update(done=True, done_reason="unload")
+        await ex.send_json(200, answer, node=",".join(results))
+
+    async def progress(self, ex: "Exchange", path: str, payload: Dict[str, Any],
+                       targets: Sequence[SSHNode]) -> None:
+        """Pull, create or push on `targets`, one after another: progress lines carry
+        "node"; the last line is {"status": "success"} only if all succeeded."""
+        names = ",".join(t.name for t in targets)
         stream_out = payload.get("stream", True) is not False
-        payload = dict(payload, stream=True)
-        failures = []
+        final: Dict[str, Any] = {}
         if stream_out:
-            await ex.start_stream(node=",".join(targets))
-        for name in targets:
-            try:
-                stream = await self.orch.request("/api/pull", payload, node=name, stream=True)
-                async for obj in stream:
-                    if stream_out and obj.get("status") != "success":
-                        await ex.write_json_line(obj)
-            except MeshError as exc:
-                failures.append(f"{name}: {exc}")
-        final = {"status": "success"} if not failures else {"error": "; ".join(failures)}
+            await ex.start_stream(node=names)
+        async for obj in self.orch.progress(path, payload, targets):
+            if "node" not in obj:
+                final = obj
+            elif stream_out:
+                await ex.write_json_line(obj)
         if stream_out:
             await ex.write_json_line(final)
             await ex.end_stream()
         else:
-            await ex.send_json(200 if not failures else 502, final, node=",".join(targets))
-        for node in self.orch.nodes:
-            node.inventory_at = 0.0  # the model lists changed: read them again
+            await ex.send_json(200 if "error" not in final else 502, final, node=names)
+
+    async def pull(self, ex: "Exchange") -> None:
+        """Pull onto the X-Mesh-Node node, or onto every healthy node in turn."""
+        payload = await self.payload(ex)
+        pinned = self.pinned(ex)
+        targets = [self.orch.node(pinned)] if pinned else [n for n in self.orch.nodes if n.healthy]
+        if not targets:
+            raise HTTPError(503, "no healthy node to pull onto")
+        await self.progress(ex, "/api/pull", payload, targets)
+
+    async def create(self, ex: "Exchange") -> None:
+        """On the X-Mesh-Node node; else on every node that has the base model; else
+        on the blob node (MeshOrchestrator.create_targets)."""
+        payload = await self.payload(ex)
+        targets = await self.orch.create_targets(payload, node=self.pinned(ex))
+        await self.progress(ex, "/api/create", payload, targets)
+
+    async def push(self, ex: "Exchange") -> None:
+        """From the X-Mesh-Node node, else from the first node that has the model."""
+        payload = await self.payload(ex)
+        pinned = self.pinned(ex)
+        have = [self.orch.node(pinned)] if pinned else await self.orch.nodes_with(payload["model"])
+        if not have:
+            raise HTTPError(404, f"model \"{payload['model']}\" not found on any node")
+        await self.progress(ex, "/api/push", payload, have[:1])
+
+    async def copy(self, ex: "Exchange") -> None:
+        """On every node that has the source (MeshOrchestrator.copy); 200, empty body."""
+        payload = await ex.json()
+        if not payload.get("source") or not payload.get("destination"):
+            raise HTTPError(400, "source and destination are required")
+        ex.model = str(payload["source"])
+        names = await self.orch.copy(payload["source"], payload["destination"], node=self.pinned(ex))
+        await ex.send(200, b"", "application/json; charset=utf-8", node=",".join(names))
+
+    async def delete(self, ex: "Exchange") -> None:
+        """On every node that has the model (MeshOrchestrator.delete); 200, empty body;
+        404 only when no node has it."""
+        payload = await self.payload(ex)
+        pinned = self.pinned(ex)
+        results = await self.orch.delete(payload["model"], nodes=[pinned] if pinned else None)
+        failed = {n: why for n, why in results.items() if why}
+        if failed and all("not found" in why for why in failed.values()) and len(failed) == len(results):
+            raise HTTPError(404, f"model '{payload['model']}' not found")
+        if failed:
+            raise HTTPError(502, "delete failed on " + "; ".join(f"{n}: {why}" for n, why in failed.items()))
+        await self.orch.refresh(force=True)   # the next request sees the change
+        await ex.send(200, b"", "application/json; charset=utf-8", node=",".join(results))
+
+    async def blob(self, ex: "Exchange") -> None:
+        """HEAD and POST /api/blobs/DIGEST on the node a create from files will use
+        (MeshOrchestrator.blob_node): HEAD is 200 only if that node has the blob."""
+        digest = ex.request.params["digest"]
+        if not re.fullmatch(r"sha256[:-][0-9a-f]{64}", digest):
+            raise HTTPError(400, "invalid digest format")
+        pinned = self.pinned(ex)
+        body = await ex.body() if ex.request.method == "POST" else None
+        await self.orch.refresh()
+        node = self.orch.blob_node(pinned)
+        status, headers, data = await node.call(ex.request.method, ex.request.path, body,
+                                                timeout=self.orch.first_byte_timeout)
+        await ex.send(status, data, headers.get("content-type", "text/plain; charset=utf-8"), node=node.name)
+
+
+class OpenAIAPI(_API):
+    """The OpenAI API as Ollama serves it (its openai middleware): each node's own
+    Ollama answers; mesh routes by "model" and relays the reply byte for byte, and
+    merges the model list itself."""
+
+    routes = [
+        Route("POST", "/v1/chat/completions", "relay"),
+        Route("POST", "/v1/completions", "relay"),
+        Route("POST", "/v1/embeddings", "relay"),
+        Route("POST", "/v1/responses", "relay"),
+        Route("GET", "/v1/models", "models"),
+        Route("GET", "/v1/models/*model", "model"),
+    ]
+
+    def error_body(self, status: int, message: str) -> Dict[str, Any]:
+        return error_body("openai", status, message)
+
+    async def relay(self, ex: "Exchange") -> None:
+        """Route by "model" and pass the node's answer on as it comes: Server-Sent
+        Events for streams, one JSON object otherwise."""
+        body = await ex.body()
+        payload = await ex.json()
+        if not payload.get("model"):
+            raise HTTPError(400, "model is required")
+        ex.model = str(payload["model"])
+        pinned = self.pinned(ex)
+        reply = await self.orch.open_stream(ex.request.path, payload, node=pinned, stream=True, body=body)
+        await self.server.relay(ex).run(reply)
+
+    async def models(self, ex: "Exchange") -> None:
+        await ex.send_json(200, openai_model_list(await self.orch.tags()))
+
+    async def model(self, ex: "Exchange") -> None:
+        import urllib.parse
+        name = urllib.parse.unquote(ex.request.params["model"])
+        key = model_key(name)
+        for entry in await self.orch.tags():
+            if model_key(entry.get("name") or entry.get("model", "")) == key:
+                await ex.send_json(200, openai_model(entry, name))
+                return
+        raise HTTPError(404, f"model '{name}' not found")
+
+
+class AnthropicAPI(OpenAIAPI):
+    """The Anthropic Messages API as Ollama serves it: relayed like OpenAIAPI."""
+
+    routes = [
+        Route("POST", "/v1/messages", "relay"),
+    ]
+
+    def error_body(self, status: int, message: str) -> Dict[str, Any]:
+        return error_body("anthropic", status, message)
 
 
 class MeshOpsAPI(_API):
@@ -4093,6 +4614,8 @@ class Exchange:
         self.keep_alive = request.keep_alive
         self._chunked = False
         self._streaming = False
+        self._body: Optional[bytes] = None
+        self.extra_headers: List[Tuple[str, str]] = []   # on every response (CORS)
 
     # -- the request body -----------------------------------------------------
     async def body_chunks(self, *, max_body: Optional[int] = None) -> AsyncIterator[bytes]:
@@ -4112,8 +4635,10 @@ class Exchange:
             raise
 
     async def body(self) -> bytes:
-        """The whole body (b"" when there is none)."""
-        return b"".join([piece async for piece in self.body_chunks()])
+        """The whole body (b"" when there is none); read once, kept for later calls."""
+        if self._body is None:
+            self._body = b"".join([piece async for piece in self.body_chunks()])
+        return self._body
 
     async def json(self) -> Dict[str, Any]:
         """The body as a JSON object (see decode_json_body); HTTPError 400 otherwise,
@@ -4147,6 +4672,7 @@ class Exchange:
         fields = [("Content-Type", content_type), *framing]
         if node:
             fields.append(("X-Mesh-Node", node))
+        fields.extend(self.extra_headers)
         fields.extend(headers)
         self.conn.writer.write(response_head(status, fields))
 
@@ -4379,14 +4905,19 @@ class MeshServer:
     limits: a ServerLimits.  request_finished(ex) is called once per finished
     request (the place for an access log)."""
 
-    apis: Sequence[type] = (OllamaAPI, MeshOpsAPI)
+    apis: Sequence[type] = (OllamaAPI, OpenAIAPI, AnthropicAPI, MeshOpsAPI)
 
     def __init__(self, orch: MeshOrchestrator, *, token: Optional[str] = None,
-                 limits: Optional[ServerLimits] = None) -> None:
+                 limits: Optional[ServerLimits] = None, origins: Optional[str] = None,
+                 listen_host: str = "127.0.0.1") -> None:
         self.orch = orch
         self.token = token
         self.limits = limits or ServerLimits()
         self.router = Router([api(self) for api in self.apis])
+        self.origins = allowed_origins(origins)    # origins: extra ones, as OLLAMA_ORIGINS
+        self.listen_host = listen_host
+        # Ollama checks the Host header only when it listens on loopback; so does mesh.
+        self.check_host = _is_loopback(listen_host)
         self.active: set = set()     # connection handler tasks
         self.idle: set = set()       # ... of which waiting for a next request
         self.stopping = False
@@ -4404,20 +4935,51 @@ class MeshServer:
             writer.close()
 
     def authorized(self, req: HTTPRequest) -> bool:
-        """Whether the request carries the bearer token (always, without --token)."""
+        """Whether the request carries the token (always, without --token): as a
+        bearer token, or as x-api-key (what the Anthropic SDK sends its api_key as)."""
         if not self.token:
             return True
         import hmac
-        return hmac.compare_digest(req.header("authorization").encode("latin-1"),
-                                   f"Bearer {self.token}".encode("latin-1", "replace"))
+        token = self.token.encode("latin-1", "replace")
+        return hmac.compare_digest(req.header("authorization").encode("latin-1"), b"Bearer " + token) or \
+            hmac.compare_digest(req.header("x-api-key").encode("latin-1"), token)
+
+    def browser_check(self, req: HTTPRequest) -> List[Tuple[str, str]]:
+        """Ollama's rules for browsers, before anything else: the Host header must name
+        this machine when listening on loopback (allowedHostsMiddleware: DNS
+        rebinding), and a request from a page on another origin must come from an
+        allowed origin - gin-contrib/cors refuses the rest with 403, whatever the
+        method or content type (so a cross-site text/plain POST never runs).
+        Returns the CORS headers for the reply (none for same-origin and non-browser
+        requests); raises HTTPError 403."""
+        host = req.header("host")
+        if self.check_host and not host_allowed(host, self.listen_host):
+            raise HTTPError(403, f"Host {host!r} is not this machine (DNS rebinding protection); "
+                                 "use localhost or the listen address")
+        origin = req.header("origin")
+        if not origin or origin.lower() in (f"http://{host}".lower(), f"https://{host}".lower()):
+            return []
+        if not origin_allowed(origin, self.origins):
+            raise HTTPError(403, f"origin {origin!r} is not allowed (add it to --origins or OLLAMA_ORIGINS)")
+        fields = [("Access-Control-Allow-Origin", "*" if "*" in self.origins else origin), ("Vary", "Origin")]
+        if req.method == "OPTIONS":
+            fields += [("Access-Control-Allow-Methods", CORS_ALLOW_METHODS),
+                       ("Access-Control-Allow-Headers", ",".join(CORS_ALLOW_HEADERS)),
+                       ("Access-Control-Max-Age", str(CORS_MAX_AGE))]
+        return fields
 
     async def dispatch(self, ex: Exchange) -> None:
         """Route, check the token (before any body byte), run the handler, and turn
         what it raises into an error reply in its API's shape."""
         req = ex.request
         route, params, not_found = self.router.match(req.method, req.path)
-        api = route.api if route else self.router.routes[0].api
+        api = route.api if route else self._api_for(req.path)
         try:
+            ex.extra_headers = self.browser_check(req)
+            if req.method == "OPTIONS" and ex.extra_headers:
+                # a CORS preflight: answered before the token check (browsers send none with it)
+                await ex.send(204, b"", "text/plain; charset=utf-8")
+                return
             if (route is None or route.auth) and not self.authorized(req):
                 raise HTTPError(401, "unauthorized: missing or wrong bearer token")
             if not_found:
@@ -4448,6 +5010,15 @@ class MeshServer:
         """The relay for a node's streamed reply to this exchange."""
         return StreamRelay(ex)
 
+    def _api_for(self, path: str) -> _API:
+        """The API whose error shape a path with no route gets."""
+        family = api_family(path)
+        wanted = {"openai": OpenAIAPI, "anthropic": AnthropicAPI}.get(family, OllamaAPI)
+        for route in self.router.routes:
+            if type(route.api) is wanted:
+                return route.api
+        return self.router.routes[0].api
+
     def request_finished(self, ex: Exchange) -> None:
         """Called once per finished request, answered or not (status None when the
         client left first)."""
@@ -4471,7 +5042,7 @@ def _error_event(stream: RawStream, message: str) -> bytes:
 def _status_for(exc: MeshError) -> int:
     if isinstance(exc, HTTPError):
         return exc.status
-    if isinstance(exc, (ModelNotFoundError,)):
+    if isinstance(exc, (ModelNotFoundError, UnsupportedPathError)):
         return 404
     if isinstance(exc, _ClientError):
         return exc.status or 400
@@ -4585,7 +5156,7 @@ async def cmd_serve(orch: MeshOrchestrator, args: Any) -> int:
     limits = ServerLimits(max_body=args.max_body, max_header_bytes=args.max_header_bytes,
                           header_timeout=args.header_timeout, body_timeout=args.body_timeout,
                           keepalive_timeout=args.keepalive_timeout, write_timeout=args.write_timeout)
-    front = MeshServer(orch, token=args.token, limits=limits)
+    front = MeshServer(orch, token=args.token, limits=limits, origins=args.origins, listen_host=host)
     server = Listener(front, host, port)
     try:
         server.open()
@@ -5860,6 +6431,9 @@ def _build_parser() -> Any:
                    help="require 'Authorization: Bearer TOKEN' (env MESH_TOKEN); clients send OLLAMA_API_KEY")
     p.add_argument("--allow-remote", action="store_true",
                    help="allow binding a non-loopback address without --token")
+    p.add_argument("--origins", default=os.environ.get("OLLAMA_ORIGINS"), metavar="A,B",
+                   help="browser origins allowed besides Ollama's defaults (localhost, 127.0.0.1, "
+                        "app://, file://, ...), comma-separated, '*' for any (env OLLAMA_ORIGINS)")
     p.add_argument("--shutdown-grace", type=seconds, default=30.0, metavar="S",
                    help="on SIGTERM/Ctrl-C, let running streams finish for up to S seconds (default 30)")
     lim = p.add_argument_group("limits (what a client may send; past them it gets 413/431/408)")

@@ -18,7 +18,7 @@ import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
 SSH = shutil.which("ssh")
@@ -56,16 +56,24 @@ class _Server(ThreadingHTTPServer):
 
 
 class FakeOllama:
-    """Speaks the parts of Ollama's API mesh.py uses.  `mode` injects faults:
-    ok, hang (accept, never answer), garbage (200 with non-JSON), error500, html,
-    busy (503), truncate (stream cut before done), error_line (an error mid-stream,
-    `error_text`), badhead (not HTTP at all), bad_line (a line that is not JSON
-    mid-stream), after_done (more lines after done, then the reply held open - for
-    stream:false too), done_reason (a last line with done_reason but no done)."""
+    """Speaks Ollama's API in Ollama's shapes: the native /api/* endpoints (NDJSON),
+    the OpenAI /v1/* ones and the Anthropic /v1/messages (Server-Sent Events when
+    streaming, with `data: [DONE]` / Anthropic's event types), model management
+    (create, copy, delete, push, blobs) and keep_alive load/unload.
+
+    `mode` injects faults: ok, hang (accept, never answer), garbage (200 with
+    non-JSON), error500, html, busy (503), truncate (stream cut before done),
+    error_line (an error mid-stream, `error_text`), badhead (not HTTP at all),
+    bad_line (a line that is not JSON mid-stream), after_done (more lines after
+    done, then the reply held open - for stream:false too), done_reason (a last line
+    with done_reason but no done).
+    `lacks`: paths (or prefixes ending in "/") this Ollama is too old to have; they
+    get Go's plain-text `404 page not found`, as a real old Ollama answers.
+    `old=True` is an Ollama from before /api/embed and the /v1 endpoints."""
 
     def __init__(self, models: List[str], *, name: str = "fake", version: str = "0.6.1",
                  delay: float = 0.0, token_delay: float = 0.0, tokens: Optional[List[str]] = None,
-                 loaded: Optional[List[str]] = None) -> None:
+                 loaded: Optional[List[str]] = None, lacks: Sequence[str] = (), old: bool = False) -> None:
         self.models = list(models)
         self.loaded = list(loaded or [])
         self.name = name
@@ -73,9 +81,11 @@ class FakeOllama:
         self.delay = delay                # seconds before the first byte of generate/chat
         self.token_delay = token_delay    # seconds between streamed chunks
         self.tokens = tokens or ["Hello", " from", " " + name, "."]
-        self.mode = "ok"
+        self.lacks = list(lacks) + (["/api/embed", "/v1/"] if old else [])
+        self.blobs: set = set()           # digests of uploaded blobs
         self.pull_error: Optional[str] = None   # /api/pull streams this as Ollama's {"error": ...} line
         self.error_text = "CUDA error: out of memory"
+        self.mode = "ok"
         self.requests: List[Dict[str, Any]] = []
         self.active = 0
         self.max_active = 0
@@ -83,6 +93,10 @@ class FakeOllama:
         self.connections: set = set()
         self._lock = threading.Lock()
         self.release = threading.Event()  # lets a "hang" end
+        # A stream's last event waits until this is set: a test clears it to see the first
+        # events arrive through mesh while the node is still answering.
+        self.finish_stream = threading.Event()
+        self.finish_stream.set()
         self.port = free_port()
         self.server = _Server(("127.0.0.1", self.port), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -111,10 +125,19 @@ class FakeOllama:
     def bodies(self, path: str) -> List[Dict[str, Any]]:
         return [r["body"] for r in self.requests if r["path"] == path]
 
+    def has(self, model: str) -> bool:
+        return _key(model) in {_key(m) for m in self.models}
+
+    def is_loaded(self, model: str) -> bool:
+        return _key(model) in {_key(m) for m in self.loaded}
+
+    def lacks_path(self, path: str) -> bool:
+        return any(path == p or (p.endswith("/") and path.startswith(p)) for p in self.lacks)
+
     def _handler(self):
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(_OllamaShapes, BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
             disable_nagle_algorithm = True  # as Go (Ollama) does by default
             # Go's net/http sends a small reply in one write; an unbuffered handler
@@ -126,6 +149,7 @@ class FakeOllama:
 
             def setup(self) -> None:
                 super().setup()
+                self.fake = fake
                 fake.connections.add(self.connection)
 
             def finish(self) -> None:
@@ -135,234 +159,581 @@ class FakeOllama:
                 except OSError:
                     pass
 
-            def _json(self, status: int, obj: Any) -> None:
-                data = json.dumps(obj).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json; charset=utf-8")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-                self.wfile.flush()
-
-            def _chunk(self, obj: Any) -> None:
-                line = (obj if isinstance(obj, bytes) else json.dumps(obj).encode() + b"\n")
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
-                self.wfile.flush()
-
-            def _fault(self) -> bool:
-                mode = fake.mode
-                if mode == "hang":
-                    fake.release.wait(120)
-                    self.close_connection = True
-                    return True
-                if mode == "badhead":
-                    self.wfile.write(b"SSH-2.0-NotOllama\r\n\r\n")
-                    self.close_connection = True
-                    return True
-                if mode == "garbage":
-                    data = b"this is not json at all\n"
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                    return True
-                if mode == "html":
-                    data = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
-                    self.send_response(502)
-                    self.send_header("Content-Type", "text/html")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                    return True
-                if mode == "error500":
-                    self._json(500, {"error": "llama runner process has terminated"})
-                    return True
-                if mode == "busy":
-                    self._json(503, {"error": "server busy, please try again.  maximum pending requests exceeded"})
-                    return True
-                return False
-
-            def do_HEAD(self) -> None:
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def do_GET(self) -> None:
-                fake.requests.append({"path": self.path, "body": None, "conn": id(self.connection)})
-                if fake.mode in ("hang", "badhead", "garbage", "html") and self._fault():
-                    return
-                if self.path == "/api/version":
-                    self._json(200, {"version": fake.version})
-                elif self.path == "/api/tags":
-                    self._json(200, {"models": [
-                        {"name": m, "model": m, "modified_at": "2026-01-01T00:00:00Z", "size": 1000,
-                         "digest": "sha256:" + str(abs(hash(m)))[:12], "details": {"family": "fake"}}
-                        for m in fake.models]})
-                elif self.path == "/api/ps":
-                    self._json(200, {"models": [{"name": m, "model": m, "size": 2000, "size_vram": 1000,
-                                                 "digest": "sha256:" + str(abs(hash(m)))[:12],
-                                                 "expires_at": time.strftime("%Y-%m-%dT%H:%M:%S.123456789Z",
-                                                                             time.gmtime(time.time() + 299))}
-                                                for m in fake.loaded]})
-                elif self.path == "/":
-                    data = b"Ollama is running"
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                else:
-                    self._json(404, {"error": "404 page not found"})
-
-            def do_DELETE(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length) or b"{}")
-                fake.requests.append({"path": self.path, "body": body, "method": "DELETE"})
-                model = body.get("model") or body.get("name") or ""
-                if self.path != "/api/delete":
-                    self._json(405, {"error": "method not allowed"})
-                elif model not in fake.models:
-                    self._json(404, {"error": f"model '{model}' not found"})
-                else:   # Ollama answers 200 with no body
-                    fake.models.remove(model)
-                    self.send_response(200)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length)
-                try:
-                    body = json.loads(raw)
-                except ValueError:
-                    self._json(400, {"error": "invalid JSON"})
-                    return
-                fake.requests.append({"path": self.path, "body": body, "raw": raw})
-                with fake._lock:
-                    fake.active += 1
-                    fake.max_active = max(fake.max_active, fake.active)
-                try:
-                    self._post(body)
-                except (BrokenPipeError, ConnectionResetError):
-                    fake.disconnects += 1
-                    self.close_connection = True
-                finally:
-                    with fake._lock:
-                        fake.active -= 1
-
-            def _post(self, body: Dict[str, Any]) -> None:
-                if self._fault():
-                    return
-                model = body.get("model", "")
-                if self.path == "/api/pull":
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/x-ndjson")
-                    self.send_header("Transfer-Encoding", "chunked")
-                    self.end_headers()
-                    self._chunk({"status": "pulling manifest"})
-                    if fake.pull_error:
-                        self._chunk({"error": fake.pull_error})
-                        self._chunk(b"")
-                        return
-                    for done in (0, 500, 1000):
-                        self._chunk({"status": "pulling 8eeb52dfb3bb", "digest": "sha256:8eeb52dfb3bb",
-                                     "total": 1000, "completed": done})
-                        if fake.token_delay:
-                            time.sleep(fake.token_delay)
-                    self._chunk({"status": "verifying sha256 digest"})
-                    self._chunk({"status": "writing manifest"})
-                    self._chunk({"status": "success"})
-                    self._chunk(b"")
-                    if model not in fake.models:
-                        fake.models.append(model)
-                    return
-                known = {m if ":" in m else m + ":latest" for m in fake.models}
-                if (model if ":" in model else model + ":latest") not in known:
-                    self._json(404, {"error": f'model "{model}" not found, try pulling it first'})
-                    return
-                if fake.delay:
-                    time.sleep(fake.delay)
-                if self.path == "/api/embed":
-                    inputs = body.get("input")
-                    inputs = [inputs] if isinstance(inputs, str) else inputs
-                    self._json(200, {"model": model, "embeddings": [[float(len(s)), 0.5, fake.port % 7] for s in inputs]})
-                    return
-                if self.path == "/api/embeddings":
-                    self._json(200, {"embedding": [float(len(body.get("prompt", ""))), 0.5]})
-                    return
-                if self.path == "/api/show":
-                    self._json(200, {"modelfile": "FROM " + model, "parameters": "temperature 0.7",
-                                     "template": "{{ .Prompt }}", "license": "FAKE LICENSE",
-                                     "details": {"family": "fake", "parameter_size": "7.6B",
-                                                 "quantization_level": "Q4_K_M", "format": "gguf"},
-                                     "model_info": {"general.architecture": "fake", "fake.context_length": 32768},
-                                     "capabilities": ["completion"]})
-                    return
-                if self.path == "/api/generate" and "prompt" not in body and body.get("keep_alive") == 0:
-                    if model in fake.loaded:   # `ollama stop`: unload
-                        fake.loaded.remove(model)
-                    self._json(200, {"model": model, "created_at": "2026-01-01T00:00:00Z", "response": "",
-                                     "done": True, "done_reason": "unload"})
-                    return
-                chat = self.path == "/api/chat"
-                if chat:
-                    last = (body.get("messages") or [{}])[-1].get("content", "")
-                else:
-                    last = body.get("prompt", "")
-                tokens = list(fake.tokens)
-
-                def piece(text: str, done: bool) -> Dict[str, Any]:
-                    obj: Dict[str, Any] = {"model": model, "created_at": "2026-01-01T00:00:00Z", "done": done}
-                    if chat:
-                        obj["message"] = {"role": "assistant", "content": text}
-                    else:
-                        obj["response"] = text
-                    if done:
-                        obj.update(done_reason="stop", total_duration=1000, eval_count=len(tokens),
-                                   eval_duration=1_000_000, prompt_eval_count=len(last))
-                    return obj
-
-                if body.get("stream", True) is False and fake.mode != "after_done":
-                    self._json(200, piece("".join(tokens), True))
-                    return
-                if body.get("stream", True) is False:      # after_done: the answer, junk, held open
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json; charset=utf-8")
-                    self.send_header("Transfer-Encoding", "chunked")
-                    self.end_headers()
-                    self._chunk(piece("".join(tokens), True))
-                    self._chunk(piece("JUNK AFTER DONE", False))
-                    fake.release.wait(10)
-                    self._chunk(b"")
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-ndjson")
-                self.send_header("Transfer-Encoding", "chunked")
-                self.end_headers()
-                for i, tok in enumerate(tokens):
-                    if fake.mode == "error_line" and i == 1:
-                        self._chunk({"error": fake.error_text})
-                        self._chunk(b"")
-                        return
-                    if fake.mode == "bad_line" and i == 1:
-                        self._chunk(b"this is not json\n")
-                    if fake.mode == "truncate" and i == 2:
-                        self.close_connection = True
-                        self.wfile.flush()
-                        return  # no terminating chunk
-                    self._chunk(piece(tok, False))
-                    if fake.token_delay:
-                        time.sleep(fake.token_delay)
-                final = piece("", True)
-                if fake.mode == "done_reason":
-                    del final["done"]
-                self._chunk(final)
-                if fake.mode == "after_done":
-                    self._chunk(piece("JUNK AFTER DONE", False))
-                    fake.release.wait(10)
-                self._chunk(b"")
-
         return Handler
+
+
+def _key(name: str) -> str:
+    return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
+
+
+def _digest(model: str) -> str:
+    import hashlib
+    return "sha256:" + hashlib.sha256(_key(model).encode()).hexdigest()
+
+
+class _OllamaShapes:
+    """The request handler of FakeOllama: each endpoint in the shapes Ollama's
+    server/routes.go, openai/ and anthropic/ middleware send."""
+
+    fake: FakeOllama
+
+    # -- writing -----------------------------------------------------------------
+    def _json(self, status: int, obj: Any) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        self.wfile.flush()
+
+    def _empty(self, status: int) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        self.wfile.flush()
+
+    def _go_404(self) -> None:
+        """What Go's router (gin) sends for a path it has no route for."""
+        data = b"404 page not found"
+        self.send_response(404)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        self.wfile.flush()
+
+    def _start_stream(self, ctype: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+    def _chunk(self, obj: Any) -> None:
+        line = (obj if isinstance(obj, bytes) else json.dumps(obj).encode() + b"\n")
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+        self.wfile.flush()
+
+    def _sse(self, obj: Any, event: Optional[str] = None) -> None:
+        data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+        self._chunk((b"event: %s\n" % event.encode() if event else b"") + b"data: " + data + b"\n\n")
+
+    def _end(self) -> None:
+        self._chunk(b"")
+
+    def _fault(self) -> bool:
+        fake, mode = self.fake, self.fake.mode
+        if mode == "hang":
+            fake.release.wait(120)
+            self.close_connection = True
+            return True
+        if mode == "badhead":
+            self.wfile.write(b"SSH-2.0-NotOllama\r\n\r\n")
+            self.close_connection = True
+            return True
+        if mode == "garbage":
+            data = b"this is not json at all\n"
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return True
+        if mode == "html":
+            data = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
+            self.send_response(502)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return True
+        if mode == "error500":
+            self._json(500, {"error": "llama runner process has terminated"})
+            return True
+        if mode == "busy":
+            self._json(503, {"error": "server busy, please try again.  maximum pending requests exceeded"})
+            return True
+        return False
+
+    # -- methods -------------------------------------------------------------------
+    def do_HEAD(self) -> None:
+        fake = self.fake
+        fake.requests.append({"path": self.path, "body": None, "method": "HEAD"})
+        if self.path.startswith("/api/blobs/"):
+            self._empty(200 if self.path[len("/api/blobs/"):] in fake.blobs else 404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        fake = self.fake
+        fake.requests.append({"path": self.path, "body": None, "conn": id(self.connection)})
+        if fake.mode in ("hang", "badhead", "garbage", "html") and self._fault():
+            return
+        if fake.lacks_path(self.path):
+            self._go_404()
+        elif self.path == "/api/version":
+            self._json(200, {"version": fake.version})
+        elif self.path == "/api/tags":
+            self._json(200, {"models": [self._tag(m) for m in fake.models]})
+        elif self.path == "/api/ps":
+            self._json(200, {"models": [self._ps_entry(m) for m in fake.loaded]})
+        elif self.path == "/v1/models":
+            self._json(200, {"object": "list", "data": [
+                {"id": m, "object": "model", "created": 1767225600, "owned_by": "library"} for m in fake.models]})
+        elif self.path.startswith("/v1/models/"):
+            name = self.path[len("/v1/models/"):]
+            if fake.has(name):
+                self._json(200, {"id": name, "object": "model", "created": 1767225600, "owned_by": "library"})
+            else:
+                self._openai_error(404, f"model '{name}' not found")
+        elif self.path == "/":
+            data = b"Ollama is running"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        else:
+            self._go_404()
+
+    def do_DELETE(self) -> None:
+        fake = self.fake
+        body = self._read_json()
+        if body is None:
+            return
+        fake.requests.append({"path": self.path, "body": body, "method": "DELETE"})
+        if fake.lacks_path(self.path) or self.path != "/api/delete":
+            self._go_404()
+            return
+        name = body.get("model") or body.get("name", "")
+        if not fake.has(name):
+            self._json(404, {"error": f"model '{name}' not found"})
+            return
+        fake.models = [m for m in fake.models if _key(m) != _key(name)]
+        fake.loaded = [m for m in fake.loaded if _key(m) != _key(name)]
+        self._empty(200)
+
+    def _read_json(self) -> Optional[Dict[str, Any]]:
+        length = int(self.headers.get("Content-Length") or 0)
+        self._raw = self.rfile.read(length)
+        try:
+            return json.loads(self._raw) if self._raw.strip() else {}
+        except ValueError:
+            self._json(400, {"error": "invalid JSON"})
+            return None
+
+    def do_POST(self) -> None:
+        fake = self.fake
+        if self.path.startswith("/api/blobs/"):
+            length = int(self.headers.get("Content-Length") or 0)
+            data = self.rfile.read(length)
+            fake.requests.append({"path": self.path, "body": None, "raw": data})
+            import hashlib
+            digest = self.path[len("/api/blobs/"):]
+            if "sha256:" + hashlib.sha256(data).hexdigest() != digest.replace("-", ":", 1):
+                self._json(400, {"error": "digest mismatch"})
+                return
+            fake.blobs.add(digest)
+            self._empty(201)
+            return
+        body = self._read_json()
+        if body is None:
+            return
+        fake.requests.append({"path": self.path, "body": body, "raw": self._raw, "headers": dict(self.headers)})
+        with fake._lock:
+            fake.active += 1
+            fake.max_active = max(fake.max_active, fake.active)
+        try:
+            if not self._fault():
+                self._post(body)
+        except (BrokenPipeError, ConnectionResetError):
+            fake.disconnects += 1
+            self.close_connection = True
+        finally:
+            with fake._lock:
+                fake.active -= 1
+
+    def _post(self, body: Dict[str, Any]) -> None:
+        fake = self.fake
+        if fake.lacks_path(self.path):
+            self._go_404()
+            return
+        routes = {"/api/pull": self._pull, "/api/push": self._push, "/api/create": self._create,
+                  "/api/copy": self._copy, "/api/generate": self._generate, "/api/chat": self._generate,
+                  "/api/embed": self._embed, "/api/embeddings": self._embed, "/api/show": self._show,
+                  "/v1/chat/completions": self._openai_chat, "/v1/completions": self._openai_completion,
+                  "/v1/embeddings": self._openai_embeddings, "/v1/responses": self._openai_responses,
+                  "/v1/messages": self._anthropic_messages}
+        route = routes.get(self.path)
+        if route is None:
+            self._go_404()
+            return
+        route(body)
+
+    # -- shapes --------------------------------------------------------------------
+    def _tag(self, m: str) -> Dict[str, Any]:
+        return {"name": m, "model": m, "modified_at": "2026-01-01T00:00:00Z", "size": 1000,
+                "digest": _digest(m)[7:],
+                "details": {"parent_model": "", "format": "gguf", "family": "fake", "families": ["fake"],
+                            "parameter_size": "7B", "quantization_level": "Q4_K_M"}}
+
+    def _ps_entry(self, m: str) -> Dict[str, Any]:
+        expires = time.strftime("%Y-%m-%dT%H:%M:%S.123456789Z", time.gmtime(time.time() + 299))
+        return dict(self._tag(m), digest=_digest(m), size=2000, size_vram=1000, expires_at=expires)
+
+    def _missing(self, model: str) -> bool:
+        return not self.fake.has(model)
+
+    def _text(self) -> str:
+        return "".join(self.fake.tokens)
+
+    def _pace(self) -> None:
+        if self.fake.token_delay:
+            time.sleep(self.fake.token_delay)
+
+    def _hold(self) -> None:
+        """Before a stream's last event: wait while the test holds the node mid-answer."""
+        self.fake.finish_stream.wait(30)
+
+    # -- the native API --------------------------------------------------------------
+    def _progress(self, body: Dict[str, Any], steps: List[Dict[str, Any]]) -> None:
+        if body.get("stream", True) is False:
+            self._json(200, {"status": "success"})
+            return
+        self._start_stream("application/x-ndjson")
+        for step in steps:
+            self._chunk(step)
+            if "completed" in step:
+                self._pace()
+        self._chunk({"status": "success"})
+        self._end()
+
+    def _pull(self, body: Dict[str, Any]) -> None:
+        fake = self.fake
+        model = body.get("model") or body.get("name", "")
+        if fake.pull_error:
+            self._start_stream("application/x-ndjson")
+            self._chunk({"status": "pulling manifest"})
+            self._chunk({"error": fake.pull_error})
+            self._end()
+            return
+        layer = [{"status": "pulling 8eeb52dfb3bb", "digest": "sha256:8eeb52dfb3bb", "total": 1000,
+                  "completed": done} for done in (0, 500, 1000)]
+        self._progress(body, [{"status": "pulling manifest"}, *layer, {"status": "verifying sha256 digest"},
+                              {"status": "writing manifest"}])
+        if not fake.has(model):
+            fake.models.append(model)
+
+    def _push(self, body: Dict[str, Any]) -> None:
+        model = body.get("model") or body.get("name", "")
+        if self._missing(model):
+            self._json(404, {"error": f'model "{model}" not found'})
+            return
+        self._progress(body, [{"status": "retrieving manifest"}, {"status": "pushing manifest"}])
+
+    def _create(self, body: Dict[str, Any]) -> None:
+        fake = self.fake
+        model = body.get("model") or body.get("name", "")
+        base = body.get("from")
+        if base and self._missing(base):
+            self._json(404, {"error": f'model "{base}" not found, try pulling it first'})
+            return
+        for digest in (body.get("files") or {}).values():
+            if digest not in fake.blobs:
+                self._json(400, {"error": f"blob {digest} not found"})
+                return
+        self._progress(body, [{"status": "using existing layer " + _digest(base or model)},
+                              {"status": "writing manifest"}])
+        if not fake.has(model):
+            fake.models.append(model)
+
+    def _copy(self, body: Dict[str, Any]) -> None:
+        source, dest = body.get("source", ""), body.get("destination", "")
+        if self._missing(source):
+            self._json(404, {"error": f'model "{source}" not found'})
+            return
+        if not self.fake.has(dest):
+            self.fake.models.append(dest)
+        self._empty(200)
+
+    def _show(self, body: Dict[str, Any]) -> None:
+        model = body.get("model") or body.get("name", "")
+        if self._missing(model):
+            self._json(404, {"error": f"model '{model}' not found"})
+            return
+        self._json(200, {"modelfile": "FROM " + model, "parameters": "temperature 0.7",
+                         "template": "{{ .Prompt }}", "license": "FAKE LICENSE",
+                         "details": {"family": "fake", "parameter_size": "7.6B", "quantization_level": "Q4_K_M",
+                                     "format": "gguf"},
+                         "model_info": {"general.architecture": "fake", "fake.context_length": 32768},
+                         "capabilities": ["completion"], "modified_at": "2026-01-01T00:00:00Z"})
+
+    def _embed(self, body: Dict[str, Any]) -> None:
+        model = body.get("model", "")
+        if self._missing(model):
+            self._json(404, {"error": f'model "{model}" not found, try pulling it first'})
+            return
+        if self.path == "/api/embeddings":
+            self._json(200, {"embedding": [float(len(body.get("prompt", ""))), 0.5]})
+            return
+        self._json(200, {"model": model, "embeddings": self._vectors(body.get("input")),
+                         "total_duration": 1000, "load_duration": 100, "prompt_eval_count": 3})
+
+    def _vectors(self, inputs: Any) -> List[List[float]]:
+        inputs = [inputs] if isinstance(inputs, str) else list(inputs or [])
+        return [[float(len(s)), 0.5, float(self.fake.port % 7)] for s in inputs]
+
+    def _generate(self, body: Dict[str, Any]) -> None:
+        fake = self.fake
+        model = body.get("model", "")
+        chat = self.path == "/api/chat"
+        last = (body.get("messages") or [{}])[-1].get("content", "") if chat else body.get("prompt", "")
+        empty = not body.get("messages") if chat else not body.get("prompt")
+        keep_alive = body.get("keep_alive")
+        if empty and keep_alive in (0, "0", "0s", "0m"):
+            if self._missing(model):
+                self._json(404, {"error": f"model '{model}' not found"})
+                return
+            fake.loaded = [m for m in fake.loaded if _key(m) != _key(model)]
+            self._json(200, self._piece(model, chat, "", True, reason="unload"))
+            return
+        if self._missing(model):
+            self._json(404, {"error": f'model "{model}" not found, try pulling it first'})
+            return
+        if fake.delay:
+            time.sleep(fake.delay)
+        if empty:   # a preload: the model is loaded, nothing generated
+            if not fake.is_loaded(model):
+                fake.loaded.append(model)
+            self._json(200, self._piece(model, chat, "", True, reason="load"))
+            return
+        tokens = list(fake.tokens)
+        if body.get("stream", True) is False and fake.mode != "after_done":
+            self._json(200, self._piece(model, chat, "".join(tokens), True, prompt=last))
+            return
+        if body.get("stream", True) is False:      # after_done: the answer, junk, held open
+            self._start_stream("application/json; charset=utf-8")
+            self._chunk(self._piece(model, chat, "".join(tokens), True, prompt=last))
+            self._chunk(self._piece(model, chat, "JUNK AFTER DONE", False))
+            fake.release.wait(10)
+            self._end()
+            return
+        self._start_stream("application/x-ndjson")
+        for i, tok in enumerate(tokens):
+            if fake.mode == "error_line" and i == 1:
+                self._chunk({"error": fake.error_text})
+                self._end()
+                return
+            if fake.mode == "bad_line" and i == 1:
+                self._chunk(b"this is not json\n")
+            if fake.mode == "truncate" and i == 2:
+                self.close_connection = True
+                self.wfile.flush()
+                return  # no terminating chunk
+            self._chunk(self._piece(model, chat, tok, False))
+            self._pace()
+        self._hold()
+        final = self._piece(model, chat, "", True, prompt=last)
+        if fake.mode == "done_reason":
+            del final["done"]
+        self._chunk(final)
+        if fake.mode == "after_done":
+            self._chunk(self._piece(model, chat, "JUNK AFTER DONE", False))
+            fake.release.wait(10)
+        self._end()
+
+    def _piece(self, model: str, chat: bool, text: str, done: bool, *, reason: str = "stop",
+               prompt: str = "") -> Dict[str, Any]:
+        obj: Dict[str, Any] = {"model": model, "created_at": "2026-01-01T00:00:00Z"}
+        if chat:
+            obj["message"] = {"role": "assistant", "content": text}
+        else:
+            obj["response"] = text
+        obj["done"] = done
+        if done:
+            obj["done_reason"] = reason
+            if reason == "stop":
+                obj.update(total_duration=1000, load_duration=100, prompt_eval_count=len(prompt),
+                           prompt_eval_duration=100, eval_count=len(self.fake.tokens), eval_duration=1_000_000)
+        return obj
+
+    # -- the OpenAI API (Ollama's openai middleware) ----------------------------------
+    def _openai_error(self, status: int, message: str) -> None:
+        kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
+        self._json(status, {"error": {"message": message, "type": kind, "param": None, "code": None}})
+
+    def _openai_usage(self, prompt: str) -> Dict[str, int]:
+        n = len(self.fake.tokens)
+        return {"prompt_tokens": len(prompt), "completion_tokens": n, "total_tokens": len(prompt) + n}
+
+    def _openai_chat(self, body: Dict[str, Any]) -> None:
+        fake = self.fake
+        model = body.get("model", "")
+        messages = body.get("messages") or []
+        if not messages:
+            self._openai_error(400, "[] is too short - 'messages'")
+            return
+        if self._missing(model):
+            self._openai_error(404, f'model "{model}" not found, try pulling it first')
+            return
+        if fake.delay:
+            time.sleep(fake.delay)
+        prompt = str(messages[-1].get("content", ""))
+        tools = body.get("tools") or []
+        calls = [{"id": "call_fake0", "index": 0, "type": "function",
+                  "function": {"name": tools[0]["function"]["name"], "arguments": "{\"city\":\"Paris\"}"}}
+                 ] if tools else []
+        fmt = (body.get("response_format") or {}).get("type")
+        text = json.dumps({"answer": self._text()}) if fmt in ("json_object", "json_schema") else self._text()
+        reason = "tool_calls" if calls else "stop"
+        base = {"id": "chatcmpl-123", "created": 1767225600, "model": model, "system_fingerprint": "fp_ollama"}
+        if not body.get("stream"):
+            message: Dict[str, Any] = {"role": "assistant", "content": "" if calls else text}
+            if calls:
+                message["tool_calls"] = calls
+            self._json(200, dict(base, object="chat.completion", choices=[
+                {"index": 0, "message": message, "finish_reason": reason}], usage=self._openai_usage(prompt)))
+            return
+        self._start_stream("text/event-stream")
+        chunk = dict(base, object="chat.completion.chunk")
+        pieces = [] if calls else list(fake.tokens)
+        for tok in pieces:
+            self._sse(dict(chunk, choices=[{"index": 0, "delta": {"role": "assistant", "content": tok},
+                                            "finish_reason": None}]))
+            self._pace()
+        self._hold()
+        delta: Dict[str, Any] = {"role": "assistant", "content": ""}
+        if calls:
+            delta["tool_calls"] = calls
+        self._sse(dict(chunk, choices=[{"index": 0, "delta": delta, "finish_reason": reason}]))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            self._sse(dict(chunk, choices=[], usage=self._openai_usage(prompt)))
+        self._sse(b"[DONE]")
+        self._end()
+
+    def _openai_completion(self, body: Dict[str, Any]) -> None:
+        fake = self.fake
+        model = body.get("model", "")
+        if self._missing(model):
+            self._openai_error(404, f'model "{model}" not found, try pulling it first')
+            return
+        prompt = str(body.get("prompt", ""))
+        base = {"id": "cmpl-123", "object": "text_completion", "created": 1767225600, "model": model,
+                "system_fingerprint": "fp_ollama"}
+        if not body.get("stream"):
+            self._json(200, dict(base, choices=[{"text": self._text(), "index": 0, "finish_reason": "stop"}],
+                                 usage=self._openai_usage(prompt)))
+            return
+        usage = (body.get("stream_options") or {}).get("include_usage")
+        self._start_stream("text/event-stream")
+        for tok in fake.tokens:
+            self._sse(dict(base, choices=[{"text": tok, "index": 0, "finish_reason": None}]))
+            self._pace()
+        self._hold()
+        self._sse(dict(base, choices=[{"text": "", "index": 0, "finish_reason": "stop"}]))
+        if usage:
+            self._sse(dict(base, choices=[], usage=self._openai_usage(prompt)))
+        self._sse(b"[DONE]")
+        self._end()
+
+    def _openai_embeddings(self, body: Dict[str, Any]) -> None:
+        import base64
+        import struct
+        model = body.get("model", "")
+        fmt = body.get("encoding_format") or "float"
+        if fmt.lower() not in ("float", "base64"):
+            self._openai_error(400, f"Invalid value for 'encoding_format' = {fmt}. "
+                                    "Supported values: ['float', 'base64'].")
+            return
+        if self._missing(model):
+            self._openai_error(404, f'model "{model}" not found, try pulling it first')
+            return
+        data = []
+        for i, vec in enumerate(self._vectors(body.get("input"))):
+            emb: Any = vec
+            if fmt.lower() == "base64":
+                emb = base64.b64encode(struct.pack("<%df" % len(vec), *vec)).decode()
+            data.append({"object": "embedding", "embedding": emb, "index": i})
+        self._json(200, {"object": "list", "data": data, "model": model,
+                         "usage": {"prompt_tokens": 3, "total_tokens": 3}})
+
+    def _openai_responses(self, body: Dict[str, Any]) -> None:
+        fake = self.fake
+        model = body.get("model", "")
+        if self._missing(model):
+            self._openai_error(404, f'model "{model}" not found, try pulling it first')
+            return
+        text = self._text()
+        usage = {"input_tokens": 3, "output_tokens": len(fake.tokens), "total_tokens": 3 + len(fake.tokens)}
+        part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+        item = {"id": "msg_1", "type": "message", "status": "completed", "role": "assistant", "content": [part]}
+        response = {"id": "resp_1", "object": "response", "created_at": 1767225600, "completed_at": 1767225601,
+                    "status": "completed", "model": model, "output": [item], "usage": usage,
+                    "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "error": None,
+                    "incomplete_details": None, "instructions": body.get("instructions"), "metadata": {},
+                    "temperature": 1.0, "top_p": 1.0, "text": {"format": {"type": "text"}}}
+        if not body.get("stream"):
+            self._json(200, response)
+            return
+        self._start_stream("text/event-stream")
+        seq = iter(range(1000))
+
+        def event(kind: str, **fields: Any) -> None:
+            self._sse(dict(type=kind, sequence_number=next(seq), **fields), event=kind)
+
+        started = dict(response, status="in_progress", output=[], usage=None, completed_at=None)
+        event("response.created", response=started)
+        event("response.in_progress", response=started)
+        event("response.output_item.added", output_index=0,
+              item=dict(item, status="in_progress", content=[]))
+        event("response.content_part.added", item_id="msg_1", output_index=0, content_index=0,
+              part=dict(part, text=""))
+        for tok in fake.tokens:
+            event("response.output_text.delta", item_id="msg_1", output_index=0, content_index=0, delta=tok,
+                  logprobs=[])
+            self._pace()
+        self._hold()
+        event("response.output_text.done", item_id="msg_1", output_index=0, content_index=0, text=text,
+              logprobs=[])
+        event("response.content_part.done", item_id="msg_1", output_index=0, content_index=0, part=part)
+        event("response.output_item.done", output_index=0, item=item)
+        event("response.completed", response=response)
+        self._end()
+
+    # -- the Anthropic API (Ollama's anthropic middleware) ----------------------------
+    def _anthropic_messages(self, body: Dict[str, Any]) -> None:
+        fake = self.fake
+        model = body.get("model", "")
+        if self._missing(model):
+            self._json(404, {"type": "error", "error": {"type": "not_found_error",
+                                                        "message": f'model "{model}" not found, try pulling it first'},
+                             "request_id": "req_fake"})
+            return
+        usage = {"input_tokens": 3, "output_tokens": len(fake.tokens)}
+        message = {"id": "msg_fake", "type": "message", "role": "assistant", "model": model,
+                   "content": [{"type": "text", "text": self._text()}], "stop_reason": "end_turn",
+                   "usage": usage}
+        if not body.get("stream"):
+            self._json(200, message)
+            return
+        self._start_stream("text/event-stream")
+        self._sse({"type": "message_start", "message": dict(message, content=[], stop_reason=None,
+                                                             usage={"input_tokens": 3, "output_tokens": 0})},
+                  event="message_start")
+        self._sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                  event="content_block_start")
+        for tok in fake.tokens:
+            self._sse({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": tok}},
+                      event="content_block_delta")
+            self._pace()
+        self._hold()
+        self._sse({"type": "content_block_stop", "index": 0}, event="content_block_stop")
+        self._sse({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": usage},
+                  event="message_delta")
+        self._sse({"type": "message_stop"}, event="message_stop")
+        self._end()
 
 
 # ---------------------------------------------------------------------------

@@ -75,8 +75,10 @@ def test_root_version_tags_ps_status(served, lab):
     names = [m["name"] for m in json.loads(served.call("GET", "/api/tags")[2])["models"]]
     assert names == ["llama3", "nomic-embed-text", "qwen2.5:7b"]          # the union, each once
     ps = json.loads(served.call("GET", "/api/ps")[2])["models"]
-    assert [(m["name"], m["model"], m["size"], m["size_vram"], m["node"]) for m in ps] == [
-        ("llama3", "llama3", 2000, 1000, "a")]
+    # one entry per model (Ollama's fields) with the nodes that have it loaded
+    assert [(m["name"], m["model"], m["size"], m["size_vram"], m["nodes"]) for m in ps] == [
+        ("llama3", "llama3", 2000, 1000, ["a"])]
+    assert {"digest", "details", "expires_at"} <= set(ps[0])
     nodes = json.loads(served.call("GET", "/mesh/status")[2])["nodes"]
     assert [n["name"] for n in nodes] == ["a", "b"]
     assert {"name", "healthy", "reason", "in_flight", "latency_ms", "models"} <= set(nodes[0])
@@ -142,7 +144,7 @@ def test_503_when_no_node_can_take_it(served, lab):
 def raw_request(port, body, path="/api/generate", headers=""):
     s = socket.create_connection(("127.0.0.1", port), 10)
     data = json.dumps(body).encode()
-    s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{headers}"
+    s.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{headers}"
               f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
     return s
 
@@ -264,7 +266,7 @@ def test_keep_alive_connection_serves_requests_after_a_stream(served):
     head, body = read_response(f)
     assert b"200 OK" in head and lines(body)[-1]["done"] is True
     for path in ("/api/tags", "/api/version"):
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
         head, body = read_response(f)
         assert b"200 OK" in head and json.loads(body)
     sock.close()
