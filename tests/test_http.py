@@ -277,32 +277,32 @@ GEN = b'{"model": "m:1", "prompt": "x", "stream": false}'
 
 @pytest.mark.parametrize("request_bytes, status, fragment", [
     # duplicate / malformed / conflicting framing headers
-    (b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 48\r\nContent-Length: 4\r\n\r\n" + GEN,
+    (b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Length: 48\r\nContent-Length: 4\r\n\r\n" + GEN,
      400, "more than one Content-Length"),
-    (b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n" + GEN, 400, "malformed Content-Length"),
-    (b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 48\r\nTransfer-Encoding: chunked\r\n\r\n" + GEN,
+    (b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Length: -1\r\n\r\n" + GEN, 400, "malformed Content-Length"),
+    (b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Length: 48\r\nTransfer-Encoding: chunked\r\n\r\n" + GEN,
      400, "both Content-Length and Transfer-Encoding"),
     # chunk sizes Go refuses (the token is right, so the body is read)
-    (b"POST /api/generate HTTP/1.1\r\nHost: x\r\n" + AUTH.encode() + b"Transfer-Encoding: chunked\r\n\r\n0x16\r\n",
+    (b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\n" + AUTH.encode() + b"Transfer-Encoding: chunked\r\n\r\n0x16\r\n",
      400, "malformed chunk size"),
-    (b"POST /api/generate HTTP/1.1\r\nHost: x\r\n" + AUTH.encode() + b"Transfer-Encoding: chunked\r\n\r\n1_6\r\n",
+    (b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\n" + AUTH.encode() + b"Transfer-Encoding: chunked\r\n\r\n1_6\r\n",
      400, "malformed chunk size"),
-    (b"POST /api/generate HTTP/1.1\r\nHost: x\r\n" + AUTH.encode() + b"Transfer-Encoding: chunked\r\n\r\n-2\r\n",
+    (b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\n" + AUTH.encode() + b"Transfer-Encoding: chunked\r\n\r\n-2\r\n",
      400, "malformed chunk size"),
     # versions, Host
-    (b"GET /api/version HTTP/2.0\r\nHost: x\r\n\r\n", 505, "not supported"),
+    (b"GET /api/version HTTP/2.0\r\nHost: localhost\r\n\r\n", 505, "not supported"),
     (b"GET /api/version HTTP/1.1\r\n" + AUTH.encode() + b"\r\n", 400, "missing required Host"),
     # limits: head, body (known length, chunked), header timeout
-    (b"GET /api/version HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", 431, "request head larger"),
-    (b"POST /api/generate HTTP/1.1\r\nHost: x\r\n" + AUTH.encode() + b"Content-Length: 2000000\r\n\r\n{",
+    (b"GET /api/version HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", 431, "request head larger"),
+    (b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\n" + AUTH.encode() + b"Content-Length: 2000000\r\n\r\n{",
      413, "larger than 1048576"),
-    (b"POST /api/generate HTTP/1.1\r\nHost: x\r\n" + AUTH.encode() + b"Transfer-Encoding: chunked\r\n\r\n"
+    (b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\n" + AUTH.encode() + b"Transfer-Encoding: chunked\r\n\r\n"
      + b"80000\r\n" + b" " * 0x80000 + b"\r\n80001\r\n", 413, "larger than 1048576"),
-    (b"GET /api/version HTTP/1.1\r\nHost: x\r\n", 408, "not complete within 2 s"),
+    (b"GET /api/version HTTP/1.1\r\nHost: localhost\r\n", 408, "not complete within 2 s"),
     # the token before any body byte, and before 100 Continue
-    (b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n", 401, "unauthorized"),
-    (b"POST /api/generate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", 401, "unauthorized"),
-    (b"POST /api/generate HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 48\r\n\r\n", 401,
+    (b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000000\r\n\r\n", 401, "unauthorized"),
+    (b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n", 401, "unauthorized"),
+    (b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\nContent-Length: 48\r\n\r\n", 401,
      "unauthorized"),
 ])
 def test_bad_framing_gets_a_status_and_a_closed_connection(front, request_bytes, status, fragment):
@@ -313,13 +313,13 @@ def test_bad_framing_gets_a_status_and_a_closed_connection(front, request_bytes,
 
 
 def ok_request(port):
-    reply, _ = exchange(port, f"GET /api/version HTTP/1.1\r\nHost: x\r\n{AUTH}Connection: close\r\n\r\n".encode())
+    reply, _ = exchange(port, f"GET /api/version HTTP/1.1\r\nHost: localhost\r\n{AUTH}Connection: close\r\n\r\n".encode())
     return status_of(reply) == 200
 
 
 @pytest.mark.parametrize("request_bytes", [
-    f"GET /api/version HTTP/1.1\nHost: x\n{AUTH[:-2]}\nConnection: close\n\n".encode(),          # bare LF
-    f"GET http://127.0.0.1/api/version HTTP/1.1\r\nHost: x\r\n{AUTH}Connection: close\r\n\r\n".encode(),
+    f"GET /api/version HTTP/1.1\nHost: localhost\n{AUTH[:-2]}\nConnection: close\n\n".encode(),          # bare LF
+    f"GET http://127.0.0.1/api/version HTTP/1.1\r\nHost: localhost\r\n{AUTH}Connection: close\r\n\r\n".encode(),
     f"GET /api/version HTTP/1.0\r\n{AUTH}\r\n".encode(),                                          # 1.0: closes
 ])
 def test_lenient_where_http_allows(front, request_bytes):
@@ -332,12 +332,12 @@ def test_head_never_has_a_body_even_for_errors(front):
     f = s.makefile("rb")
     for path, status in (("/api/version", 200), ("/api/tags", 200), ("/api/ps", 200), ("/", 200),
                          ("/nothing", 404), ("/api/generate", 405)):
-        s.sendall(f"HEAD {path} HTTP/1.1\r\nHost: x\r\n{AUTH}\r\n".encode())
+        s.sendall(f"HEAD {path} HTTP/1.1\r\nHost: localhost\r\n{AUTH}\r\n".encode())
         head = b""
         while not head.endswith(b"\r\n\r\n"):
             head += f.readline()
         assert status_of(head) == status and b"Content-Length: " in head, head
-    s.sendall(f"GET / HTTP/1.1\r\nHost: x\r\n{AUTH}Connection: close\r\n\r\n".encode())
+    s.sendall(f"GET / HTTP/1.1\r\nHost: localhost\r\n{AUTH}Connection: close\r\n\r\n".encode())
     rest = f.read()          # had a HEAD reply carried a body, this would not start with a status line
     assert status_of(rest) == 200 and rest.endswith(b"\r\n\r\nOllama is running")
 
@@ -353,7 +353,7 @@ def test_http_1_0_gets_a_close_delimited_stream(front):
 
 def test_idle_keep_alive_connection_is_closed(front):
     s = socket.create_connection(("127.0.0.1", front.port), 10)
-    s.sendall(f"GET /api/version HTTP/1.1\r\nHost: x\r\n{AUTH}\r\n".encode())
+    s.sendall(f"GET /api/version HTTP/1.1\r\nHost: localhost\r\n{AUTH}\r\n".encode())
     got = b""
     while b'"version"' not in got:
         got += s.recv(65536)
@@ -374,7 +374,7 @@ def test_idle_keep_alive_connection_is_closed(front):
      "cut \ufffd emoji \U0001F600"),
 ])
 def test_every_json_body_gets_an_answer(front, body, status, expected):
-    reply, _ = exchange(front.port, f"POST /api/generate HTTP/1.1\r\nHost: x\r\n{AUTH}Connection: close\r\n"
+    reply, _ = exchange(front.port, f"POST /api/generate HTTP/1.1\r\nHost: localhost\r\n{AUTH}Connection: close\r\n"
                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     assert status_of(reply) == status
     if status == 200:
@@ -393,7 +393,7 @@ def test_unauthenticated_600_mb_is_refused_without_reading_it(front):
     before = rss_kb(front.proc.pid)
     for framing in ("Content-Length: 629145600\r\n", "Transfer-Encoding: chunked\r\n"):
         s = socket.create_connection(("127.0.0.1", front.port), 10)
-        s.sendall(f"POST /api/generate HTTP/1.1\r\nHost: x\r\n{framing}\r\n".encode())
+        s.sendall(f"POST /api/generate HTTP/1.1\r\nHost: localhost\r\n{framing}\r\n".encode())
         sent = 0
         try:
             while sent < 600 * 2**20:
@@ -413,7 +413,7 @@ def test_a_client_writing_during_a_stream_is_not_buffered(front):
         before = rss_kb(front.proc.pid)
         body = b'{"model": "m:1", "prompt": "x"}'
         s = socket.create_connection(("127.0.0.1", front.port), 30)
-        s.sendall(f"POST /api/generate HTTP/1.1\r\nHost: x\r\n{AUTH}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        s.sendall(f"POST /api/generate HTTP/1.1\r\nHost: localhost\r\n{AUTH}Content-Length: {len(body)}\r\n\r\n".encode() + body)
         assert s.recv(100).startswith(b"HTTP/1.1 200")
         s.setblocking(False)
         pushed = 0
@@ -480,7 +480,7 @@ def test_out_of_descriptors_logs_once_and_recovers(lab, tmp_path):
 
 def ok_version(port):
     try:
-        reply, _ = exchange(port, b"GET /api/version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", timeout=2)
+        reply, _ = exchange(port, b"GET /api/version HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n", timeout=2)
     except OSError:
         return False
     return status_of(reply) == 200
