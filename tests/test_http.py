@@ -494,7 +494,7 @@ def test_a_client_that_stops_reading_is_disconnected(lab):
         body = b'{"model": "m:1", "prompt": "x"}'
         c = socket.create_connection(("127.0.0.1", s.port), 30)
         c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        c.sendall(f"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        c.sendall(f"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
         wait_for(lambda: fake.active == 1, 20, "the node's request to start")
         wait_for(lambda: fake.active == 0, 60, "the node's request to be cancelled")   # nothing was read
         c.close()
