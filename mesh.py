@@ -4574,6 +4574,10 @@ class _ClientReader:
         except asyncio.TimeoutError:
             raise HTTPError(408, f"no request body data for {self.limits.body_timeout:g} s") from None
 
+    def peek(self) -> bytes:
+        """What is buffered and not yet taken (the start of an unfinished head)."""
+        return bytes(self._buf[:1024])
+
     async def until_eof(self) -> None:
         """Return when the client has closed its side.  What it sends meanwhile is kept
         for the next request up to limits.max_pipelined; beyond that it is dropped
@@ -4833,7 +4837,7 @@ class _Connection:
                 head = await self.reader.read_head(
                     first_wait=limits.header_timeout if first else limits.keepalive_timeout)
             except HTTPError as exc:
-                await self._reply_error(None, exc)
+                await self._reply_error(self.reader.peek(), exc)
                 return
             finally:
                 server.idle.discard(task)
@@ -4843,7 +4847,7 @@ class _Connection:
             try:
                 request = parse_request_head(head)
             except HTTPError as exc:
-                await self._reply_error(None, exc)
+                await self._reply_error(head, exc)
                 return
             ex = Exchange(self, request)
             try:
@@ -4853,11 +4857,15 @@ class _Connection:
             if not ex.keep_alive or self.reader.overflowed or self.reader.eof:
                 return
 
-    async def _reply_error(self, ex: Optional[Exchange], exc: HTTPError) -> None:
-        """A framing error: answer (unless the client is gone) and close."""
-        if ex is None:
-            ex = Exchange(self, HTTPRequest("GET", "/", "/", "", (1, 1), []))
-            ex.body_read = True
+    async def _reply_error(self, head: bytes, exc: HTTPError) -> None:
+        """A request that could not be parsed: answer (unless the client is gone) and
+        close.  Its method and target are what the request line seems to say (for
+        the access log, and so that a HEAD gets no body even here)."""
+        words = head.split(b"\n", 1)[0].decode("latin-1").split(" ")
+        method = "HEAD" if words[0] == "HEAD" else words[0][:16] or "-"
+        target = words[1][:200] if len(words) > 1 else "-"
+        ex = Exchange(self, HTTPRequest(method, target, target, "", (1, 1), []))
+        ex.body_read = True
         ex.keep_alive = False
         try:
             await ex.send_json(exc.status, {"error": str(exc)}, headers=exc.headers)
@@ -4928,8 +4936,10 @@ class MeshServer:
         self.active.add(task)
         try:
             await _Connection(self, reader, writer).serve()
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError):
             pass
+        except Exception as exc:       # a bug: one line (the traceback with -vv), and the next client
+            logger.error("connection dropped: internal error: %r", exc, exc_info=logger.isEnabledFor(logging.DEBUG))
         finally:
             self.active.discard(task)
             writer.close()
@@ -4996,7 +5006,8 @@ class MeshServer:
             except (ConnectionError, asyncio.CancelledError):
                 raise
             except Exception as exc:   # a bug: one log line with the traceback, a 500, and on
-                logger.error("%s %s: internal error: %r", req.method, req.path, exc, exc_info=True)
+                logger.error("%s %s: internal error: %r", req.method, req.path, exc,
+                             exc_info=logger.isEnabledFor(logging.DEBUG))
                 ex.keep_alive = False
                 raise HTTPError(500, f"internal error: {exc!r}") from None
         except HTTPError as exc:
@@ -5112,7 +5123,9 @@ class Listener:
         """Stop accepting; connections already accepted go on."""
         for task in self._tasks:
             task.cancel()
+        loop = asyncio.get_running_loop()
         for sock in self.sockets:
+            loop.remove_reader(sock.fileno())
             sock.close()
 
     async def _accept_loop(self, sock: Any) -> None:

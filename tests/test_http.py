@@ -312,6 +312,16 @@ def test_bad_framing_gets_a_status_and_a_closed_connection(front, request_bytes,
     assert closed
 
 
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"HEAD /api/version HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+    (b"HEAD /api/version HTTP/1.1\r\n\r\n", 400),
+    (b"HEAD /api/version HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", 431),
+])
+def test_head_with_bad_framing_gets_no_body_either(front, request_bytes, status):
+    reply, closed = exchange(front.port, request_bytes)
+    assert status_of(reply) == status and reply.endswith(b"\r\n\r\n") and closed
+
+
 def ok_request(port):
     reply, _ = exchange(port, f"GET /api/version HTTP/1.1\r\nHost: localhost\r\n{AUTH}Connection: close\r\n\r\n".encode())
     return status_of(reply) == 200
