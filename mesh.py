@@ -189,7 +189,13 @@ class NoNodeAvailableError(MeshError):
 
 
 class StreamInterruptedError(MeshError):
-    """A stream failed after tokens were handed on; it is never retried (no duplicates)."""
+    """A stream failed after tokens were handed on; it is never retried (no duplicates).
+    `node` and `reason` say which node and why, as NodeError's do."""
+
+    def __init__(self, message: str, *, node: Optional[str] = None, reason: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.node = node
+        self.reason = reason or message
 
 
 class HTTPError(MeshError):
@@ -3155,7 +3161,8 @@ class RawStream:
             block = await self._next_block()
         except NodeError as exc:
             await self.aclose()
-            raise StreamInterruptedError(f"{exc} (after part of the answer was sent; not retried)") from None
+            raise StreamInterruptedError(f"{exc} (after part of the answer was sent; not retried)",
+                                         node=exc.node, reason=exc.reason) from None
         except BaseException:
             await self.aclose()
             raise
@@ -5592,7 +5599,10 @@ class ChatSession:
     async def run(self) -> int:
         """Check the model, then read and answer turns until /bye, Ctrl-D or EOF.
         Returns the exit status: 0, or 130 when left with Ctrl-C."""
-        self.info = await self.orch.show(self.model, node=self.node)  # a typo fails here, before any prompt
+        try:   # a typo fails here, before any prompt
+            self.info = await self.orch.show(self.model, node=self.node)
+        except ModelNotFoundError as exc:
+            raise ModelNotFoundError(f"{exc}; to get it: mesh.py pull {self.model}") from None
         if not self.interactive:
             self._lines = _stdin_lines()
             while True:
@@ -5820,7 +5830,7 @@ class ChatSession:
             raise exc
         self.messages.pop()   # the turn failed: it is not part of the conversation
         if isinstance(exc, StreamInterruptedError):
-            self._write(f"\nmesh: the answer broke off: {exc}\n"
+            self._write(f"\nmesh: the answer broke off: {exc.node} failed mid-answer ({exc.reason})\n"
                         "mesh: that turn is not kept; send it again to ask another node\n", err=True)
         else:
             self._write(f"mesh: error: {terminal_text(str(exc), one_line=True)}\n", err=True)
@@ -6246,6 +6256,19 @@ async def cmd_pull(orch: MeshOrchestrator, args: Any) -> int:
     return _results_out(args, results, "success")
 
 
+def _ask(prompt: str) -> str:
+    """A line typed at the terminal, read where Ctrl-C still interrupts: asyncio's own
+    SIGINT handler (3.11+) would only cancel the task while input() went on waiting."""
+    import signal
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return input(prompt)
+    except EOFError:
+        return ""
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 async def cmd_rm(orch: MeshOrchestrator, args: Any) -> int:
     """Delete a model from the named nodes, or from every node that has it, after a yes."""
     key = model_key(args.model)
@@ -6262,7 +6285,7 @@ async def cmd_rm(orch: MeshOrchestrator, args: Any) -> int:
         if sys.stdin is None or not sys.stdin.isatty():
             raise UsageError(f"rm: add --yes to delete {args.model} from {', '.join(targets)} "
                              "(stdin is not a terminal to ask)")
-        answer = input(f"delete {args.model} from {', '.join(targets)}? [y/N] ")
+        answer = _ask(f"delete {args.model} from {', '.join(targets)}? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
             _print("mesh: nothing deleted", file=sys.stderr)
             return 1

@@ -130,6 +130,8 @@ def test_commands_paste_multiline_and_ctrl_c(lab, tmp_path):
         term.expect("half-typed")
         term.type("\x03")                              # Ctrl-C on a typed line: clears it
         term.expect(">>> ")
+        term.type("/load lama3\r")                  # a typo'd model: said, and the session stays
+        assert 'not found on any node' in term.expect(">>> ").decode()
         term.type("/clear\r")
         term.expect("Cleared session context")
         term.expect(">>> ")
@@ -155,7 +157,7 @@ def test_node_killed_mid_answer_keeps_the_session_and_verbose_names_the_node(lab
         other = "beta" if serving == "alpha" else "alpha"
         lab.nodes[serving].kill()
         broke = term.expect(">>> ").decode()
-        assert "the answer broke off" in broke and serving in broke and "send it again" in broke
+        assert f"the answer broke off: {serving} failed mid-answer (" in broke and "send it again" in broke
         lab.fakes[other].token_delay, lab.fakes[other].tokens = 0.0, ["fine."]
         term.type("go\r")
         stats = term.expect(">>> ").decode()
@@ -176,6 +178,7 @@ def test_misspelt_model_fails_before_the_first_prompt(lab):
         assert term.exit_code() == 1
         out = bytes(term.seen).decode()
         assert 'mesh: error: model "lama3" not found on any node' in out and "closest: llama3" in out
+        assert "to get it: mesh.py pull lama3" in out
         assert ">>> " not in out
     finally:
         term.close()
@@ -232,3 +235,31 @@ def test_test_shows_pending_nodes_live_on_a_terminal_only(lab):
         lab.nodes["frozen"].thaw()
     p = lab.run("test", "--timeout", "3", "--nodes", "quick")
     assert p.returncode == 0 and "\x1b" not in p.stdout.decode() + p.stderr.decode()
+
+
+def test_rm_asks_on_a_terminal(lab):
+    fake = lab.add_node("alpha", ["llama3", "phi3:mini"])
+    term = Terminal(lab, "rm", "phi3:mini")
+    try:
+        term.expect("delete phi3:mini from alpha? [y/N] ")
+        term.type("n\r")
+        assert term.exit_code() == 1 and "nothing deleted" in bytes(term.seen).decode()
+    finally:
+        term.close()
+    assert "phi3:mini" in fake.models
+    term = Terminal(lab, "rm", "phi3:mini")
+    try:
+        term.expect("[y/N] ")
+        term.type("\x03")
+        assert term.exit_code() == 130
+    finally:
+        term.close()
+    term = Terminal(lab, "rm", "phi3:mini")
+    try:
+        term.expect("[y/N] ")
+        term.type("y\r")
+        term.expect("alpha  deleted 'phi3:mini'")
+        assert term.exit_code() == 0
+    finally:
+        term.close()
+    assert fake.models == ["llama3"]
