@@ -54,6 +54,22 @@ class Terminal:
         self.mark = at + len(needle)
         return before
 
+    def wait_reading(self):
+        """Wait until mesh.py is blocked reading the terminal.  A Ctrl-C typed in the instant
+        between a prompt's write and the read that follows sets Python's signal flag but
+        interrupts no system call, and the read then waits for a key (a CPython race no
+        person can hit; a test typing at machine speed can)."""
+        def blocked():
+            self._pump()
+            try:
+                with open(f"/proc/{self.pid}/wchan") as fh:
+                    self.wchan = fh.read().strip().split(".")[0]   # e.g. poll_schedule_timeout.constprop.0
+                return self.wchan in ("wait_woken", "n_tty_read", "do_select", "poll_schedule_timeout",
+                                      "do_sys_poll", "core_sys_select")
+            except OSError:
+                return True   # no /proc: nothing to wait for
+        wait_for(blocked, 20, "mesh.py to wait for the terminal")
+
     def type(self, data):
         os.write(self.fd, data.encode() if isinstance(data, str) else data)
 
@@ -64,7 +80,7 @@ class Terminal:
             if done:
                 self.status = os.waitstatus_to_exitcode(status)
             return done
-        wait_for(reaped, timeout, "mesh.py to exit")
+        wait_for(reaped, timeout, f"mesh.py to exit; the terminal shows {bytes(self.seen)!r}")
         return self.status
 
     def close(self):
@@ -128,6 +144,7 @@ def test_commands_paste_multiline_and_ctrl_c(lab, tmp_path):
 
         term.type("half-typed")
         term.expect("half-typed")
+        term.wait_reading()
         term.type("\x03")                              # Ctrl-C on a typed line: clears it
         term.expect(">>> ")
         term.type("/load lama3\r")                  # a typo'd model: said, and the session stays
@@ -250,6 +267,7 @@ def test_rm_asks_on_a_terminal(lab):
     term = Terminal(lab, "rm", "phi3:mini")
     try:
         term.expect("[y/N] ")
+        term.wait_reading()
         term.type("\x03")
         assert term.exit_code() == 130
     finally:
@@ -263,3 +281,20 @@ def test_rm_asks_on_a_terminal(lab):
     finally:
         term.close()
     assert fake.models == ["llama3"]
+
+
+def test_ctrl_c_at_an_empty_prompt_leaves(lab):
+    """Typed at a terminal: Ctrl-C while chat waits for input ends it (exit 130), no ssh child left."""
+    lab.add_node("a", ["qwen2.5:7b"])
+    term = Terminal(lab, "chat")
+    try:
+        term.expect(">>> ")
+        term.type("hello\r")
+        term.expect("Hello from a.")
+        term.expect(">>> ")
+        term.wait_reading()
+        term.type("\x03")
+        assert term.exit_code() == 130
+    finally:
+        term.close()
+    assert lab.ssh_processes() == []

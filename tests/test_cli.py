@@ -233,48 +233,6 @@ def test_bench_measures_nodes_that_have_the_model(lab):
     assert p.returncode == 1 and one_line_error(p)
 
 
-def test_ctrl_c_at_the_chat_prompt_exits_at_once(lab):
-    """Typed at a terminal: Ctrl-C while chat waits for input ends it (exit 130)."""
-    import pty
-    import select
-    lab.add_node("a", ["qwen2.5:7b"])
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: mesh.py chat on a terminal
-        os.environ.update(lab.env())
-        os.execv(sys.executable, [sys.executable, MESH, "--config", lab.config_path, "chat"])
-    seen = bytearray()
-
-    def saw(needle):
-        r, _, _ = select.select([fd], [], [], 0.05)
-        if r:
-            try:
-                seen.extend(os.read(fd, 4096))
-            except OSError:
-                pass
-        return needle in seen
-
-    try:
-        wait_for(lambda: saw(b">>> "), 20, "the prompt")
-        os.write(fd, b"hello\n")
-        wait_for(lambda: saw(b"Hello from a.") and seen.rstrip().endswith(b">>>"), 20, "the answer and a new prompt")
-        os.write(fd, b"\x03")
-        status = wait_for(lambda: _reap(pid), 10, "chat to exit")
-        assert os.waitstatus_to_exitcode(status) == 130
-    finally:
-        try:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
-        os.close(fd)
-    assert lab.ssh_processes() == []
-
-
-def _reap(pid):
-    done, status = os.waitpid(pid, os.WNOHANG)
-    return status if done else None
-
-
 @pytest.mark.parametrize("transport", ["forward", "stdio", "exec"])
 def test_users_remote_command_and_tty_settings_do_not_interfere(lab, transport):
     lab.add_node("a", ["qwen2.5:7b"], settings=f"transport={transport}")
