@@ -214,121 +214,136 @@ class HTTPError(MeshError):
 # of OpenSSH 9.x; each rule below mirrors readconf.c.
 # ---------------------------------------------------------------------------
 
-# Every keyword OpenSSH 9.x accepts (lowercase).  Unknown ones are errors unless
-# IgnoreUnknown covers them, as in ssh.
-_KEYWORDS = frozenset("""
-host match include hostname user port identityfile certificatefile localforward remoteforward
-dynamicforward sendenv setenv addkeystoagent addressfamily batchmode bindaddress bindinterface
-canonicaldomains canonicalizefallbacklocal canonicalizehostname canonicalizemaxdots
-canonicalizepermittedcnames casignaturealgorithms challengeresponseauthentication checkhostip
-cipher ciphers clearallforwardings compression connectionattempts connecttimeout controlmaster
-controlpath controlpersist dsaauthentication enableescapecommandline enablesshkeysign
-escapechar exitonforwardfailure fingerprinthash forkafterauthentication forwardagent
-forwardx11 forwardx11timeout forwardx11trusted gatewayports globalknownhostsfile
-gssapiauthentication gssapidelegatecredentials gssapiclientidentity gssapikexalgorithms
-gssapikeyexchange gssapirenewalforcesrekey gssapiserveridentity gssapitrustdns
-hashknownhosts hostbasedacceptedalgorithms hostbasedauthentication hostbasedkeytypes
-hostkeyalgorithms hostkeyalias identitiesonly identityagent ignoreunknown ipqos
-kbdinteractiveauthentication kbdinteractivedevices kexalgorithms knownhostscommand
-localcommand loglevel logverbose macs nohostauthenticationforlocalhost numberofpasswordprompts
-passwordauthentication permitlocalcommand permitremoteopen pkcs11provider
-preferredauthentications protocol proxycommand proxyjump proxyusefdpass
-pubkeyacceptedalgorithms pubkeyacceptedkeytypes pubkeyauthentication rekeylimit remotecommand
-requesttty requiredrsasize revokedhostkeys securitykeyprovider serveralivecountmax
-serveraliveinterval sessiontype smartcarddevice stdinnull streamlocalbindmask
-streamlocalbindunlink stricthostkeychecking syslogfacility tcpkeepalive tunnel tunneldevice
-updatehostkeys userknownhostsfile verifyhostkeydns visualhostkey xauthlocation
-globalknownhostsfile2 userknownhostsfile2 identityfile2 skeyauthentication tisauthentication
-keepalive fallbacktorsh usersh useroaming useprivilegedport rhostsauthentication
-rsaauthentication rhostsrsaauthentication compressionlevel afstokenpassing
-kerberosauthentication kerberostgtpassing useblacklistedkeys protocolkeepalives setuptimeout
-""".split())
+# How OpenSSH 9.2 (readconf.c) reads each keyword: the kind decides which checks
+# run and how many arguments it takes.  Unknown keywords are errors unless
+# IgnoreUnknown covers them.  Debian's build adds the GSSAPI key-exchange options.
+_KINDS: Dict[str, str] = {}
+for _kind, _words in (
+    ("flag", """forwardx11 forwardx11trusted gatewayports exitonforwardfailure passwordauthentication
+        kbdinteractiveauthentication challengeresponseauthentication skeyauthentication tisauthentication
+        hostbasedauthentication gssapiauthentication gssapidelegatecredentials batchmode checkhostip
+        tcpkeepalive keepalive nohostauthenticationforlocalhost clearallforwardings enablesshkeysign
+        identitiesonly hashknownhosts permitlocalcommand visualhostkey stdinnull forkafterauthentication
+        proxyusefdpass canonicalizefallbacklocal streamlocalbindunlink enableescapecommandline
+        gssapikeyexchange gssapirenewalforcesrekey gssapitrustdns"""),
+    ("time", "connecttimeout forwardx11timeout serveraliveinterval setuptimeout protocolkeepalives"),
+    ("int", "numberofpasswordprompts connectionattempts serveralivecountmax canonicalizemaxdots requiredrsasize"),
+    ("string", """user hostname hostkeyalias preferredauthentications bindaddress bindinterface pkcs11provider
+        smartcarddevice securitykeyprovider xauthlocation kbdinteractivedevices controlpath ignoreunknown
+        revokedhostkeys gssapiclientidentity gssapiserveridentity"""),
+    ("command", "proxycommand localcommand remotecommand knownhostscommand"),
+    ("files", "globalknownhostsfile userknownhostsfile logverbose"),
+    ("algos", """ciphers macs kexalgorithms hostkeyalgorithms casignaturealgorithms hostbasedacceptedalgorithms
+        hostbasedkeytypes pubkeyacceptedalgorithms pubkeyacceptedkeytypes gssapikexalgorithms"""),
+    ("consume", """protocol cipher fallbacktorsh globalknownhostsfile2 rhostsauthentication userknownhostsfile2
+        useroaming usersh useprivilegedport afstokenpassing kerberosauthentication kerberostgtpassing
+        rsaauthentication rhostsrsaauthentication compressionlevel useblacklistedkeys"""),
+    ("multi", """verifyhostkeydns updatehostkeys stricthostkeychecking compression pubkeyauthentication
+        dsaauthentication controlmaster tunnel requesttty sessiontype canonicalizehostname addressfamily"""),
+):
+    for _kw in _words.split():
+        _KINDS[_kw] = _kind
+for _kw in ("host match include port identityfile identityfile2 certificatefile localforward remoteforward "
+            "dynamicforward permitremoteopen sendenv setenv controlpersist tunneldevice ipqos rekeylimit "
+            "loglevel syslogfacility escapechar canonicaldomains canonicalizepermittedcnames "
+            "streamlocalbindmask fingerprinthash addkeystoagent identityagent forwardagent proxyjump").split():
+    _KINDS[_kw] = _kw
+_KINDS["identityfile2"] = "identityfile"
+# Keywords that are another's alias (the value lands under the canonical name).
+_ALIASES = {"identityfile2": "identityfile", "dsaauthentication": "pubkeyauthentication",
+            "skeyauthentication": "kbdinteractiveauthentication", "tisauthentication": "kbdinteractiveauthentication",
+            "challengeresponseauthentication": "kbdinteractiveauthentication", "keepalive": "tcpkeepalive",
+            "pubkeyacceptedkeytypes": "pubkeyacceptedalgorithms", "hostbasedkeytypes": "hostbasedacceptedalgorithms",
+            "smartcarddevice": "pkcs11provider", "setuptimeout": "serveraliveinterval",
+            "protocolkeepalives": "serveraliveinterval"}
+_KEYWORDS = frozenset(_KINDS)
 
-# Keywords taking any number (>= 1) of arguments; the rest take exactly one.
-_MULTI_ARG = frozenset("""
-include sendenv setenv globalknownhostsfile userknownhostsfile canonicaldomains
-canonicalizepermittedcnames permitremoteopen logverbose
-""".split())
-# Keywords whose value is the rest of the line, verbatim.
-_COMMAND_ARG = frozenset("proxycommand localcommand remotecommand knownhostscommand".split())
-# Keywords that accumulate instead of first-wins.
-_ACCUMULATE = frozenset("identityfile identityfile2 certificatefile localforward remoteforward dynamicforward sendenv".split())
-_ALIASES = {"identityfile2": "identityfile", "globalknownhostsfile2": "globalknownhostsfile",
-            "userknownhostsfile2": "userknownhostsfile", "dsaauthentication": "pubkeyauthentication",
-            "skeyauthentication": "kbdinteractiveauthentication",
-            "tisauthentication": "kbdinteractiveauthentication",
-            "challengeresponseauthentication": "kbdinteractiveauthentication",
-            "pubkeyacceptedkeytypes": "pubkeyacceptedalgorithms",
-            "hostbasedkeytypes": "hostbasedacceptedalgorithms"}
-_FLAG_KEYWORDS = frozenset("""
-batchmode checkhostip clearallforwardings enablesshkeysign exitonforwardfailure forwardx11
-forwardx11trusted gatewayports gssapiauthentication gssapidelegatecredentials hashknownhosts
-hostbasedauthentication identitiesonly kbdinteractiveauthentication nohostauthenticationforlocalhost
-passwordauthentication permitlocalcommand proxyusefdpass streamlocalbindunlink tcpkeepalive
-visualhostkey compression forkafterauthentication stdinnull enableescapecommandline
-""".split())
-_TIME = re.compile(r"^(\d+[smhdwSMHDW]?)+$")
-_YESNO = ("yes", "no", "true", "false")
-
-
-def _enum(*words: str) -> Any:
-    allowed = {w.lower() for w in words}
-    return lambda v: v.lower() in allowed
-
-
-def _flag_error(value: str) -> str:
-    return f'unsupported option "{value}".'
-
-
-# Value checks ssh makes while reading (a config ssh rejects is rejected the same way).
-_VALUE_RULES: Dict[str, Tuple[Any, Any]] = {
-    "connecttimeout": (lambda v: v == "none" or bool(_TIME.match(v)), "invalid time value."),
-    "serveraliveinterval": (lambda v: bool(_TIME.match(v)), "invalid time value."),
-    "forwardx11timeout": (lambda v: bool(_TIME.match(v)), "invalid time value."),
-    "setuptimeout": (lambda v: bool(_TIME.match(v)), "invalid time value."),
-    "serveralivecountmax": (lambda v: v.isdigit(), "integer value invalid."),
-    "connectionattempts": (lambda v: v.isdigit(), "integer value invalid."),
-    "numberofpasswordprompts": (lambda v: v.isdigit(), "integer value invalid."),
-    "canonicalizemaxdots": (lambda v: v.isdigit(), "integer value invalid."),
-    "requiredrsasize": (lambda v: v.isdigit(), "integer value invalid."),
-    "controlpersist": (lambda v: v.lower() in _YESNO or bool(_TIME.match(v)), "Bad ControlPersist argument."),
-    "controlmaster": (_enum(*_YESNO, "ask", "auto", "autoask"), _flag_error),
-    "stricthostkeychecking": (_enum(*_YESNO, "ask", "accept-new", "off"), _flag_error),
-    "requesttty": (_enum(*_YESNO, "auto", "force"), _flag_error),
-    "addressfamily": (_enum("any", "inet", "inet6"), _flag_error),
-    "canonicalizehostname": (_enum(*_YESNO, "always"), _flag_error),
-    "updatehostkeys": (_enum(*_YESNO, "ask"), _flag_error),
-    "verifyhostkeydns": (_enum(*_YESNO, "ask"), _flag_error),
-    "pubkeyauthentication": (_enum(*_YESNO, "unbound", "host-bound"), _flag_error),
-    "sessiontype": (_enum("none", "subsystem", "default"), _flag_error),
-    "tunnel": (_enum(*_YESNO, "point-to-point", "ethernet"), _flag_error),
-    "addkeystoagent": (lambda v: v.lower() in _YESNO + ("ask", "confirm") or bool(_TIME.match(v)),
-                       "unsupported option"),
-    "loglevel": (_enum("quiet", "fatal", "error", "info", "verbose", "debug", "debug1", "debug2", "debug3"),
-                 lambda v: f"unsupported log level '{v}'"),
-    "fingerprinthash": (_enum("md5", "sha256"), lambda v: f'Invalid hash algorithm "{v}".'),
-    "escapechar": (lambda v: v == "none" or len(v) == 1 or (len(v) == 2 and v[0] == "^"),
-                   "Bad escape character."),
-    "sendenv": (lambda v: "=" not in v, "Invalid environment name."),
-    "setenv": (lambda v: "=" in v, "Invalid SetEnv."),
+_FLAG = ("yes", "no", "true", "false")
+_MULTISTATE = {
+    "verifyhostkeydns": _FLAG + ("ask",), "updatehostkeys": _FLAG + ("ask",),
+    "stricthostkeychecking": _FLAG + ("ask", "off", "accept-new"), "compression": ("yes", "no"),
+    "pubkeyauthentication": _FLAG + ("unbound", "host-bound"), "dsaauthentication": _FLAG + ("unbound", "host-bound"),
+    "controlmaster": _FLAG + ("auto", "ask", "autoask"), "tunnel": _FLAG + ("ethernet", "point-to-point"),
+    "requesttty": _FLAG + ("force", "auto"), "sessiontype": ("none", "subsystem", "default"),
+    "canonicalizehostname": _FLAG + ("always",), "addressfamily": ("inet", "inet6", "any"),
 }
-for _kw in _FLAG_KEYWORDS:
-    _VALUE_RULES.setdefault(_kw, (_enum(*_YESNO), _flag_error))
+_LOG_LEVELS = frozenset("quiet fatal error info verbose debug debug1 debug2 debug3".split())
+_SYSLOG_FACILITIES = frozenset("daemon user auth authpriv local0 local1 local2 local3 local4 local5 local6 "
+                               "local7".split())
+_IPQOS = frozenset("none af11 af12 af13 af21 af22 af23 af31 af32 af33 af41 af42 af43 cs0 cs1 cs2 cs3 cs4 cs5 "
+                   "cs6 cs7 ef le lowdelay throughput reliability".split())
+_DIGESTS = frozenset("md5 sha1 sha256 sha384 sha512".split())
+# Algorithm names OpenSSH 9.2 (with OpenSSL, Debian's GSSAPI key exchange) knows, as `ssh -Q` lists them.
+# A newer or patched ssh may know more: the ssh referee then overrules this list.
+_CIPHERS = frozenset("""3des-cbc aes128-cbc aes192-cbc aes256-cbc aes128-ctr aes192-ctr aes256-ctr
+aes128-gcm@openssh.com aes256-gcm@openssh.com chacha20-poly1305@openssh.com""".split())
+_MACS = frozenset("""hmac-sha1 hmac-sha1-96 hmac-sha2-256 hmac-sha2-512 hmac-md5 hmac-md5-96
+umac-64@openssh.com umac-128@openssh.com hmac-sha1-etm@openssh.com hmac-sha1-96-etm@openssh.com
+hmac-sha2-256-etm@openssh.com hmac-sha2-512-etm@openssh.com hmac-md5-etm@openssh.com
+hmac-md5-96-etm@openssh.com umac-64-etm@openssh.com umac-128-etm@openssh.com""".split())
+_GSS_KEX = ("gss-gex-sha1-", "gss-group1-sha1-", "gss-group14-sha1-", "gss-group14-sha256-",
+            "gss-group16-sha512-", "gss-nistp256-sha256-", "gss-curve25519-sha256-")
+_KEX = frozenset("""diffie-hellman-group1-sha1 diffie-hellman-group14-sha1 diffie-hellman-group14-sha256
+diffie-hellman-group16-sha512 diffie-hellman-group18-sha512 diffie-hellman-group-exchange-sha1
+diffie-hellman-group-exchange-sha256 ecdh-sha2-nistp256 ecdh-sha2-nistp384 ecdh-sha2-nistp521
+curve25519-sha256 curve25519-sha256@libssh.org sntrup761x25519-sha512
+sntrup761x25519-sha512@openssh.com""".split()) | frozenset(_GSS_KEX)
+_KEY_TYPES = frozenset("""ssh-ed25519 ssh-ed25519-cert-v01@openssh.com sk-ssh-ed25519@openssh.com
+sk-ssh-ed25519-cert-v01@openssh.com ecdsa-sha2-nistp256 ecdsa-sha2-nistp256-cert-v01@openssh.com
+ecdsa-sha2-nistp384 ecdsa-sha2-nistp384-cert-v01@openssh.com ecdsa-sha2-nistp521
+ecdsa-sha2-nistp521-cert-v01@openssh.com sk-ecdsa-sha2-nistp256@openssh.com
+sk-ecdsa-sha2-nistp256-cert-v01@openssh.com webauthn-sk-ecdsa-sha2-nistp256@openssh.com ssh-dss
+ssh-dss-cert-v01@openssh.com ssh-rsa ssh-rsa-cert-v01@openssh.com rsa-sha2-256 rsa-sha2-512
+rsa-sha2-256-cert-v01@openssh.com rsa-sha2-512-cert-v01@openssh.com""".split())
+_ALGO_ERRORS = {"ciphers": "Bad SSH2 cipher spec '{}'.", "macs": "Bad SSH2 MAC spec '{}'.",
+                "kexalgorithms": "Bad SSH2 KexAlgorithms '{}'.", "gssapikexalgorithms": "Bad GSSAPI KexAlgorithms '{}'."}
+_KEY_SHORTNAMES = frozenset("rsa dsa ecdsa ed25519 ecdsa-sk ed25519-sk".split())
 
-_MATCH_CRITERIA = frozenset("all canonical final exec host originalhost user localuser".split())
 _DEFAULT_IDENTITY_FILES = ("~/.ssh/id_rsa", "~/.ssh/id_ecdsa", "~/.ssh/id_ecdsa_sk",
                            "~/.ssh/id_ed25519", "~/.ssh/id_ed25519_sk", "~/.ssh/id_xmss", "~/.ssh/id_dsa")
-_MAX_INCLUDE_DEPTH = 16
+_MAX_INCLUDE_DEPTH = 16                  # READCONF_MAX_DEPTH
+_MAX_IDENTITY_FILES = 100                # SSH_MAX_IDENTITY_FILES
 _MESH_COMMENT = re.compile(r"^\s*#\s*mesh\s*:(.*)$", re.IGNORECASE)
+_WHITESPACE = " \t\r\n"                  # readconf.c's WHITESPACE
+_C_SPACE = " \t\n\v\f\r"                 # isspace() in the C locale
+
+
+class _Bad(Exception):
+    """One config line ssh rejects; the message is ssh's text after 'line N: '."""
+
+
+def _lower(text: str) -> str:
+    """ssh's lowercase(): ASCII letters only, as tolower() in the C locale."""
+    return text.lower() if text.isascii() else "".join(c.lower() if c.isascii() else c for c in text)
+
+
+def _strdelim(s: Optional[str]) -> Tuple[Optional[str], Optional[str]]:
+    """OpenSSH's strdelim(): (token, rest).  A token ends at whitespace, '"' or one
+    '='; a double-quoted part is taken whole.  rest None is C's NULL (nothing left);
+    token None is an unmatched quote."""
+    if s is None:
+        return None, None
+    i = next((k for k, c in enumerate(s) if c in ' \t\r\n"='), -1)
+    if i < 0:
+        return s, None
+    if s[i] == '"':
+        s = s[:i] + s[i + 1:]
+        j = s.find('"', i)
+        if j < 0:
+            return None, None
+        return s[:j], s[j + 1:].lstrip(_WHITESPACE)
+    token, rest = s[:i], s[i + 1:].lstrip(_WHITESPACE)
+    if s[i] != "=" and rest.startswith("="):
+        rest = rest[1:].lstrip(_WHITESPACE)
+    return token, rest
 
 
 def split_args(text: str) -> List[str]:
     """Split an ssh_config argument string the way OpenSSH's argv_split does.
 
-    Whitespace separates; "double" and 'single' quotes group; a backslash escapes a
-    quote, a backslash, or (outside quotes) a space; a token that *starts* with '#'
-    ends the line, so `h#x` stays literal.  An unbalanced quote raises ValueError.
-    """
+    Spaces and tabs separate; "double" and 'single' quotes group; a backslash escapes
+    a quote, a backslash, or (outside quotes) a space; a token that *starts* with '#'
+    ends the line, so `h#x` stays literal.  An unbalanced quote raises ValueError."""
     args: List[str] = []
     i, n = 0, len(text)
     while i < n:
@@ -360,31 +375,538 @@ def split_args(text: str) -> List[str]:
 
 
 def split_keyword(line: str) -> Optional[Tuple[str, str]]:
-    """(keyword, rest) of one config line, or None for blank and comment lines.
+    """(lowercased keyword, rest) of one config line, or None for lines ssh skips.
 
-    The keyword ends at whitespace or '='; `Key value`, `Key=value` and `Key = value`
-    are the same (OpenSSH's strdelim)."""
-    s = line.strip(" \t\r\n\f")
-    if not s or s.startswith("#"):
+    As process_config_line(): trailing whitespace (and form feeds) go, the keyword is
+    strdelim's first token (`Key value`, `Key=value`, `"Key" value` alike), and rest
+    is what follows it without leading whitespace ("" when nothing does)."""
+    end = len(line) - 1
+    while end > 0 and line[end] in _WHITESPACE + "\f":
+        end -= 1
+    line = line[:end + 1]
+    if not line:
         return None
-    m = re.match(r'([^\s="]*)([\s="]|$)', s)
+    keyword, rest = _strdelim(line)
+    if keyword == "":
+        keyword, rest = _strdelim(rest)
+    if not keyword or keyword[0] in "\n#":
+        return None
+    return _lower(keyword), (rest or "").lstrip(_WHITESPACE)
+
+
+def _c_strtol(s: str, base: int = 10) -> Tuple[Optional[int], int]:
+    """C's strtol(): (value or None when no digits, index where parsing stopped)."""
+    i = 0
+    while i < len(s) and s[i] in _C_SPACE:
+        i += 1
+    sign = 1
+    if i < len(s) and s[i] in "+-":
+        sign = -1 if s[i] == "-" else 1
+        i += 1
+    if base == 0:
+        if s[i:i + 2].lower() == "0x" and i + 2 < len(s) and s[i + 2] in "0123456789abcdefABCDEF":
+            base, i = 16, i + 2
+        elif s[i:i + 1] == "0":
+            base = 8
+        else:
+            base = 10
+    digits = "0123456789abcdef"[:base]
+    start = i
+    while i < len(s) and s[i].lower() in digits and s[i].isascii():
+        i += 1
+    if i == start:
+        return None, 0
+    return sign * int(s[start:i], base), i
+
+
+def _strtonum(s: str, lo: int, hi: int) -> Tuple[Optional[int], Optional[str]]:
+    """OpenBSD strtonum(): (value, None) or (None, 'invalid' | 'too small' | 'too large')."""
+    value, end = _c_strtol(s)
+    if value is None or end != len(s):
+        return None, "invalid"
+    if value < lo:
+        return None, "too small"
+    if value > hi:
+        return None, "too large"
+    return value, None
+
+
+def a2port(arg: str) -> int:
+    """OpenSSH's a2port(): 1-65535 (digits with an optional sign, or a service name), else -1/0."""
+    value, err = _strtonum(arg, 0, 65535)
+    if err is None:
+        return value  # type: ignore[return-value]
+    import socket
+    try:
+        return socket.getservbyname(arg, "tcp")
+    except (OSError, UnicodeError, ValueError):
+        return -1
+
+
+def _port_value(arg: str) -> Optional[int]:
+    port = a2port(arg)
+    return port if port > 0 else None
+
+
+def convtime(text: Optional[str]) -> int:
+    """OpenSSH's convtime(): '90', '1h30m', '5M', ... as seconds, -1 when invalid."""
+    if not text:
+        return -1
+    total, p = 0, text
+    units = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    while p:
+        secs, end = _c_strtol(p)
+        if secs is None or secs < 0:
+            return -1
+        unit = p[end:end + 1].lower()
+        if unit not in units:
+            return -1
+        secs *= units[unit]
+        total += secs
+        if secs > 2147483647 or total > 2147483647:
+            return -1
+        p = p[end + 1:]
+    return total
+
+
+def _scan_scaled(text: str) -> bool:
+    """Whether OpenBSD scan_scaled() accepts a RekeyLimit size ('1G', '512K', '1.5M').
+    Returns the value's acceptability only; ssh then rejects 1..15."""
+    m = re.match(r"[ \t\n\v\f\r]*([+-]?)(\d*)(\.\d*)?(.*)$", text, re.DOTALL)
     assert m is not None
-    if not m.group(1) and m.group(2) == "=":
-        # ssh skips one empty token: `=User x` reads as `User x`
-        s = s[1:].lstrip(" \t")
-        m = re.match(r'([^\s="]*)([\s="]|$)', s)
-        assert m is not None
-    keyword, delim = m.group(1), m.group(2)
-    rest = s[m.end(1):]
-    if delim == "=":
-        rest = rest[1:].lstrip(" \t")
+    if len(m.group(2)) >= 21:
+        return False
+    rest = m.group(4)
+    if not rest:
+        whole = int(m.group(2) or 0)
+        return whole < 2 ** 63 and (whole == 0 or (whole >= 16 and m.group(1) != "-"))
+    if rest[0] not in "BKMGTPEbkmgtpe" or (len(rest) > 1 and rest[1].isascii() and rest[1].isalnum()):
+        return False
+    scale = 1 << (10 * "BKMGTPE".index(rest[0].upper()))
+    value = int(m.group(2) or 0) * scale + int(float("0" + (m.group(3) or ".0")) * scale)
+    if value >= 2 ** 63:
+        return False
+    return m.group(1) != "-" or value == 0
+
+
+def _valid_ipqos(arg: Optional[str]) -> bool:
+    if arg is None:
+        return False
+    if _lower(arg) in _IPQOS:
+        return True
+    value, end = _c_strtol(arg, 0)
+    return value is not None and end == len(arg) and 0 <= value <= 255
+
+
+def _valid_domain(name: str) -> Optional[str]:
+    """misc.c valid_domain(): None when fine, else ssh's complaint."""
+    if not name:
+        return "empty domain name"
+    if not (name[0].isascii() and name[0].isalnum()):
+        return f'domain name "{name}" starts with invalid character'
+    last = ""
+    for c in _lower(name):
+        if last == "." and c == ".":
+            return f'domain name "{name}" contains consecutive separators'
+        if c not in ".-_" and not (c.isascii() and c.isalnum()):
+            return f'domain name "{name}" contains invalid characters'
+        last = c
+    return None
+
+
+def _dollar_expand_ok(text: str, env: Optional[Dict[str, str]] = None) -> bool:
+    """misc.c dollar_expand(): every ${VAR} closed, named and set."""
+    env = os.environ if env is None else env
+    i = 0
+    while True:
+        i = text.find("${", i)
+        if i < 0:
+            return True
+        end = text.find("}", i + 2)
+        if end < 0 or end == i + 2 or text[i + 2:end] not in env:
+            return False
+        i = end + 1
+
+
+def _valid_env_name(name: str) -> bool:
+    return bool(name) and all(c == "_" or (c.isascii() and c.isalnum()) for c in name)
+
+
+def _algos_ok(keyword: str, arg: str) -> bool:
+    """ciphers_valid / mac_valid / kex_names_valid / sshkey_names_valid2 of OpenSSH 9.2.
+    A list starting with '-' is not checked; '+' and '^' are prefixes; the check
+    stops at the first empty name, as strsep() loops in ssh do."""
+    if arg.startswith("-"):
+        return True
+    if arg[:1] in ("+", "^"):
+        arg = arg[1:]
+    if not arg:
+        return False
+    for name in arg.split(","):
+        if not name:
+            break
+        if keyword == "ciphers":
+            ok = name in _CIPHERS
+        elif keyword == "macs":
+            ok = name in _MACS
+        elif keyword in ("kexalgorithms", "gssapikexalgorithms"):
+            ok = name.startswith(_GSS_KEX) or (keyword == "kexalgorithms" and name in _KEX)
+        else:
+            ok = (name in _KEY_TYPES or (not name.endswith("-cert-v01@openssh.com") and _lower(name) in _KEY_SHORTNAMES)
+                  or any(match_pattern_list(k, name) != 0 for k in _KEY_TYPES))
+        if not ok:
+            return False
+    return True
+
+
+def _hpdelim(s: Optional[str]) -> Tuple[Optional[str], Optional[str], str]:
+    """misc.c hpdelim2(): (host part or None when malformed, rest or None, delimiter)."""
+    if s is None:
+        return None, None, ""
+    if s.startswith("["):
+        k = s.find("]")
+        if k < 0:
+            return None, None, ""
+        k += 1
     else:
-        rest = rest.lstrip(" \t")
-        if rest.startswith("="):
-            rest = rest[1:].lstrip(" \t")
-    if not keyword:
-        return None
-    return keyword.lower(), rest
+        k = next((j for j, c in enumerate(s) if c in ":/"), len(s))
+    if k == len(s):
+        return s, None, ""
+    if s[k] not in ":/":
+        return None, None, ""
+    return s[:k], s[k + 1:], s[k]
+
+
+def _cleanhostname(host: str) -> str:
+    return host[1:-1] if host.startswith("[") and host.endswith("]") and len(host) > 1 else host
+
+
+def _urldecode_ok(text: str) -> bool:
+    return re.search(r"%(?![0-9a-fA-F]{2})|%00", text) is None
+
+
+def _jump_ok(spec: str) -> bool:
+    """readconf.c parse_jump(): every [user@]host[:port] or ssh:// URI in the list is valid."""
+    cut = spec.split("#", 1)[0].rstrip(_C_SPACE)
+    if _lower(spec) == "none":
+        return True
+    parts = cut.split(",")
+    for part in reversed(parts):
+        if part.startswith("ssh://"):
+            uri = part[6:]
+            if "@" in uri:
+                user, _, uri = uri.partition("@")
+                user = user.split(";", 1)[0]
+                if not user or not _urldecode_ok(user):
+                    return False
+            host, rest, delim = _hpdelim(uri)
+            if not host or _valid_domain(_cleanhostname(host)) is not None:
+                return False
+            if rest:
+                if delim == ":":
+                    port_s, slash, rest = rest.partition("/")
+                    if a2port(port_s) <= 0:
+                        return False
+                    rest = rest if slash else ""
+                if rest:
+                    return False  # a path is not allowed
+            continue
+        if "@" in part:
+            user, _, part = part.rpartition("@")
+            if not user:
+                return False
+        host, rest, _ = _hpdelim(part)
+        if not host:
+            return False
+        if rest and a2port(rest) <= 0:
+            return False
+    return True
+
+
+def _forward_ok(spec: str, dynamic: bool, remote: bool) -> bool:
+    """readconf.c parse_forward(): a LocalForward/RemoteForward/DynamicForward spec."""
+    if not _dollar_expand_ok(spec):
+        return False
+    env = os.environ
+    spec = re.sub(r"\$\{([^}]*)\}", lambda m: env[m.group(1)], spec).lstrip(_C_SPACE)
+    fields: List[Tuple[str, bool]] = []
+    cp: Optional[str] = spec
+    while len(fields) < 4:
+        if not cp:
+            cp = None
+            break
+        if cp[0] == "[":
+            k = cp.find("]")
+            if k < 0 or (k + 1 < len(cp) and cp[k + 1] != ":"):
+                break
+            fields.append((cp[1:k], "/" in cp[1:k]))
+            cp = cp[k + 2:] if k + 1 < len(cp) else ""
+            continue
+        buf, ispath, j, ended = [], False, 0, False
+        while j < len(cp):
+            c = cp[j]
+            if c == "\\":
+                if j + 1 >= len(cp):
+                    ended = True
+                    break
+                buf.append(cp[j + 1])
+                j += 2
+                continue
+            if c == "/":
+                ispath = True
+            if c == ":":
+                break
+            buf.append(c)
+            j += 1
+        if ended:
+            break
+        fields.append(("".join(buf), ispath))
+        cp = cp[j + 1:] if j < len(cp) else ""
+    if cp:
+        return False
+    n = len(fields)
+    listen_port, listen_path, connect_port, connect_path = 0, False, 0, False
+    connect_host = listen_host = ""
+    if n == 1:
+        if fields[0][1]:
+            listen_path = True
+        else:
+            listen_port = a2port(fields[0][0])
+    elif n == 2:
+        if fields[0][1] and fields[1][1]:
+            listen_path = connect_path = True
+        elif fields[1][1]:
+            listen_port, connect_path = a2port(fields[0][0]), True
+        else:
+            listen_host, listen_port = fields[0][0], a2port(fields[1][0])
+    elif n == 3:
+        if fields[0][1]:
+            listen_path, connect_host, connect_port = True, fields[1][0], a2port(fields[2][0])
+        elif fields[2][1]:
+            listen_host, listen_port, connect_path = fields[0][0], a2port(fields[1][0]), True
+        else:
+            listen_port, connect_host, connect_port = a2port(fields[0][0]), fields[1][0], a2port(fields[2][0])
+    elif n == 4:
+        listen_host, listen_port = fields[0][0], a2port(fields[1][0])
+        connect_host, connect_port = fields[2][0], a2port(fields[3][0])
+    else:
+        return False
+    if dynamic:
+        if n not in (1, 2):
+            return False
+    else:
+        if n not in (3, 4) and not connect_path and not listen_path:
+            return False
+        if connect_port <= 0 and not connect_path:
+            return False
+    if (listen_port < 0 and not listen_path) or (not remote and listen_port == 0 and not listen_path):
+        return False
+    paths = [f[0] for f in fields if f[1]]
+    return (len(connect_host.encode("utf-8", "surrogateescape")) < 1025
+            and len(listen_host.encode("utf-8", "surrogateescape")) < 1025
+            and all(len(p.encode("utf-8", "surrogateescape")) < 108 for p in paths))
+
+
+def _check_value(keyword: str, args: List[str], rest: str) -> Any:
+    """The checks ssh makes on one line whatever the host; returns the value to keep
+    (the first argument, or the rest of the line for commands) or raises _Bad.
+    Extra arguments are an error as in ssh."""
+    kind = _KINDS[keyword]
+    used = 1                                   # arguments the keyword takes
+    arg = args[0] if args else None
+    value: Any = arg
+    if kind in ("command", "proxyjump", "consume"):
+        value, used = rest, len(args)
+        if kind == "command":
+            value = rest.lstrip(_WHITESPACE + "=")
+        elif kind == "proxyjump":
+            value = rest.lstrip(_WHITESPACE + "=")
+            if not _jump_ok(value):
+                raise _Bad(f'Invalid ProxyJump "{value}"')
+    elif kind == "flag":
+        if arg is None or _lower(arg) not in _FLAG:
+            raise _Bad(f'unsupported option "{arg}".')
+    elif kind == "multi":
+        if arg is None or _lower(arg) not in _MULTISTATE[keyword]:
+            raise _Bad(f'unsupported option "{arg}".')
+    elif kind == "forwardagent":
+        if not arg:
+            raise _Bad("missing argument.")
+        if _lower(arg) not in _FLAG:
+            _check_agent_path(arg)
+    elif kind == "identityagent":
+        if not arg:
+            raise _Bad("Missing argument.")
+        _check_agent_path(arg)
+    elif kind == "time":
+        if not arg:
+            raise _Bad("missing time value.")
+        if arg != "none" and convtime(arg) < 0:
+            raise _Bad("invalid time value.")
+    elif kind == "int":
+        if not arg:
+            raise _Bad("integer value missing.")
+        _, err = _strtonum(arg, 0, 2147483647)
+        if err:
+            raise _Bad(f"integer value {err}.")
+    elif kind in ("string", "identityfile", "certificatefile", "hostname"):
+        if not arg:
+            raise _Bad("Missing argument.")
+    elif kind == "port":
+        if not arg:
+            raise _Bad("Missing argument.")
+        port = a2port(arg)
+        if port <= 0:
+            raise _Bad(f"Bad port '{arg}'.")
+        value = str(port)
+    elif kind == "algos":
+        if not arg:
+            raise _Bad("Missing argument.")
+        if not _algos_ok(keyword, arg):
+            raise _Bad(_ALGO_ERRORS.get(keyword, "Bad key types '{}'.").format(arg))
+    elif kind == "loglevel":
+        if arg is None or _lower(arg) not in _LOG_LEVELS:
+            raise _Bad(f"unsupported log level '{arg}'")
+    elif kind == "syslogfacility":
+        if arg is None or _lower(arg) not in _SYSLOG_FACILITIES:
+            raise _Bad(f"unsupported log facility '{arg}'")
+    elif kind == "files":
+        used = len(args)
+        for i, a in enumerate(args):
+            if not a:
+                raise _Bad(f"keyword {keyword} empty argument")
+            if _lower(a) == "none" and len(args) > 1:
+                raise _Bad(f'keyword {keyword} "none" argument must appear alone.')
+        value = " ".join(args)
+    elif kind in ("localforward", "remoteforward", "dynamicforward"):
+        if not arg:
+            raise _Bad("Missing argument.")
+        dynamic, remote = kind == "dynamicforward", kind == "remoteforward"
+        spec = arg
+        if not dynamic:
+            used = 2
+            arg2 = args[1] if len(args) > 1 else None
+            if not arg2:
+                if not remote:
+                    raise _Bad("Missing target argument.")
+                dynamic = True
+            else:
+                spec = f"{arg}:{arg2}"
+        if not _forward_ok(spec, dynamic, remote):
+            raise _Bad("Bad forwarding specification.")
+        value = " ".join(args[:used])
+    elif kind == "permitremoteopen":
+        used = len(args)
+        if not arg:
+            raise _Bad("missing permitremoteopen specification")
+        if arg in ("any", "none"):
+            used = 1
+        else:
+            for a in args[1:]:
+                host, port_s, _ = _hpdelim(a)
+                if host is None:
+                    raise _Bad("missing host in permitremoteopen")
+                if port_s is None or (port_s != "*" and a2port(port_s) <= 0):
+                    raise _Bad("bad port number in permitremoteopen")
+        value = " ".join(args[:used])
+    elif kind == "sendenv":
+        used = len(args)
+        if any(not a or "=" in a for a in args):
+            raise _Bad("Invalid environment name.")
+        value = list(args)
+    elif kind == "setenv":
+        used = len(args)
+        if any("=" not in a for a in args):
+            raise _Bad("Invalid SetEnv.")
+        value = " ".join(args)
+    elif kind == "controlpersist":
+        if not arg:
+            raise _Bad("Missing ControlPersist argument.")
+        if arg not in _FLAG and convtime(arg) < 0:
+            raise _Bad("Bad ControlPersist argument.")
+    elif kind == "tunneldevice":
+        if not arg:
+            raise _Bad("Missing argument.")
+        if any(_lower(p) != "any" and _strtonum(p, 0, 0x7FFFFFFD)[1] for p in arg.split(":", 1)):
+            raise _Bad("Bad tun device.")
+    elif kind == "ipqos":
+        used = 2
+        if not _valid_ipqos(arg) or (len(args) > 1 and not _valid_ipqos(args[1])):
+            raise _Bad(f"Bad IPQoS value: {arg if not _valid_ipqos(arg) else args[1]}")
+        value = " ".join(args[:2])
+    elif kind == "rekeylimit":
+        if not arg:
+            raise _Bad("Missing argument.")
+        if arg != "default" and not _scan_scaled(arg):
+            raise _Bad(f"Bad number '{arg}'")
+        if len(args) > 1:
+            used = 2
+            if args[1] != "none" and not args[1]:
+                raise _Bad("missing time value.")
+            if args[1] != "none" and convtime(args[1]) < 0:
+                raise _Bad("invalid time value.")
+        value = " ".join(args[:used])
+    elif kind == "addkeystoagent":
+        used = 2
+        arg2 = args[1] if len(args) > 1 else None
+        state = _lower(arg) if arg else None
+        known = state in _FLAG + ("ask", "confirm")
+        if state == "confirm" and arg2 is not None:
+            if convtime(arg2) < 0:
+                raise _Bad("invalid time value.")
+        elif not known and arg2 is None:
+            if convtime(arg) < 0:
+                raise _Bad("unsupported option")
+        elif not known or arg2 is not None:
+            raise _Bad("unsupported option")
+        value = " ".join(args[:2])
+    elif kind == "escapechar":
+        if not arg:
+            raise _Bad("Missing argument.")
+        raw = arg.encode("utf-8", "surrogateescape")
+        if not (arg == "none" or len(raw) == 1 or (len(raw) == 2 and raw[0:1] == b"^" and 64 <= raw[1] < 128)):
+            raise _Bad("Bad escape character.")
+    elif kind == "canonicaldomains":
+        used = len(args)
+        for a in args:
+            if not a:
+                raise _Bad(f"keyword {keyword} empty argument")
+            if _lower(a) == "none" and len(args) > 1:
+                raise _Bad(f'keyword {keyword} "none" argument must appear alone.')
+            why = _valid_domain(a)
+            if why:
+                raise _Bad(why)
+        value = " ".join(args)
+    elif kind == "canonicalizepermittedcnames":
+        used = len(args)
+        for a in args:
+            if _lower(a) == "none":
+                if len(args) > 1:
+                    raise _Bad(f'keyword {keyword} "none" argument must appear alone.')
+            elif a != "*" and a.find(":") in (-1, len(a) - 1):
+                raise _Bad(f'Invalid permitted CNAME "{a}"')
+        value = " ".join(args)
+    elif kind == "streamlocalbindmask":
+        if not arg:
+            raise _Bad("Missing StreamLocalBindMask argument.")
+        mask, _ = _c_strtol(arg, 8)
+        if mask is None or not 0 <= mask <= 0o777:
+            raise _Bad("Bad mask.")
+    elif kind == "fingerprinthash":
+        if not arg:
+            raise _Bad("Missing argument.")
+        if _lower(arg) not in _DIGESTS:
+            raise _Bad(f'Invalid hash algorithm "{arg}".')
+    if len(args) > used:
+        raise _Bad(f"keyword {keyword} extra arguments at end of line")
+    return value
+
+
+def _check_agent_path(arg: str) -> None:
+    if not _dollar_expand_ok(arg):
+        raise _Bad(f"Invalid environment expansion {arg}.")
+    if arg[:1] == "$" and arg[1:2] != "{" and not _valid_env_name(arg[1:]):
+        raise _Bad(f"Invalid environment name {arg}.")
 
 
 def _pattern_regex(pattern: str) -> "re.Pattern[str]":
@@ -403,21 +925,32 @@ _PATTERNS: Dict[str, "re.Pattern[str]"] = {}
 def match_pattern(text: str, pattern: str, *, fold: bool = False) -> bool:
     """OpenSSH's match_pattern: only '*' and '?' are special (no [...] classes)."""
     if fold:
-        text, pattern = text.lower(), pattern.lower()
+        text, pattern = _lower(text), _lower(pattern)
     return _pattern_regex(pattern).fullmatch(text) is not None
 
 
-def match_pattern_list(text: str, patterns: str, *, fold: bool = False) -> bool:
-    """A comma-separated list with '!' negation (Match criteria, IgnoreUnknown):
-    true when some positive pattern matches and no negated one does."""
-    found = False
+def match_pattern_list(text: str, patterns: str, *, fold: bool = False) -> int:
+    """OpenSSH's match_pattern_list: a comma-separated list with '!' negation.
+    1 when some positive pattern matches and no negated one does, -1 when a negated
+    one matches, 0 otherwise.  fold lowercases the patterns (not the text), as
+    ssh's dolower does; a pattern of 1023 characters or more matches nothing."""
+    found = 0
     for pat in patterns.split(","):
-        if pat.startswith("!"):
-            if match_pattern(text, pat[1:], fold=fold):
-                return False
-        elif match_pattern(text, pat, fold=fold):
-            found = True
+        negated = pat.startswith("!")
+        if negated:
+            pat = pat[1:]
+        if len(pat.encode("utf-8", "surrogateescape")) >= 1023:
+            return 0
+        if match_pattern(text, _lower(pat) if fold else pat):
+            if negated:
+                return -1
+            found = 1
     return found
+
+
+def match_hostname(host: str, patterns: str) -> int:
+    """match.c match_hostname(): the host lowercased against lowercased patterns."""
+    return match_pattern_list(_lower(host), patterns, fold=True)
 
 
 def host_line_matches(patterns: Sequence[str], host: str) -> bool:
@@ -433,7 +966,7 @@ def host_line_matches(patterns: Sequence[str], host: str) -> bool:
 
 
 def is_concrete_alias(pattern: str) -> bool:
-    return not any(c in pattern for c in "*?!")
+    return bool(pattern) and not any(c in pattern for c in "*?!")
 
 
 def expand_hostname(value: str, alias: str) -> str:
@@ -448,7 +981,7 @@ def expand_hostname(value: str, alias: str) -> str:
             elif nxt == "h":
                 out.append(alias)
             else:
-                raise ValueError(f"unknown token %{nxt} in HostName" if nxt else "trailing % in HostName")
+                raise ValueError(f"percent_expand: unknown key %{nxt}" if nxt else "percent_expand: invalid format")
             i += 2
             continue
         out.append(c)
@@ -489,6 +1022,19 @@ def expand_tokens(value: str, tokens: Dict[str, str], *, home: str,
     return "".join(out)
 
 
+def canonical_address(host: str, address_family: str = "any") -> Optional[str]:
+    """ssh.c resolve_addr(): a numeric address as getnameinfo() prints it
+    ('127.1' -> '127.0.0.1', long IPv6 compressed), None when `host` is not one.
+    Only numeric parsing: no name is looked up."""
+    import socket
+    family = {"inet": socket.AF_INET, "inet6": socket.AF_INET6}.get(address_family, socket.AF_UNSPEC)
+    try:
+        infos = socket.getaddrinfo(host, None, family, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+        return socket.getnameinfo(infos[0][4], socket.NI_NUMERICHOST)[0]
+    except (OSError, UnicodeError, ValueError):
+        return None
+
+
 def parse_mesh_settings(text: str) -> Dict[str, str]:
     """Parse the body of a `# mesh: key=value ...` comment (shell-like quoting).
 
@@ -513,16 +1059,30 @@ def parse_mesh_settings(text: str) -> Dict[str, str]:
 
 
 class _Line:
-    __slots__ = ("path", "lineno", "keyword", "args", "rest", "mesh", "names")
+    """One config line as read: keyword, arguments, the value it sets and, when ssh
+    rejects it whatever the host, the error (raised when the walk reaches it, so the
+    first bad line in ssh's reading order is the one reported)."""
+    __slots__ = ("path", "lineno", "keyword", "args", "rest", "mesh", "names", "error", "value", "known",
+                 "plain", "skip")
 
     def __init__(self, path: str, lineno: int, keyword: str, args: List[str], rest: str,
-                 mesh: Optional[Dict[str, str]] = None) -> None:
+                 mesh: Optional[Dict[str, str]] = None, error: Optional[str] = None, value: Any = None) -> None:
         self.path, self.lineno, self.keyword, self.args, self.rest, self.mesh = (
             path, lineno, keyword, args, rest, mesh)
+        self.error, self.value = error, value
+        self.known = keyword in _KINDS
+        # A plain line only sets a value: an inactive block's run of them is skipped at once.
+        self.plain = (self.known and error is None and keyword not in ("host", "match", "include")) or (
+            keyword == "#mesh")
+        self.skip = 0
         # A Host line of plain names matches by set lookup (a config of 300 nodes is
         # 300 aliases x 300 Host lines).
         self.names = (frozenset(args) if keyword == "host" and all(map(is_concrete_alias, args))
                       else None)
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}:{self.lineno}"
 
 
 class HostInfo:
@@ -532,11 +1092,14 @@ class HostInfo:
         self.alias = alias
         self.options: Dict[str, Any] = {}      # lowercase keyword -> first value (or list)
         self.mesh: Dict[str, str] = {}         # '# mesh:' settings, first value wins
-        self.unresolved = False                # a `Match exec` decides; ask ssh -G
+        self.unresolved = False                # only ssh can tell (Match exec, DNS); ask ssh -G
+        self.canonical_host: Optional[str] = None   # HostName as ssh shows it (expanded, canonical)
 
     @property
     def hostname(self) -> str:
-        return str(self.options.get("hostname", self.alias)).lower()
+        if self.canonical_host is not None:
+            return self.canonical_host
+        return _lower(str(self.options.get("hostname", self.alias)))
 
     @property
     def user(self) -> str:
@@ -544,7 +1107,7 @@ class HostInfo:
 
     @property
     def port(self) -> int:
-        return _port_value(str(self.options.get("port", 22))) or 22  # `Port ssh` is a service name
+        return _port_value(str(self.options.get("port", 22))) or 22
 
     @property
     def identityfile(self) -> List[str]:
@@ -557,6 +1120,7 @@ class HostInfo:
         local = socket.gethostname()
         t = {"d": _home_dir(), "h": self.hostname, "i": str(os.getuid()), "L": local.split(".")[0],
              "l": local, "n": self.alias, "p": str(self.port), "r": self.user, "u": _local_user()}
+        t["k"] = _lower(str(self.options["hostkeyalias"])) if "hostkeyalias" in self.options else t["h"]
         # %C as OpenSSH 9.2 computes it; used for display only, never for a socket of ours
         # (newer OpenSSH hashes more fields, so ssh's own value is the one that counts).
         import hashlib
@@ -573,6 +1137,15 @@ class HostInfo:
             return "none"
         parts = split_args(str(raw)) if keyword == "userknownhostsfile" else [str(raw)]
         return " ".join(expand_tokens(p, self.tokens(), home=_home_dir()) for p in parts)
+
+    def to_json(self) -> Dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, data: Dict[str, Any]) -> "HostInfo":
+        info = cls(data["alias"])
+        info.__dict__.update(data)
+        return info
 
 
 def _local_user() -> str:
@@ -592,259 +1165,389 @@ def _home_dir() -> str:
         return os.path.expanduser("~")
 
 
-def _port_value(arg: str) -> Optional[int]:
-    if arg.isdigit():
-        value = int(arg)
-        return value if 0 < value <= 65535 else None
-    import socket
-    try:
-        return socket.getservbyname(arg, "tcp")
-    except OSError:
-        return None
+class _Walk:
+    """The state of one pass of ssh over the config for one host."""
+    __slots__ = ("info", "host", "original", "final", "active", "want_final", "ignore", "where")
+
+    def __init__(self, info: HostInfo, host: str, original: str, final: bool,
+                 where: Dict[str, str]) -> None:
+        self.info, self.host, self.original, self.final = info, host, original, final
+        self.active = True
+        self.want_final = False
+        self.ignore: Optional[str] = info.options.get("ignoreunknown")
+        self.where = where                       # keyword -> 'FILE:LINE' of the value in use
 
 
 class SSHConfig:
-    """An SSH client config file and everything it includes, read like OpenSSH reads it.
+    """An SSH client config file and everything it includes, read like OpenSSH 9.2 reads it.
 
-    `SSHConfig.load(path)` reads and checks the syntax of every file (errors raise
-    ConfigError 'FILE:LINE: what'); `resolve(alias)` gives what ssh -G gives for it;
-    `aliases()` lists the concrete Host aliases, in file order."""
+    `SSHConfig.load(path)` reads the top file (unreadable: ConfigError);
+    `resolve(alias)` gives what ssh -G gives for it, raising ConfigError
+    'FILE:LINE: reason' where ssh rejects the config for that alias; `aliases()`
+    lists the concrete Host aliases, in file order, resolved.  `overruled` holds
+    'FILE:LINE' places the ssh referee accepted although this reading rejects them
+    (a patched ssh's extra keyword): they are skipped."""
 
     def __init__(self, path: str, *, home: Optional[str] = None, local_user: Optional[str] = None,
-                 reader: Optional[Any] = None) -> None:
+                 reader: Optional[Any] = None, check_perm: bool = False) -> None:
         self.path = path
         self.home = home or _home_dir()
         self.local_user = local_user or _local_user()
-        self._read = reader or _read_text
-        self._cache: Dict[str, List[_Line]] = {}
+        self._read = reader or _read_config_bytes
+        self._cache: Dict[str, Optional[List[_Line]]] = {}
+        self.check_perm = check_perm           # ~/.ssh/config read without -F is checked like an Include
+        self.overruled: set = set()
+        self.files: Dict[str, None] = {}       # every file and glob directory read, for change detection
 
     @classmethod
     def load(cls, path: str, **kw: Any) -> "SSHConfig":
         cfg = cls(path, **kw)
-        cfg._lines(path)  # an unreadable top file is an error; includes that match nothing are not
+        try:
+            lines = cfg._lines(path)
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        if lines is None:
+            raise ConfigError(f"{path}: no such file")
         return cfg
 
     # -- reading -----------------------------------------------------------
-    def _lines(self, path: str) -> List[_Line]:
+    def _lines(self, path: str) -> Optional[List[_Line]]:
+        """The lines of one file, or None when ssh's fopen() would fail with ENOENT.
+        A directory reads as empty (fopen succeeds, reading fails), as in ssh."""
         if path in self._cache:
             return self._cache[path]
-        text = self._read(path)
+        self.files[path] = None
+        data = self._read(path)
+        if data is None:
+            self._cache[path] = None
+            return None
+        if isinstance(data, str):
+            data = data.encode("utf-8", "surrogateescape")
         lines: List[_Line] = []
-        for lineno, raw in enumerate(text.splitlines(), 1):
-            mesh_comment = _MESH_COMMENT.match(raw)
-            if mesh_comment:
-                try:
-                    settings = parse_mesh_settings(mesh_comment.group(1))
-                except ValueError as exc:
-                    lines.append(_Line(path, lineno, "#error", [f"{path}:{lineno}: {exc}"], ""))
-                    continue
-                lines.append(_Line(path, lineno, "#mesh", [], "", settings))
-                continue
-            kw = split_keyword(raw)
-            if kw is None:
-                continue
-            keyword, rest = kw
-            try:
-                lines.append(self._check_line(path, lineno, keyword, rest))
-            except ConfigError as exc:
-                # Raised when the walk reaches it, so the first bad line in ssh's
-                # reading order is the one reported, as ssh does.
-                lines.append(_Line(path, lineno, "#error", [str(exc)], ""))
+        # Only '\n' ends a line (getline); a NUL ends the C string early.
+        pieces = data.split(b"\n")
+        if pieces and pieces[-1] == b"":
+            pieces.pop()
+        for lineno, raw_bytes in enumerate(pieces, 1):
+            raw = raw_bytes.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            if lineno < len(pieces) or data.endswith(b"\n"):
+                raw += "\n"
+            line = self._parse_line(path, lineno, raw)
+            if line is not None:
+                lines.append(line)
+        following = len(lines)
+        for i in range(len(lines) - 1, -1, -1):
+            lines[i].skip = following
+            if not lines[i].plain:
+                following = i
         self._cache[path] = lines
         return lines
 
-    def _check_line(self, path: str, lineno: int, keyword: str, rest: str) -> _Line:
-        def fail(msg: str) -> ConfigError:
-            return ConfigError(f"{path}:{lineno}: {msg}")
-
-        if keyword in _COMMAND_ARG:
-            if not rest:
-                raise fail(f'no argument after keyword "{keyword}"')
-            return _Line(path, lineno, keyword, [rest], rest)
+    @staticmethod
+    def _parse_line(path: str, lineno: int, raw: str) -> Optional[_Line]:
+        mesh_comment = _MESH_COMMENT.match(raw)
+        if mesh_comment:
+            try:
+                settings = parse_mesh_settings(mesh_comment.group(1))
+            except ValueError as exc:
+                return _Line(path, lineno, "#error", [], "", error=str(exc))
+            return _Line(path, lineno, "#mesh", [], "", settings)
+        split = split_keyword(raw)
+        if split is None:
+            return None
+        keyword, rest = split
+        if not rest:
+            return _Line(path, lineno, keyword, [], rest, error=f'no argument after keyword "{keyword}"')
         try:
             args = split_args(rest)
         except ValueError:
-            raise fail("invalid quotes") from None
-        if not args:
-            raise fail(f'no argument after keyword "{keyword}"')
-        if args[0] == "":
-            raise fail(f'empty argument after keyword "{keyword}"')
-        if keyword not in _KEYWORDS:
-            # Whether IgnoreUnknown covers it depends on the alias: decided in resolve().
+            # ssh names an unknown keyword first, then the quotes: both fail the line
+            return _Line(path, lineno, keyword, [], rest, error="invalid quotes")
+        if keyword not in _KINDS or keyword in ("host", "match", "include"):
             return _Line(path, lineno, keyword, args, rest)
-        if keyword == "match":
-            self._check_match(args, fail)
-        elif keyword in ("localforward", "remoteforward"):
-            if keyword == "localforward" and len(args) < 2:
-                raise fail("Missing target argument.")
-            if len(args) > 2:
-                raise fail(f"keyword {keyword} extra arguments at end of line")
-        elif keyword not in _MULTI_ARG and keyword != "host" and len(args) > 1:
-            raise fail(f"keyword {keyword} extra arguments at end of line")
-        if keyword == "port" and _port_value(args[0]) is None:
-            raise fail(f"Bad port '{args[0]}'.")
-        rule = _VALUE_RULES.get(keyword)
-        if rule is not None:
-            check, message = rule
-            for arg in (args if keyword in _MULTI_ARG else args[:1]):
-                if not check(arg):
-                    raise fail(message(arg) if callable(message) else message)
-        if keyword == "hostname":
-            try:
-                expand_hostname(args[0], "x")
-            except ValueError as exc:
-                raise fail(str(exc)) from None
-        return _Line(path, lineno, keyword, args, rest)
+        try:
+            value = _check_value(keyword, args, rest)
+        except _Bad as exc:
+            return _Line(path, lineno, keyword, args, rest, error=str(exc))
+        return _Line(path, lineno, keyword, args, rest, value=value)
 
-    @staticmethod
-    def _check_match(args: List[str], fail: Any) -> None:
-        i, seen = 0, 0
-        while i < len(args):
-            attr = args[i]
-            crit = attr[1:] if attr.startswith("!") else attr
-            crit_l = crit.lower()
-            if crit_l not in _MATCH_CRITERIA:
-                raise fail(f"Unsupported Match attribute {crit}")
-            if crit_l == "all":
-                # ssh 9.x: nothing may follow `all`, and at most one criterion precede it
-                if seen > 1 or i + 1 < len(args):
-                    raise fail("'all' cannot be combined with other Match attributes")
-                i += 1
-                continue
-            seen += 1
-            if crit_l in ("canonical", "final"):
-                i += 1
-                continue
-            if i + 1 >= len(args):
-                raise fail(f"Missing Match criteria for {crit}")
-            i += 2
-
-    def _include_paths(self, args: List[str]) -> List[str]:
+    def _include_paths(self, arg: str) -> List[str]:
+        """Include's glob(3) with GLOB_TILDE: relative paths live in ~/.ssh, ~ is $HOME."""
         import glob
-        paths: List[str] = []
-        for arg in args:
-            if arg.startswith("~"):
-                arg = self.home + arg[1:] if arg == "~" or arg.startswith("~/") else os.path.expanduser(arg)
-            elif not os.path.isabs(arg):
-                arg = os.path.join(self.home, ".ssh", arg)
-            if glob.has_magic(arg):
-                paths.extend(sorted(glob.glob(arg)))
-            elif os.path.exists(arg):
-                paths.append(arg)
-        return paths
+        if not arg.startswith("/") and not arg.startswith("~"):
+            arg = "~/.ssh/" + arg
+        if arg.startswith("~"):
+            user, sep, tail = arg[1:].partition("/")
+            if not user:
+                home = os.environ.get("HOME") or self.home
+            else:
+                try:
+                    import pwd
+                    home = pwd.getpwnam(user).pw_dir
+                except (ImportError, KeyError):
+                    home = None
+            if home is not None:
+                arg = home + (sep + tail if sep else "")
+        parent = os.path.dirname(arg)
+        if glob.has_magic(arg):
+            for d in (glob.glob(parent) if glob.has_magic(parent) else [parent]):
+                self.files[d] = None
+            return sorted(glob.glob(arg))
+        self.files[parent] = None
+        return [arg] if os.path.lexists(arg) else []
 
     # -- resolving ---------------------------------------------------------
     def resolve(self, alias: str) -> HostInfo:
-        """Effective settings for `alias`, as ssh -G computes them (two passes when a
-        `Match final` is present)."""
+        """Effective settings for `alias`, as ssh -G computes them: one pass, then the
+        HostName expanded and canonicalised, then a second pass when a `Match final`
+        or CanonicalizeHostname asks for one (Host lines then see the new name)."""
         info = HostInfo(alias)
-        state = {"final_wanted": False, "ignore": None}
-        self._walk(self.path, info, alias, alias, False, state, True, 0)
+        where: Dict[str, str] = {}
+        walk = _Walk(info, alias, alias, False, where)
+        self._read_file(self.path, walk, 0, never=False, include=None)
+        host = alias
         if "hostname" in info.options:
-            info.options["hostname"] = expand_hostname(info.options["hostname"], alias)
+            try:
+                host = expand_hostname(info.options["hostname"], alias)
+            except ValueError as exc:
+                raise ConfigError(f"{where['hostname']}: {exc}") from None
+        canon = canonical_address(host, _lower(str(info.options.get("addressfamily", "any"))))
+        mode = _lower(str(info.options.get("canonicalizehostname", "no")))
+        if canon is None:
+            host = _lower(host)
+            if mode in ("yes", "true", "always") and not (":" in host or host.strip("0123456789.") == ""):
+                self._canonicalize(info, host, mode, where)
         else:
-            info.options["hostname"] = alias
-        if state["final_wanted"]:
-            # ssh re-reads the config with Host lines matched against the lowercased HostName.
-            final_host = info.options["hostname"].lower()
-            self._walk(self.path, info, final_host, alias, True, state, True, 0)
+            host = canon
+        info.canonical_host = host
+        if walk.want_final or mode in ("yes", "true", "always"):
+            info.options["hostname"] = host
+            second = _Walk(info, host, alias, True, where)
+            self._read_file(self.path, second, 0, never=False, include=None)
         return info
 
-    def _walk(self, path: str, info: HostInfo, host: str, original: str, final: bool,
-              state: Dict[str, Any], active: bool, depth: int) -> bool:
-        lines = self._lines(path)
-        for line in lines:
-            kw = line.keyword
-            if kw == "host":
-                matched = host in line.names if line.names is not None else host_line_matches(line.args, host)
-                active = matched and not state.get("never", False)
-                continue
-            if kw == "match":
-                active = state.get("never", False) is False and self._match(line, info, host, original, final, state)
-                continue
-            if kw == "#error":
-                raise ConfigError(line.args[0])
-            if kw == "#mesh":
-                if active and line.mesh:
-                    for key, value in line.mesh.items():
-                        info.mesh.setdefault(key, value)
-                continue
-            if kw == "include":
-                if depth + 1 > _MAX_INCLUDE_DEPTH:
-                    raise ConfigError(f"{line.path}:{line.lineno}: Too many recursive configuration includes")
-                saved_never = state.get("never", False)
-                if not active:
-                    state["never"] = True
-                for inc in self._include_paths(line.args):
-                    self._walk(inc, info, host, original, final, state, active, depth + 1)
-                state["never"] = saved_never
-                continue
-            if kw not in _KEYWORDS:
-                ignore = state.get("ignore")
-                if ignore is None or not match_pattern_list(kw, ignore, fold=True):
-                    raise ConfigError(f"{line.path}:{line.lineno}: Bad configuration option: {kw}")
-                continue
-            if not active:
-                continue
-            kw = _ALIASES.get(kw, kw)
-            if kw == "ignoreunknown":
-                if state.get("ignore") is None:
-                    state["ignore"] = line.args[0]
-                continue
-            if kw in _ACCUMULATE:
-                values = info.options.setdefault(kw, [])
-                for value in (line.args if kw == "sendenv" else [" ".join(line.args)]):
-                    if kw == "identityfile" and value in values:
-                        continue
-                    values.append(value)
-            elif kw not in info.options:
-                info.options[kw] = line.args[0] if len(line.args) == 1 else " ".join(line.args)
-        return active
+    @staticmethod
+    def _canonicalize(info: HostInfo, host: str, mode: str, where: Dict[str, str]) -> None:
+        """ssh.c resolve_canonicalize() without DNS: when ssh would look names up, only
+        ssh can tell the result (the node is marked for ssh -G); when it would give up,
+        it fails as ssh does."""
+        direct = (str(info.options.get("proxycommand", "none")).lower() == "none"
+                  and "proxyjump" not in info.options)
+        if not direct and mode != "always":
+            return
+        if host.endswith(".") or (info.options.get("canonicaldomains") and
+                                  host.count(".") <= int(info.options.get("canonicalizemaxdots", 1))):
+            info.unresolved = True
+            return
+        if host.count(".") > int(info.options.get("canonicalizemaxdots", 1)):
+            return
+        if _lower(str(info.options.get("canonicalizefallbacklocal", "yes"))) in ("no", "false"):
+            raise ConfigError(f"{where.get('canonicalizehostname', '?')}: Could not resolve host \"{host}\"")
 
-    def _match(self, line: _Line, info: HostInfo, host: str, original: str, final: bool,
-               state: Dict[str, Any]) -> bool:
-        args = line.args
-        # Match host compares the HostName obtained so far (with %h expanded).
-        current = info.options.get("hostname")
+    def _read_file(self, path: str, walk: _Walk, depth: int, *, never: bool, include: Optional[_Line]) -> bool:
+        """read_config_file_depth(): False when the file does not exist."""
+        if depth > _MAX_INCLUDE_DEPTH:
+            # ssh says only "Too many recursive configuration includes": name the Include line
+            assert include is not None
+            raise ConfigError(f"{include.where}: Too many recursive configuration includes "
+                              f"(an Include more than {_MAX_INCLUDE_DEPTH} deep: {path})")
+        lines = self._lines(path)
+        if lines is None:
+            return False
+        if include is not None or self.check_perm:
+            self._check_perm(path, include)
+        i, n = 0, len(lines)
+        while i < n:
+            line = lines[i]
+            if line.plain and not walk.active:
+                i = line.skip
+                continue
+            self._process(line, walk, depth, never)
+            i += 1
+        return True
+
+    def _check_perm(self, path: str, include: Optional[_Line]) -> None:
         try:
-            match_host = (current if final else expand_hostname(current, original)) if current else host
-        except ValueError as exc:
-            raise ConfigError(f"{line.path}:{line.lineno}: {exc}") from None
-        result = True
-        i = 0
-        while i < len(args):
-            attr = args[i]
-            negate = attr.startswith("!")
-            crit = (attr[1:] if negate else attr).lower()
+            st = os.stat(path)
+        except OSError:
+            return
+        if (st.st_uid not in (0, os.getuid())) or st.st_mode & 0o022:
+            where = include.where if include is not None else f"{path}:0"
+            raise ConfigError(f"{where}: Bad owner or permissions on {path}")
+
+    def _process(self, line: _Line, walk: _Walk, depth: int, never: bool) -> None:
+        """process_config_line_depth() for one line, in ssh's order of checks."""
+        kw, info = line.keyword, walk.info
+        if kw == "#mesh":
+            if walk.active and line.mesh:
+                for key, value in line.mesh.items():
+                    info.mesh.setdefault(key, value)
+            return
+        if kw == "#error":
+            raise ConfigError(f"{line.where}: {line.error}")
+        if line.where in self.overruled:
+            if walk.active and line.known:
+                info.unresolved = True   # ssh accepts a value this reading does not understand
+            return
+        if not line.known:
+            if line.error is not None and line.error.startswith("no argument"):
+                raise ConfigError(f"{line.where}: {line.error}")
+            if walk.ignore is None or match_pattern_list(kw, walk.ignore, fold=True) != 1:
+                raise ConfigError(f"{line.where}: Bad configuration option: {kw}")
+            if line.error is not None:
+                raise ConfigError(f"{line.where}: {line.error}")
+            return
+        if line.error is not None:
+            raise ConfigError(f"{line.where}: {line.error}")
+        if kw == "host":
+            walk.active = False
+            if line.names is not None:
+                walk.active = not never and walk.host in line.names
+                return
+            for arg in line.args:
+                if not arg:
+                    raise ConfigError(f"{line.where}: keyword host empty argument")
+                if never:
+                    break
+                negated = arg.startswith("!")
+                if match_pattern(walk.host, arg[1:] if negated else arg):
+                    if negated:
+                        walk.active = False
+                        break
+                    walk.active = True
+            return
+        if kw == "match":
+            result = self._match(line, walk)
+            walk.active = False if never else result
+            return
+        if kw == "include":
+            self._include(line, walk, depth, never)
+            return
+        if not walk.active:
+            return
+        self._store(line, walk)
+
+    def _include(self, line: _Line, walk: _Walk, depth: int, never: bool) -> None:
+        for arg in line.args:
+            if not arg:
+                raise ConfigError(f"{line.where}: keyword include empty argument")
+            was_active = walk.active
+            for inc in self._include_paths(arg):
+                try:
+                    self._read_file(inc, walk, depth + 1, never=never or not was_active, include=line)
+                except PermissionError as exc:
+                    raise ConfigError(f"{line.where}: Can't open user config file {inc}: {exc.strerror}") from None
+                walk.active = was_active  # a Match inside an Include does not leak out of it
+
+    def _store(self, line: _Line, walk: _Walk) -> None:
+        """First value wins, as ssh sets an option only while it is unset; IdentityFile
+        and friends accumulate."""
+        info = walk.info
+        kw = _ALIASES.get(line.keyword, line.keyword)
+        options = info.options
+        if kw in ("identityfile", "certificatefile"):
+            values = options.setdefault(kw, [])
+            if line.value not in values:
+                if kw == "identityfile" and len(values) >= _MAX_IDENTITY_FILES:
+                    raise ConfigError(f"{line.where}: Too many identity files specified "
+                                      f"(max {_MAX_IDENTITY_FILES}).")
+                values.append(line.value)
+            return
+        if kw in ("localforward", "remoteforward", "dynamicforward"):
+            options.setdefault(kw, []).append(line.value)
+            return
+        if kw == "sendenv":
+            values = options.setdefault(kw, [])
+            for name in line.value:
+                if name.startswith("-"):
+                    values[:] = [v for v in values if not match_pattern(v, name[1:])]
+                else:
+                    values.append(name)
+            return
+        if kw == "proxycommand" and "proxyjump" in options:
+            return
+        if kw == "proxyjump":
+            if "proxycommand" in options or "proxyjump" in options:
+                return
+            if _lower(line.value) != "none":
+                options["proxycommand"] = "none"
+        if kw == "ignoreunknown" and walk.ignore is None:
+            walk.ignore = line.value
+        if kw not in options:
+            options[kw] = line.value
+            walk.where[kw] = line.where
+
+    def _match(self, line: _Line, walk: _Walk) -> bool:
+        """readconf.c match_cfg_line(): criteria read with strdelim (so `host=a` and
+        "double quotes" work; 'single quotes' stay literal)."""
+        info = walk.info
+        fail = lambda msg: ConfigError(f"{line.where}: {msg}")  # noqa: E731
+        ruser = str(info.options.get("user", self.local_user))
+        if walk.final:
+            host = str(info.options.get("hostname", walk.host))
+        elif "hostname" in info.options:
+            try:
+                host = expand_hostname(str(info.options["hostname"]), walk.host)
+            except ValueError as exc:
+                raise fail(str(exc)) from None
+        else:
+            host = walk.host
+        cp: Optional[str] = line.rest
+        result, attributes = True, 0
+        while True:
+            attrib, cp = _strdelim(cp)
+            if not attrib:
+                break
+            if attrib.startswith("#"):
+                cp = None
+                break
+            negate = attrib.startswith("!")
+            crit = _lower(attrib[1:] if negate else attrib)
             if crit == "all":
-                i += 1
-                if negate:
-                    result = False  # `!all` never matches
-                continue  # `all` does not undo a criterion that failed before it
+                arg, cp = _strdelim(cp)
+                if attributes > 1 or (arg and not arg.startswith("#")):
+                    raise fail(f"'{attrib}' cannot be combined with other Match attributes")
+                if arg is not None and arg.startswith("#"):
+                    cp = None
+                if result:
+                    result = not negate
+                return self._match_end(line, cp, result)
+            attributes += 1
             if crit in ("canonical", "final"):
-                if crit == "final":
-                    state["final_wanted"] = True
-                ok = final
-                i += 1
-            else:
-                value = args[i + 1]
-                i += 2
-                if not result:
-                    continue  # ssh skips the rest once one criterion failed (exec is not run)
-                if crit == "host":
-                    ok = match_pattern_list(match_host, value, fold=True)
-                elif crit == "originalhost":
-                    ok = match_pattern_list(original, value, fold=True)
-                elif crit == "user":
-                    ok = match_pattern_list(str(info.options.get("user", self.local_user)), value)
-                elif crit == "localuser":
-                    ok = match_pattern_list(self.local_user, value)
-                else:  # exec: only ssh can decide; never guess - ssh -G answers for this node
+                if crit == "final" and not walk.final:
+                    walk.want_final = True
+                if walk.final == negate:
+                    result = False
+                continue
+            arg, cp = _strdelim(cp)
+            if not arg or arg.startswith("#"):
+                raise fail(f"Missing Match criteria for {attrib[1:] if negate else attrib}")
+            if crit == "host":
+                ok = match_hostname(host, arg) == 1
+            elif crit == "originalhost":
+                ok = match_hostname(walk.original, arg) == 1
+            elif crit == "user":
+                ok = match_pattern_list(ruser, arg) == 1
+            elif crit == "localuser":
+                ok = match_pattern_list(self.local_user, arg) == 1
+            elif crit == "exec":
+                if result:
+                    # only ssh can run it: never guess - ssh -G answers for this node
                     info.unresolved = True
                     result = False
-                    continue
+                continue
+            else:
+                raise fail(f"Unsupported Match attribute {attrib[1:] if negate else attrib}")
             if ok == negate:
                 result = False
+        if attributes == 0:
+            raise fail("One or more attributes required for Match")
+        return self._match_end(line, cp, result)
+
+    @staticmethod
+    def _match_end(line: _Line, cp: Optional[str], result: bool) -> bool:
+        if cp and line.args:
+            raise ConfigError(f"{line.where}: keyword match extra arguments at end of line")
         return result
 
     def aliases(self) -> List[HostInfo]:
@@ -854,34 +1557,37 @@ class SSHConfig:
 
         def walk(path: str, depth: int) -> None:
             if depth > _MAX_INCLUDE_DEPTH:
-                raise ConfigError(f"{path}: Too many recursive configuration includes")
+                return  # resolve() reports the loop with its Include line
             global_block = True
-            for line in self._lines(path):
-                if line.keyword == "host":
+            for line in self._lines(path) or []:
+                if line.keyword == "host" and line.error is None:
                     global_block = all(p == "*" for p in line.args)
                     for pat in line.args:
                         if is_concrete_alias(pat):
                             seen.setdefault(pat, None)
                 elif line.keyword == "match":
                     global_block = [a.lower() for a in line.args] == ["all"]
-                elif line.keyword == "include" and global_block:
-                    for inc in self._include_paths(line.args):
-                        walk(inc, depth + 1)
+                elif line.keyword == "include" and global_block and line.error is None:
+                    for arg in line.args:
+                        for inc in (self._include_paths(arg) if arg else []):
+                            walk(inc, depth + 1)
 
         walk(self.path, 0)
         return [self.resolve(alias) for alias in seen]
 
 
-def _read_text(path: str) -> str:
+def _read_config_bytes(path: str) -> Optional[bytes]:
+    """A config file's bytes; None when it does not exist; b"" for a directory
+    (ssh's fopen() of a directory succeeds and reading it gives nothing)."""
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+        with open(path, "rb") as fh:
             return fh.read()
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
+        return None
     except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        return b""
+    except NotADirectoryError:
+        return None
 
 
 # ---------------------------------------------------------------------------
