@@ -623,6 +623,26 @@ def _jump_ok(spec: str) -> bool:
     return True
 
 
+def _jump_target(spec: str) -> Tuple[Optional[str], str, int]:
+    """(user or None, host, port or -1) of the last hop of a valid ProxyJump list,
+    the one ssh connects through first."""
+    last = spec.split("#", 1)[0].rstrip(_C_SPACE).rsplit(",", 1)[-1]
+    user: Optional[str] = None
+    if last.startswith("ssh://"):
+        last = last[6:]
+        if "@" in last:
+            user, _, last = last.partition("@")
+            user = re.sub(r"%([0-9a-fA-F]{2})", lambda m: chr(int(m.group(1), 16)),
+                          user.split(";", 1)[0].replace("+", " "))
+        host, rest, delim = _hpdelim(last)
+        port = a2port(rest.split("/", 1)[0]) if rest and delim == ":" else -1
+        return user, _cleanhostname(host or ""), port
+    if "@" in last:
+        user, _, last = last.rpartition("@")
+    host, rest, _ = _hpdelim(last)
+    return user, _cleanhostname(host or ""), a2port(rest) if rest else -1
+
+
 def _forward_ok(spec: str, dynamic: bool, remote: bool) -> bool:
     """readconf.c parse_forward(): a LocalForward/RemoteForward/DynamicForward spec."""
     if not _dollar_expand_ok(spec):
@@ -1317,13 +1337,19 @@ class SSHConfig:
             host = _lower(host)
             if mode in ("yes", "true", "always") and not (":" in host or host.strip("0123456789.") == ""):
                 self._canonicalize(info, host, mode, where)
-        else:
-            host = canon
+        elif _lower(canon) != _lower(host):
+            host = canon   # ssh keeps the address as written when only the case differs
         info.canonical_host = host
         if walk.want_final or mode in ("yes", "true", "always"):
             info.options["hostname"] = host
             second = _Walk(info, host, alias, True, where)
             self._read_file(self.path, second, 0, never=False, include=None)
+        jump = info.options.get("proxyjump")
+        if jump is not None and _lower(jump) != "none":
+            jump_user, jump_host, jump_port = _jump_target(jump)
+            if (jump_host == host and (jump_port if jump_port > 0 else 22) == info.port
+                    and (jump_user or info.user) == info.user):
+                raise ConfigError(f"{where['proxyjump']}: jumphost loop via {jump_host}")
         return info
 
     @staticmethod

@@ -250,3 +250,214 @@ if __name__ == "__main__":
         record()
     else:
         print(__doc__)
+
+
+# ---------------------------------------------------------------------------
+# Random configs for the differential fuzz test: each case exercises the edges
+# the hand parser must read as ssh does (tokenising, quoting, line ends, values
+# ssh validates, Include globs and depth, Match forms, numeric HostNames, the
+# second pass).  Nothing here makes ssh look a name up: no CanonicalDomains, no
+# trailing-dot names.
+# ---------------------------------------------------------------------------
+
+FUZZ_ALIASES = ["a", "b", "gpu1", "Gpu2", "web.lan", "x-1"]
+
+_VALUES = {
+    "HostName": ["10.0.0.1", "127.1", "0x7f.1", "2001:DB8:0:0:0:0:0:1", "::FFFF:10.1.2.3", "Box.Example",
+                 "%h.example", "%h", "100%%x", "%n.example", "%", "GPU.lan", "1.2.3.4.5", '"q h"', "fe80::1"],
+    "User": ["alice", '"x y"', "'sq'", r"a\ b", '""', "bob carol", "%u", "h#x", "#c", "u=v"],
+    "Port": ["2222", "+2222", "0", "70000", "ssh", '" 22"', "-1", "22x", "0022", "http"],
+    "IdentityFile": ["~/.ssh/k1", "~/.ssh/k2", '"~/.ssh/with space"', "%d/k", '""', "k1 k2"],
+    "IPQoS": ["lowdelay throughput", "af21", "le", "0x10", "256", "bogus", "af11 af12 af13", "010", "08", "ef cs1"],
+    "RekeyLimit": ["1G 1h", "default none", "1G", "10", "512K 30m", "1G!", "1Gx", "+1M", "1.5M 1h", "default 5x"],
+    "AddKeysToAgent": ["confirm 5m", "yes", "ask", "5m", "confirm", "confirm x", "yes 5m", "maybe", "1h30m"],
+    "ServerAliveInterval": ["none", "5m", "1h30m", "x", "+5", " 5", "5 6", "NONE", "2147483648"],
+    "ConnectTimeout": ["none", "10", "10s", "-1", "1w"],
+    "Ciphers": ["aes128-ctr", "+aes128-cbc", "-aes128-ctr,bogus", "^chacha20-poly1305@openssh.com", "bogus",
+                "aes128-ctr,,bogus", "none", "+", "aes128-ctr,bogus"],
+    "MACs": ["hmac-sha2-256", "hmac-sha9", "-x", "+umac-64@openssh.com"],
+    "KexAlgorithms": ["curve25519-sha256", "sntrup761x25519-sha512@openssh.com", "bogus-kex", "+diffie-hellman-group1-sha1"],
+    "HostKeyAlgorithms": ["ssh-ed25519", "ssh-ed25519*", "!nomatch", "bogus", "+ssh-rsa", "rsa-sha2-512"],
+    "ProxyCommand": ['ssh -W %h:%p bastion', 'ssh "x', "nc %h %p # not a comment", "none", '""'],
+    "ProxyJump": ["bastion", "user@", "u@j:2222", "ssh://u@j:22", "a,b", "a,,b", "none", "j:0", "[::1]:22", "@x"],
+    "SendEnv": ["LANG", 'LANG ""', "LC_*", "X=Y", "-LANG"],
+    "SetEnv": ["A=1", "A", "A=1 B=2"],
+    "Compression": ["yes", "true", "no"],
+    "ControlPersist": ["yes", "YES", "10m", "no", "x"],
+    "ControlMaster": ["auto", "autoask", "maybe"],
+    "StrictHostKeyChecking": ["accept-new", "off", "nope"],
+    "LogLevel": ["ERROR", "debug3", "loud"],
+    "EscapeChar": ["~", "^A", "none", "ab", "^"],
+    "LocalForward": ["8080 localhost:80", "8080", "[::1]:8080 h:80", "0 h:80", "/tmp/s h:80"],
+    "DynamicForward": ["1080", "x:1080", "bogus"],
+    "CanonicalizeHostname": ["yes", "always", "no"],
+    "CanonicalizeMaxDots": ["0", "1", "x"],
+    "CanonicalizeFallbackLocal": ["no", "yes"],
+    "ForwardAgent": ["yes", "/tmp/agent", "${{MESH_FUZZ_UNSET}}", "$bad-name"],
+    "UseKeychain": ["yes"],
+    "IgnoreUnknown": ["UseKeychain", "Use*", "nothing"],
+    "GSSAPIAuthentication": ["yes"],
+    "Tunnel": ["point-to-point", "yes", "x"],
+    "TunnelDevice": ["any:any", "1:2", "x"],
+}
+
+# Values ssh rejects (or, for UseKeychain, an unknown keyword): a "clean" case leaves them out.
+_BAD_VALUES = {'HostName': ['%n.example', '%'], 'User': ['""', 'bob carol', '#c'], 'Port': ['0', '70000', '-1', '22x'], 'IdentityFile': ['""', 'k1 k2'], 'IPQoS': ['256', 'bogus', 'af11 af12 af13', '08'], 'RekeyLimit': ['10', '1Gx', 'default 5x'], 'AddKeysToAgent': ['confirm', 'confirm x', 'yes 5m', 'maybe'], 'ServerAliveInterval': ['x', '5 6', 'NONE', '2147483648'], 'ConnectTimeout': ['-1'], 'Ciphers': ['bogus', 'none', '+', 'aes128-ctr,bogus'], 'MACs': ['hmac-sha9'], 'KexAlgorithms': ['bogus-kex'], 'HostKeyAlgorithms': ['!nomatch', 'bogus'], 'ProxyCommand': ['ssh "x'], 'ProxyJump': ['user@', 'a,,b', 'j:0', '@x'], 'SendEnv': ['LANG ""', 'X=Y'], 'SetEnv': ['A'], 'Compression': ['true'], 'ControlPersist': ['YES', 'x'], 'ControlMaster': ['maybe'], 'StrictHostKeyChecking': ['nope'], 'LogLevel': ['loud'], 'EscapeChar': ['ab', '^'], 'LocalForward': ['8080', '0 h:80'], 'DynamicForward': ['bogus'], 'CanonicalizeMaxDots': ['x'], 'ForwardAgent': ['${{MESH_FUZZ_UNSET}}', '$bad-name'], 'UseKeychain': ['yes'], 'Tunnel': ['x'], 'TunnelDevice': ['x']}
+
+_FORMS = ["{k} {v}", "{k}={v}", "{k} = {v}", '"{k}" {v}', "\t{k}\t{v}", "  {k} {v} # trailing", "{kl} {v}",
+          "{ku} {v}", "={k} {v}"]
+_ODD_LINES = ["# note\fPort 9", "# a\vUser v", "# c\rUser cr", "# u\u2028Port 8", "", "   ", "\f", "#", "# mesh: on",
+              "Port 2200\r", "User trailing \f", "Host", '"User bob', "Bogus 1"]
+
+
+def _fuzz_match(rng):
+    alias = rng.choice(FUZZ_ALIASES)
+    return rng.choice([
+        f"Match host {alias}", f"Match host={alias}", f"Match originalhost '{alias}'",
+        f'Match originalhost "{alias}"', "Match all", "Match final", "Match canonical", f"Match !host {alias}",
+        f"Match host {alias},!b", "Match user alice", f"Match host 10.0.0.* user {_local_user()}",
+        "Match final host *.example", "Match canonical all", "Match all host x", f"Match host {alias} all",
+        "Match colour blue", "Match user", f"Match localuser {_local_user()}", "Match host 127.0.0.1",
+        f"Match originalhost {alias.upper()}", "Match exec false", "Match host a # comment",
+    ])
+
+
+def fuzz_config(rng, depth_budget=3):
+    """One random config: {relative path: text}; the top file is 'config'."""
+    files = {}
+    clean = rng.random() < 0.6
+
+    def block_lines(n):
+        out = []
+        for _ in range(n):
+            roll = rng.random()
+            if roll < 0.07:
+                out.append(rng.choice(_ODD_LINES[:10] if clean else _ODD_LINES))
+                continue
+            k = rng.choice(list(_VALUES))
+            choices = [v for v in _VALUES[k] if not clean or v not in _BAD_VALUES.get(k, ())]
+            if not choices:
+                continue
+            v = rng.choice(choices)
+            form = rng.choice(_FORMS) if rng.random() < 0.35 else "  {k} {v}"
+            out.append(form.format(k=k, v=v, kl=k.lower(), ku=k.upper()))
+        return out
+
+    def host_line():
+        pats = rng.sample(FUZZ_ALIASES, rng.randint(1, 3))
+        extra = rng.random()
+        if extra < 0.15:
+            pats.append(rng.choice(["*", "gpu*", "!b", "web.*", "?", '"a"'] + ([] if clean else ['""'])))
+        elif extra < 0.2:
+            pats = ["!" + pats[0]] + pats[1:]
+        return "Host " + " ".join(pats)
+
+    def make_file(name, depth):
+        lines = block_lines(rng.randint(0, 3))
+        for _ in range(rng.randint(1, 4)):
+            roll = rng.random()
+            if roll < 0.6:
+                lines.append(host_line())
+                if rng.random() < 0.3:
+                    lines.append("  # mesh: on")
+            elif roll < 0.85:
+                lines.append(_fuzz_match(rng))
+            else:
+                lines.append("Host *")
+            lines.extend(block_lines(rng.randint(0, 4)))
+            if depth < depth_budget and rng.random() < 0.25:
+                kind = rng.random()
+                sub = f"inc{depth}_{rng.randint(0, 99)}"
+                if kind < 0.4:
+                    lines.append(f"Include {{dir}}/{sub}.conf")
+                    make_file(f"{sub}.conf", depth + 1)
+                elif kind < 0.6:
+                    lines.append(f"Include {{dir}}/{sub}.d/*")
+                    make_file(f"{sub}.d/10.conf", depth + 1)
+                    files[f"{sub}.d/sub/20.conf"] = "User in-subdir\n"   # a subdirectory reads as empty
+                elif kind < 0.75:
+                    lines.append(f"Include {{dir}}/nothing-{sub}/*.conf {{dir}}/missing-{sub}.conf")
+                elif kind < 0.85:
+                    lines.append(f'Include {{dir}}/{sub}.conf ""')
+                    make_file(f"{sub}.conf", depth + 1)
+                else:
+                    lines.append(f"Include {{dir}}/{name}")  # a loop: too deep
+        ending = rng.choice(["\n", "\n", "\n", "\r\n"])
+        text = ending.join(lines) + ("" if rng.random() < 0.1 else ending)
+        files[name] = text
+
+    make_file("config", 0)
+    if rng.random() < 0.05:   # an Include chain as deep as ssh allows, ending in a glob that matches nothing
+        n = rng.choice([15, 16, 17])
+        files["config"] += f"\nInclude {{dir}}/chain1.conf\n"
+        for i in range(1, n + 1):
+            files[f"chain{i}.conf"] = f"Include {{dir}}/chain{i + 1}.conf\n" if i < n else \
+                "Include {dir}/chain-end/*.conf\nHost a\n  User deep\n"
+    return files
+
+
+def ssh_verdict(config, alias, env=None):
+    """(values or None, (file, line) of ssh's first complaint or None) from ssh -G."""
+    p = subprocess.run(["ssh", "-G", "-T", "-F", config, "--", alias], capture_output=True, text=True,
+                       timeout=30, env=env, errors="surrogateescape")
+    if p.returncode != 0:
+        m = re.search(r"^(.*?):? line (\d+): ", p.stderr, re.M)
+        return None, ((m.group(1), int(m.group(2))) if m else None)
+    out = {"identityfile": []}
+    for line in p.stdout.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "identityfile":
+            out["identityfile"].append(value)
+        elif key in ("hostname", "user"):
+            out[key] = value
+        elif key == "port":
+            out[key] = int(value)
+    return out, None
+
+
+def mesh_verdict(mesh, config, alias):
+    """The same from mesh.py's hand parser: (values or None, (file, line) or None, unresolved)."""
+    try:
+        info = mesh.SSHConfig.load(config).resolve(alias)
+    except mesh.ConfigError as exc:
+        m = re.match(r"(.+?):(\d+): ", str(exc))
+        return None, ((m.group(1), int(m.group(2))) if m else None), False
+    return ({"hostname": info.hostname, "user": info.user, "port": info.port,
+             "identityfile": info.identityfile}, None, info.unresolved)
+
+
+def fuzz_disagreements(mesh, seed, count, root, aliases_per_case=3, workers=4):
+    """Generate `count` configs from `seed`, ask ssh -G and mesh about some aliases
+    of each, return the disagreements as readable strings."""
+    import random
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+    rng = random.Random(seed)
+    jobs = []
+    for n in range(count):
+        files = fuzz_config(rng)
+        case_root = os.path.join(root, f"case{n}")
+        os.makedirs(case_root)
+        config, _ = materialize(files, case_root, "unused")
+        for alias in rng.sample(FUZZ_ALIASES, aliases_per_case):
+            jobs.append((n, files, config, alias))
+    env = {k: v for k, v in os.environ.items() if k != "MESH_FUZZ_UNSET"}
+    with ThreadPoolExecutor(workers) as pool:
+        answers = list(pool.map(lambda job: ssh_verdict(job[2], job[3], env), jobs))
+    problems = []
+    for (n, files, config, alias), (want, want_err) in zip(jobs, answers):
+        got, got_err, unresolved = mesh_verdict(mesh, config, alias)
+        if unresolved and got is not None:
+            continue   # a `Match exec` or a DNS lookup: mesh asks ssh -G for this node
+        if (want is None) != (got is None):
+            verdict = "rejects" if want is None else "accepts"
+            problems.append(f"case {n} alias {alias}: ssh {verdict}, mesh {'accepts' if got else 'rejects'} "
+                            f"({got_err or want_err}) files={files!r}")
+        elif want is not None and want != got:
+            problems.append(f"case {n} alias {alias}: ssh {want} mesh {got} files={files!r}")
+        elif want is None and want_err and got_err and (os.path.realpath(want_err[0]), want_err[1]) != (
+                os.path.realpath(got_err[0]), got_err[1]):
+            problems.append(f"case {n} alias {alias}: ssh complains at {want_err}, mesh at {got_err} "
+                            f"files={files!r}")
+    shutil.rmtree(root, ignore_errors=True)
+    return problems
