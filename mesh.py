@@ -486,7 +486,7 @@ def _scan_scaled(text: str) -> bool:
     value = int(m.group(2) or 0) * scale + int(float("0" + (m.group(3) or ".0")) * scale)
     if value >= 2 ** 63:
         return False
-    return m.group(1) != "-" or value == 0
+    return value == 0 or (value >= 16 and m.group(1) != "-")
 
 
 def _valid_ipqos(arg: Optional[str]) -> bool:
@@ -557,6 +557,18 @@ def _algos_ok(keyword: str, arg: str) -> bool:
         if not ok:
             return False
     return True
+
+
+def _assemble_ok(value: str) -> bool:
+    """kex_assemble_names() on HostKeyAlgorithms, which `ssh -G` runs when it prints:
+    no '!' outside a '-' list, and an explicit list must name some known algorithm."""
+    if value.startswith("-"):
+        return True
+    names = value[1:] if value[:1] in ("+", "^") else value
+    if any(n.startswith("!") for n in names.split(",")):
+        return False
+    return value[:1] in ("+", "^") or any(match_pattern_list(k, n) == 1 for n in names.split(",")
+                                          for k in _KEY_TYPES)
 
 
 def _hpdelim(s: Optional[str]) -> Tuple[Optional[str], Optional[str], str]:
@@ -822,7 +834,7 @@ def _check_value(keyword: str, args: List[str], rest: str) -> Any:
         if arg in ("any", "none"):
             used = 1
         else:
-            for a in args[1:]:
+            for a in args:
                 host, port_s, _ = _hpdelim(a)
                 if host is None:
                     raise _Bad("missing host in permitremoteopen")
@@ -1018,13 +1030,22 @@ def expand_tokens(value: str, tokens: Dict[str, str], *, home: str,
     env = os.environ if env is None else env
     if value == "~" or value.startswith("~/"):
         value = home + value[1:]
+    elif value.startswith("~"):
+        user, sep, tail = value[1:].partition("/")
+        try:
+            import pwd
+            value = pwd.getpwnam(user).pw_dir + sep + tail
+        except (ImportError, KeyError):
+            raise ValueError(f"tilde_expand_filename: No such user {user}") from None
 
     def var(m: "re.Match[str]") -> str:
         name = m.group(1)
         if name not in env:
             raise ValueError(f"environment variable ${{{name}}} is not set")
         return env[name]
-    value = re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", var, value)
+    if not _dollar_expand_ok(value, env):
+        raise ValueError("invalid environment variable expansion")
+    value = re.sub(r"\$\{([^}]+)\}", var, value)
     out, i = [], 0
     while i < len(value):
         if value[i] == "%":
@@ -1339,6 +1360,10 @@ class SSHConfig:
                 self._canonicalize(info, host, mode, where)
         elif _lower(canon) != _lower(host):
             host = canon   # ssh keeps the address as written when only the case differs
+        cnames = info.options.get("canonicalizepermittedcnames")
+        if canon is None and cnames is not None and _lower(cnames) != "none" and (
+                mode in ("yes", "true", "always") or str(info.options.get("proxycommand", "none")).lower() == "none"):
+            info.unresolved = True   # ssh follows CNAMEs in the DNS: only it can tell
         info.canonical_host = host
         if walk.want_final or mode in ("yes", "true", "always"):
             info.options["hostname"] = host
@@ -1350,6 +1375,36 @@ class SSHConfig:
             if (jump_host == host and (jump_port if jump_port > 0 else 22) == info.port
                     and (jump_user or info.user) == info.user):
                 raise ConfigError(f"{where['proxyjump']}: jumphost loop via {jump_host}")
+        self._check_expansions(info, where)
+        return info
+
+    @staticmethod
+    def _check_expansions(info: HostInfo, where: Dict[str, str]) -> None:
+        """What ssh.c expands before `ssh -G` prints (and fails on: an unknown %-token,
+        an unset ${VAR}, ~user of no user), and the HostKeyAlgorithms list it assembles."""
+        options = info.options
+        checks = []
+        for kw in ("controlpath", "identityagent", "revokedhostkeys", "userknownhostsfile", "remotecommand",
+                   "forwardagent"):
+            raw = options.get(kw)
+            if raw is None or (kw != "identityagent" and _lower(str(raw)) == "none"):
+                continue
+            if kw == "forwardagent" and _lower(str(raw)) in _FLAG:
+                continue
+            parts = str(raw).split() if kw == "userknownhostsfile" else [str(raw)]
+            checks.extend((kw, part) for part in parts)
+        tokens = info.tokens() if checks else {}
+        for kw, part in checks:
+            try:
+                if kw == "remotecommand":   # %-tokens only: no ~ and no ${VAR}
+                    expand_tokens(part.replace("${", "$ {").lstrip("~"), tokens, home="", env={})
+                else:
+                    expand_tokens(part, tokens, home=_home_dir())
+            except ValueError as exc:
+                raise ConfigError(f"{where.get(kw, '?')}: {exc}") from None
+        algos = options.get("hostkeyalgorithms")
+        if algos is not None and not _assemble_ok(str(algos)):
+            raise ConfigError(f"{where.get('hostkeyalgorithms', '?')}: expand HostKeyAlgorithms: invalid argument")
         return info
 
     @staticmethod
