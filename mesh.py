@@ -1063,10 +1063,17 @@ def expand_tokens(value: str, tokens: Dict[str, str], *, home: str,
     return "".join(out)
 
 
+_PLAIN_IPV4 = re.compile(r"((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\Z")
+
+
 def canonical_address(host: str, address_family: str = "any") -> Optional[str]:
     """ssh.c resolve_addr(): a numeric address as getnameinfo() prints it
     ('127.1' -> '127.0.0.1', long IPv6 compressed), None when `host` is not one.
     Only numeric parsing: no name is looked up."""
+    if _PLAIN_IPV4.match(host):
+        return host   # getnameinfo() prints a plain dotted quad as it is
+    if not (":" in host or (host[:1].isdigit() and host.isascii())):
+        return None   # inet_aton() and inet_pton() need a digit first, or a colon
     import socket
     family = {"inet": socket.AF_INET, "inet6": socket.AF_INET6}.get(address_family, socket.AF_UNSPEC)
     try:
@@ -1104,13 +1111,14 @@ class _Line:
     rejects it whatever the host, the error (raised when the walk reaches it, so the
     first bad line in ssh's reading order is the one reported)."""
     __slots__ = ("path", "lineno", "keyword", "args", "rest", "mesh", "names", "error", "value", "known",
-                 "plain", "skip")
+                 "plain", "skip", "where")
 
     def __init__(self, path: str, lineno: int, keyword: str, args: List[str], rest: str,
                  mesh: Optional[Dict[str, str]] = None, error: Optional[str] = None, value: Any = None) -> None:
         self.path, self.lineno, self.keyword, self.args, self.rest, self.mesh = (
             path, lineno, keyword, args, rest, mesh)
         self.error, self.value = error, value
+        self.where = f"{path}:{lineno}"
         self.known = keyword in _KINDS
         # A plain line only sets a value: an inactive block's run of them is skipped at once.
         self.plain = (self.known and error is None and keyword not in ("host", "match", "include")) or (
@@ -1118,12 +1126,9 @@ class _Line:
         self.skip = 0
         # A Host line of plain names matches by set lookup (a config of 300 nodes is
         # 300 aliases x 300 Host lines).
-        self.names = (frozenset(args) if keyword == "host" and all(map(is_concrete_alias, args))
-                      else None)
+        self.names = (frozenset(args) if keyword == "host" and args and error is None
+                      and all(map(is_concrete_alias, args)) else None)
 
-    @property
-    def where(self) -> str:
-        return f"{self.path}:{self.lineno}"
 
 
 class HostInfo:
@@ -1236,6 +1241,7 @@ class SSHConfig:
         self.local_user = local_user or _local_user()
         self._read = reader or _read_config_bytes
         self._cache: Dict[str, Optional[List[_Line]]] = {}
+        self._positions: Dict[str, Dict[str, List[int]]] = {}
         self.check_perm = check_perm           # ~/.ssh/config read without -F is checked like an Include
         self.overruled: set = set()
         self.files: Dict[str, None] = {}       # every file and glob directory read, for change detection
@@ -1276,11 +1282,18 @@ class SSHConfig:
             line = self._parse_line(path, lineno, raw)
             if line is not None:
                 lines.append(line)
+        # While no block applies, a run of value lines and Host lines of plain names
+        # that do not name the host changes nothing: skip to the next line that may.
         following = len(lines)
         for i in range(len(lines) - 1, -1, -1):
             lines[i].skip = following
-            if not lines[i].plain:
+            if not (lines[i].plain or lines[i].names is not None):
                 following = i
+        positions: Dict[str, List[int]] = {}
+        for i, line in enumerate(lines):
+            for name in line.names or ():
+                positions.setdefault(name, []).append(i)
+        self._positions[path] = positions
         self._cache[path] = lines
         return lines
 
@@ -1437,12 +1450,17 @@ class SSHConfig:
             return False
         if include is not None or self.check_perm:
             self._check_perm(path, include)
+        import bisect
+        mine = [] if never else self._positions[path].get(walk.host, [])
         i, n = 0, len(lines)
         while i < n:
             line = lines[i]
-            if line.plain and not walk.active:
-                i = line.skip
-                continue
+            if not walk.active and (line.plain or line.names is not None):
+                k = bisect.bisect_left(mine, i)
+                nxt = mine[k] if k < len(mine) else n
+                if nxt != i:
+                    i = min(nxt, line.skip)
+                    continue
             self._process(line, walk, depth, never)
             i += 1
         return True
@@ -1466,7 +1484,7 @@ class SSHConfig:
             return
         if kw == "#error":
             raise ConfigError(f"{line.where}: {line.error}")
-        if line.where in self.overruled:
+        if self.overruled and line.where in self.overruled:
             if walk.active and line.known:
                 info.unresolved = True   # ssh accepts a value this reading does not understand
             return
