@@ -73,6 +73,7 @@ __all__ = [
     "NDJSONDecoder", "decode_json_body", "ollama_type_error", "HTTPError", "HTTPRequest", "parse_request_head",
     "find_head_end", "ChunkedDecoder", "response_head", "response_framing", "body_allowed", "SSHNode",
     "MeshOrchestrator",
+    "read_config_hosts", "config_cache_dir", "parse_ssh_g",
     "ServerLimits", "Route", "Router", "Exchange", "StreamRelay", "MeshServer", "Listener", "main",
     "ChatSession", "closest_names", "parse_node_facts", "fits_in_memory", "FACTS_COMMAND", "list_masters",
     "stop_master",
@@ -1652,6 +1653,10 @@ class SSHConfig:
     def aliases(self) -> List[HostInfo]:
         """Every concrete Host alias (no '*', '?' or '!'), resolved, in file order;
         Includes are followed at top level and under `Host *`/`Match all`."""
+        return [self.resolve(alias) for alias in self.alias_names()]
+
+    def alias_names(self) -> List[str]:
+        """The concrete Host aliases, in file order, unresolved."""
         seen: Dict[str, None] = {}
 
         def walk(path: str, depth: int) -> None:
@@ -1672,7 +1677,7 @@ class SSHConfig:
                             walk(inc, depth + 1)
 
         walk(self.path, 0)
-        return [self.resolve(alias) for alias in seen]
+        return list(seen)
 
 
 def _read_config_bytes(path: str) -> Optional[bytes]:
@@ -1687,6 +1692,231 @@ def _read_config_bytes(path: str) -> Optional[bytes]:
         return b""
     except NotADirectoryError:
         return None
+
+
+# ---------------------------------------------------------------------------
+# SSH config referee (I/O): the local ssh settles what only it can know.
+# ---------------------------------------------------------------------------
+# The hand parser above follows stock OpenSSH 9.2.  A patched or newer ssh may
+# accept more (Apple's `UseKeychain`, new algorithms) or less; so once per config
+# change mesh asks the local `ssh -G` about the config and lets it decide.  The
+# verdict and the resolved hosts are cached, keyed by the identity and mtime of
+# every file and Include directory read, the ssh binary and mesh.py itself.
+
+REFEREE_TIMEOUT = 10.0           # seconds for one `ssh -G`
+_CACHE_VERSION = 1
+_CACHE_KEEP = 64                 # cache files kept per user; the oldest go first
+
+
+def config_cache_dir() -> Optional[str]:
+    """Where verdicts are cached: $MESH_CACHE_DIR, else $XDG_CACHE_HOME/mesh, else
+    ~/.cache/mesh.  Created mode 0700; used only when it is a real directory owned
+    by the user that nobody else can reach.  None: no cache (mesh still works)."""
+    base = os.environ.get("MESH_CACHE_DIR")
+    if not base:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.environ.get("HOME") or _home_dir(), ".cache")
+        base = os.path.join(xdg, "mesh")
+    try:
+        os.makedirs(base, mode=0o700, exist_ok=True)
+        st = os.lstat(base)
+    except OSError:
+        return None
+    import stat
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        return None
+    return base
+
+
+def _stamp(path: str) -> Optional[List[int]]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode]
+
+
+class _ConfigVerdict:
+    """One config's hosts (or its error) as settled with the referee, and the cache of it."""
+
+    def __init__(self, path: str, ssh: Optional[str], pass_config: bool) -> None:
+        self.path, self.ssh, self.pass_config = path, ssh, pass_config
+        import hashlib
+        key = f"{os.path.realpath(path)}\0{pass_config}\0{ssh}\0{os.getuid()}"
+        self.cache_name = "sshconfig-" + hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest()[:24] + ".json"
+
+    def _identity(self) -> Dict[str, Any]:
+        return {"version": _CACHE_VERSION, "ssh": [self.ssh, _stamp(self.ssh) if self.ssh else None],
+                "mesh": _stamp(os.path.abspath(__file__)), "home": os.environ.get("HOME"),
+                "user": _local_user()}
+
+    def load_cached(self) -> Optional[Dict[str, Any]]:
+        directory = config_cache_dir()
+        if directory is None:
+            return None
+        try:
+            with open(os.path.join(directory, self.cache_name), encoding="utf-8", errors="surrogateescape") as fh:
+                data = json.load(fh)
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict) or data.get("identity") != json.loads(json.dumps(self._identity())):
+            return None
+        for path, stamp in data.get("files", []):
+            if _stamp(path) != stamp:
+                return None
+        return data
+
+    def save(self, cfg: "SSHConfig", hosts: List[HostInfo], error: Optional[str]) -> None:
+        directory = config_cache_dir()
+        if directory is None:
+            return
+        data = {"identity": self._identity(), "files": [[p, _stamp(p)] for p in cfg.files],
+                "error": error, "hosts": [h.to_json() for h in hosts]}
+        target = os.path.join(directory, self.cache_name)
+        tmp = f"{target}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as fh:
+                json.dump(data, fh)
+            os.replace(tmp, target)
+            names = sorted((e for e in os.scandir(directory) if e.name.startswith("sshconfig-")),
+                           key=lambda e: e.stat().st_mtime)
+            for entry in names[:-_CACHE_KEEP]:
+                os.unlink(entry.path)
+        except OSError as exc:
+            logger.debug("config cache not written: %s", exc)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+    # -- settling ----------------------------------------------------------
+    def settle(self) -> List[HostInfo]:
+        cached = self.load_cached()
+        if cached is not None:
+            if cached["error"]:
+                raise ConfigError(cached["error"])
+            return [HostInfo.from_json(h) for h in cached["hosts"]]
+        cfg = SSHConfig.load(self.path, check_perm=not self.pass_config)
+        try:
+            hosts = self._settle(cfg)
+        except ConfigError as exc:
+            self.save(cfg, [], str(exc))
+            raise
+        self.save(cfg, hosts, None)
+        return hosts
+
+    def _hand(self, cfg: "SSHConfig") -> Tuple[List[HostInfo], Optional[Tuple[str, ConfigError]]]:
+        """Resolve every alias by hand; stop at the first one ssh (per our reading) rejects."""
+        names = cfg.alias_names() or ["mesh-config-check"]
+        hosts = []
+        for alias in names:
+            try:
+                hosts.append(cfg.resolve(alias))
+            except ConfigError as exc:
+                return hosts, (alias, exc)
+        return hosts if names != ["mesh-config-check"] else [], None
+
+    def _settle(self, cfg: "SSHConfig") -> List[HostInfo]:
+        hosts, failure = self._hand(cfg)
+        if self.ssh is None:
+            if failure:
+                raise failure[1]
+            return hosts
+        asked: Dict[str, Any] = {}
+        for _ in range(64):
+            alias = failure[0] if failure else (hosts[0].alias if hosts else "mesh-config-check")
+            if alias not in asked:
+                if len(asked) >= 4:
+                    break
+                asked[alias] = self._ssh_g(alias)
+            answer = asked[alias]
+            if answer is None:           # ssh could not be asked: the hand reading stands
+                break
+            ok, values, reason = answer
+            if not ok:
+                raise ConfigError(self._ssh_reason(reason, failure[1] if failure else None))
+            if failure is None:
+                self._cross_check(hosts, alias, values)
+                return hosts
+            # ssh accepts what this reading rejects (a patched build's keyword, a newer
+            # algorithm): skip that line, as ssh evidently understands it.
+            where = re.match(r"(.*?:\d+): ", str(failure[1]))
+            if where is None or where.group(1) in cfg.overruled:
+                break
+            logger.info("ssh accepts %s, which mesh's reading of ssh_config rejects (%s)",
+                        where.group(1), failure[1])
+            cfg.overruled.add(where.group(1))
+            hosts, failure = self._hand(cfg)
+        if failure:
+            raise failure[1]
+        return hosts
+
+    def _ssh_g(self, alias: str) -> Optional[Tuple[bool, Dict[str, Any], str]]:
+        """(accepted, values, stderr) from `ssh -G` for one alias; None when ssh cannot run."""
+        import subprocess
+        argv = [self.ssh] + (["-F", self.path] if self.pass_config else []) + ["-G", "-T", "--", alias]
+        try:
+            p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=REFEREE_TIMEOUT)
+        except (OSError, subprocess.SubprocessError) as exc:
+            logger.warning("cannot ask %s about the SSH config: %s", self.ssh, exc)
+            return None
+        err = p.stderr.decode("utf-8", "surrogateescape")
+        return p.returncode == 0, parse_ssh_g(p.stdout.decode("utf-8", "surrogateescape")), err
+
+    def _ssh_reason(self, stderr: str, ours: Optional[ConfigError]) -> str:
+        """ssh's reason as 'FILE:LINE: reason'; where ssh names no line, ours (which
+        names the Include that goes too deep, the HostName in use, ...)."""
+        lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+        for ln in lines:
+            m = re.match(r"(.*?):? line (\d+): (.*)$", ln)
+            if m:
+                return f"{m.group(1)}:{m.group(2)}: {m.group(3)}"
+        if ours is not None:
+            return str(ours)
+        reason = lines[-1] if lines else "ssh -G failed"
+        return f"{self.path}:0: {reason} (the local ssh rejects this config; mesh's own reading found no fault)"
+
+    @staticmethod
+    def _cross_check(hosts: List[HostInfo], alias: str, values: Dict[str, Any]) -> None:
+        """When the local ssh resolves the probed alias differently (a patched build,
+        /etc/ssh/ssh_config), mesh's values are not to be trusted: ssh -G answers per node."""
+        for info in hosts:
+            if info.alias != alias or info.unresolved:
+                continue
+            mine = {"hostname": info.hostname, "user": info.user, "port": info.port, "identityfile": info.identityfile}
+            if any(mine[k] != values.get(k) for k in mine):
+                logger.info("ssh -G resolves %s differently (%s); asking ssh for every node", alias,
+                            {k: values.get(k) for k in mine})
+                for other in hosts:
+                    other.unresolved = True
+            return
+
+
+def parse_ssh_g(text: str) -> Dict[str, Any]:
+    """The fields mesh uses from `ssh -G` output: hostname, user, port (int), identityfile (list)."""
+    values: Dict[str, Any] = {"identityfile": []}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "identityfile":
+            values["identityfile"].append(value)
+        elif key in ("hostname", "user"):
+            values[key] = value
+        elif key == "port" and value.isdigit():
+            values[key] = int(value)
+    return values
+
+
+def read_config_hosts(path: str, *, ssh: Optional[str] = "ssh", pass_config: bool = True) -> List[HostInfo]:
+    """Every concrete Host alias of the SSH config at `path`, resolved: List[HostInfo].
+
+    The hand parser (SSHConfig) reads it; the local ssh (`ssh`, a name or path; None:
+    no referee) settles disagreements once per config change, as `ssh -G` with
+    `-F path` when pass_config (else as plain ssh reads ~/.ssh/config).  Raises
+    ConfigError 'FILE:LINE: reason' when ssh rejects the config.  Results are cached
+    in config_cache_dir()."""
+    binary = _which(ssh) if ssh else None
+    if binary is not None and not os.path.isabs(binary):
+        binary = None   # not installed: the hand reading stands alone
+    return _ConfigVerdict(path, binary, pass_config).settle()
 
 
 # ---------------------------------------------------------------------------
@@ -1769,18 +1999,16 @@ def _mesh_enabled(settings: Dict[str, str]) -> bool:
 
 
 def load_node_specs(config_path: str, *, only: Optional[Sequence[str]] = None,
-                    ollama_host_env: Optional[str] = None) -> List[NodeSpec]:
+                    ollama_host_env: Optional[str] = None, ssh: Optional[str] = "ssh",
+                    pass_config: bool = True) -> List[NodeSpec]:
     """Nodes from the SSH config: every concrete alias whose mesh settings don't say
-    `off`.  With no node at all, the local Ollama as the pseudo-node `local`."""
+    `off`.  With no node at all, the local Ollama as the pseudo-node `local`.
+    ssh/pass_config: the local ssh that referees the config (read_config_hosts)."""
     specs: List[NodeSpec] = []
     if os.path.exists(config_path) or config_path != default_config_path():
-        cfg = SSHConfig.load(config_path)
-        hosts = cfg.aliases()
-        for info in hosts:
+        for info in read_config_hosts(config_path, ssh=ssh, pass_config=pass_config):
             if _mesh_enabled(info.mesh):
                 specs.append(NodeSpec.from_settings(info.alias, info.mesh, info, where=config_path))
-        if not hosts:
-            cfg.resolve("local")  # still report a config ssh would reject
     if not specs:
         host, port = parse_host_port(ollama_host_env if ollama_host_env is not None
                                      else os.environ.get("OLLAMA_HOST", ""), DEFAULT_OLLAMA_PORT)
@@ -4147,7 +4375,7 @@ class MeshOrchestrator:
         self.liveness_interval = liveness_interval
         self.facts_ttl = facts_ttl   # re-read node facts (GPU, RAM, load) this often on refresh; None: on request
         self.default_model = default_model or os.environ.get("MESH_MODEL") or DEFAULT_MODEL
-        specs = load_node_specs(self.config_path, only=nodes)
+        specs = load_node_specs(self.config_path, only=nodes, ssh=ssh, pass_config=bool(explicit))
         self.nodes: List[SSHNode] = []
         for spec in specs:
             if spec.transport == "http":
