@@ -9,6 +9,18 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from lab import HAVE_SSHD, SSHLab  # noqa: E402
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_config_cache(tmp_path_factory):
+    """mesh caches the ssh referee's verdicts; tests keep theirs out of the real ~/.cache."""
+    old = os.environ.get("MESH_CACHE_DIR")
+    os.environ["MESH_CACHE_DIR"] = str(tmp_path_factory.mktemp("mesh-cache"))
+    yield
+    if old is None:
+        os.environ.pop("MESH_CACHE_DIR", None)
+    else:
+        os.environ["MESH_CACHE_DIR"] = old
+
 needs_sshd = pytest.mark.skipif(not HAVE_SSHD, reason="OpenSSH sshd/ssh/ssh-keygen not installed "
                                 "(apt-get install openssh-server openssh-client)")
 

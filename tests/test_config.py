@@ -162,3 +162,127 @@ def test_config_errors_are_one_line_exit_1(tmp_path, text, where):
     cfg.write_text(text)
     rc, out, err = nodes_json(cfg)
     assert rc == 1 and err.startswith("mesh: error: ") and err.count("\n") == 1 and where in err, err
+
+
+# -- issue 13: the local ssh is the referee; errors name the place; the fuzzer ----------
+
+def fake_ssh(tmp_path, body):
+    """A stand-in `ssh` on PATH for a patched build: a Python script whose `main(argv)`
+    is `body`; REAL is the real ssh, CALLS a file each call appends its argv to."""
+    bindir = tmp_path / "fakebin"
+    bindir.mkdir(exist_ok=True)
+    script = bindir / "ssh"
+    script.write_text(f"#!{sys.executable}\nimport os, re, sys\nREAL = {shutil.which('ssh')!r}\n"
+                      f"CALLS = {str(tmp_path / 'calls')!r}\n"
+                      "with open(CALLS, 'a') as fh:\n    fh.write(' '.join(sys.argv[1:]) + '\\n')\n" + body)
+    script.chmod(0o755)
+    return {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "MESH_CACHE_DIR": str(tmp_path / "cache")}
+
+
+# Apple's ssh knows UseKeychain: stand for it by hiding those lines from the real ssh.
+APPLE_SSH = """argv = sys.argv[1:]
+if "-F" in argv:
+    i = argv.index("-F") + 1
+    text = re.sub(r"(?im)^[ \\t]*usekeychain\\b.*$", "", open(argv[i]).read())
+    argv[i] = argv[i] + ".seen-by-apple-ssh"
+    open(argv[i], "w").write(text)
+os.execv(REAL, [REAL] + argv)
+"""
+
+
+def nodes_env(cfg, env):
+    p = subprocess.run([sys.executable, mesh.__file__, "--config", str(cfg), "nodes", "--json"],
+                       capture_output=True, text=True, env=env)
+    return p.returncode, p.stdout, p.stderr
+
+
+@pytest.mark.skipif(not HAVE_SSH, reason="ssh not installed")
+def test_a_patched_ssh_that_knows_a_keyword_makes_mesh_accept_it(tmp_path):
+    cfg = tmp_path / "config"
+    cfg.write_text("Host *\n  UseKeychain yes\n  AddKeysToAgent yes\nHost gpu1\n  HostName 10.1.1.1\n  User ann\n"
+                   "  # mesh: on\n")
+    rc, out, err = nodes_env(cfg, {**os.environ, "MESH_CACHE_DIR": str(tmp_path / "cache0")})
+    assert rc == 1 and err == f"mesh: error: {cfg}:2: Bad configuration option: usekeychain\n"
+    rc, out, err = nodes_env(cfg, fake_ssh(tmp_path, APPLE_SSH))
+    assert rc == 0, err
+    assert [(r["name"], r["hostname"], r["user"]) for r in json.loads(out)] == [("gpu1", "10.1.1.1", "ann")]
+
+
+@pytest.mark.skipif(not HAVE_SSH, reason="ssh not installed")
+def test_a_patched_ssh_that_rejects_gives_its_reason_with_file_and_line(tmp_path):
+    cfg = tmp_path / "config"
+    cfg.write_text("Host gpu1\n  # mesh: on\n  ForwardX11 yes\n")
+    env = fake_ssh(tmp_path, "argv = sys.argv[1:]\nif '-G' in argv:\n"
+                             "    sys.stderr.write(argv[argv.index('-F') + 1] + ' line 3: ForwardX11 is not "
+                             "supported by this build\\n')\n    sys.exit(255)\nos.execv(REAL, [REAL] + argv)\n")
+    rc, out, err = nodes_env(cfg, env)
+    assert (rc, out) == (1, "")
+    assert err == f"mesh: error: {cfg}:3: ForwardX11 is not supported by this build\n"
+
+
+@pytest.mark.skipif(not HAVE_SSH, reason="ssh not installed")
+def test_ssh_is_asked_once_per_config_change(tmp_path):
+    d = tmp_path / "config.d"
+    d.mkdir()
+    (d / "10.conf").write_text("Host gpu1\n  # mesh: on\n  Port 2201\n")
+    cfg = tmp_path / "config"
+    cfg.write_text(f"Include {d}/*.conf\n")
+    env = fake_ssh(tmp_path, "os.execv(REAL, [REAL] + sys.argv[1:])\n")
+    calls = lambda: (tmp_path / "calls").read_text().count("-G")  # noqa: E731
+
+    def ports():
+        rc, out, err = nodes_env(cfg, env)
+        assert rc == 0, err
+        return {r["name"]: r["port"] for r in json.loads(out)}
+    assert ports() == {"gpu1": 2201} and calls() == 1
+    assert ports() == {"gpu1": 2201} and calls() == 1          # nothing changed: the cache answers
+    (d / "10.conf").write_text("Host gpu1\n  # mesh: on\n  Port 2299\n")
+    os.utime(d / "10.conf", ns=(1, 1))                         # a different mtime even on a coarse clock
+    assert ports() == {"gpu1": 2299} and calls() == 2          # an included file changed
+    (d / "20.conf").write_text("Host gpu2\n  # mesh: on\n")
+    assert ports() == {"gpu1": 2299, "gpu2": 22} and calls() == 3   # a new file matches the glob
+
+
+@pytest.mark.parametrize("files, where", [
+    ({"config": "Host a\n  # mesh: on\nInclude {dir}/loop.conf\n", "loop.conf": "# loops\nInclude {dir}/loop.conf\n"},
+     "loop.conf:2: Too many recursive configuration includes"),
+    (dict({"config": "Host a\n  # mesh: on\nInclude {dir}/c1.conf\n"},
+          **{f"c{i}.conf": f"\nInclude {{dir}}/c{i + 1}.conf\n" for i in range(1, 17)}, **{"c17.conf": "Port 2\n"}),
+     "c16.conf:2: Too many recursive configuration includes"),
+])
+def test_include_loops_and_depth_name_the_include_line(tmp_path, files, where):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text.format(dir=tmp_path))
+    rc, out, err = nodes_json(tmp_path / "config")
+    assert rc == 1 and err.startswith(f"mesh: error: {tmp_path}/{where}") and err.count("\n") == 1, err
+
+
+def test_include_chain_16_deep_is_fine(tmp_path):
+    files = dict({"config": "Include {dir}/c1.conf\n"}, **{f"c{i}.conf": f"Include {{dir}}/c{i + 1}.conf\n"
+                                                           for i in range(1, 16)})
+    files["c16.conf"] = "Include {dir}/none/*.conf\nHost a\n  # mesh: on\n  Port 2016\n"
+    for name, text in files.items():
+        (tmp_path / name).write_text(text.format(dir=tmp_path))
+    rc, out, err = nodes_json(tmp_path / "config")
+    assert rc == 0 and json.loads(out)[0]["port"] == 2016, err
+
+
+@pytest.mark.skipif(not HAVE_SSH, reason="ssh not installed")
+def test_fuzzed_configs_agree_with_ssh(tmp_path):
+    """A bounded, seeded differential fuzz: random configs built from the edges above;
+    accept/reject, the line ssh complains about, hostname/user/port/identityfile."""
+    from config_corpus import fuzz_disagreements
+    problems = fuzz_disagreements(mesh, seed=13, count=150, root=str(tmp_path / "fuzz"))
+    assert not problems, "\n".join(problems[:5])
+
+
+def test_fuzzed_aliases_are_the_concrete_host_patterns(tmp_path):
+    """The node list: every concrete pattern of a Host line ssh reads at top level, in order."""
+    import random
+    from config_corpus import FUZZ_ALIASES, fuzz_config
+    rng = random.Random(7)
+    for n in range(60):
+        root = tmp_path / f"c{n}"
+        config, _ = materialize(fuzz_config(rng), str(root), "x")
+        names = mesh.SSHConfig.load(config).alias_names()
+        assert set(names) <= set(FUZZ_ALIASES) and len(names) == len(set(names))
