@@ -1868,7 +1868,7 @@ class _ConfigVerdict:
         lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
         for ln in lines:
             m = re.match(r"(.*?):? line (\d+): (.*)$", ln)
-            if m:
+            if m and not m.group(3).startswith("Unsupported option"):   # a warning, not the fault
                 return f"{m.group(1)}:{m.group(2)}: {m.group(3)}"
         if ours is not None:
             return str(ours)

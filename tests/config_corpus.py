@@ -456,7 +456,7 @@ def ssh_verdict(config, alias, env=None):
     p = subprocess.run(["ssh", "-G", "-T", "-F", config, "--", alias], capture_output=True, text=True,
                        timeout=30, env=env, errors="surrogateescape")
     if p.returncode != 0:
-        m = re.search(r"^(.*?):? line (\d+): ", p.stderr, re.M)
+        m = re.search(r"^(.*?):? line (\d+): (?!Unsupported option)", p.stderr, re.M)
         return None, ((m.group(1), int(m.group(2))) if m else None)
     out = {"identityfile": []}
     for line in p.stdout.splitlines():
