@@ -40,6 +40,8 @@ Sections, in dependency order (each begins with a banner comment)::
 
     constants, errors      MeshError and its subclasses (the message is what the user sees)
     SSH config (pure)      SSHConfig, HostInfo: text in, hosts out, held to `ssh -G`
+    SSH config referee     read_config_hosts: the local `ssh -G` settles what only it can
+                           know, once per config change (cached in config_cache_dir())
     node settings (pure)   NodeSpec, load_node_specs, parse_mesh_settings
     wire formats (pure)    NDJSONDecoder; HTTP/1.1 framing: parse_request_head,
                            ChunkedDecoder, response_head, response_framing;
