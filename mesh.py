@@ -1156,7 +1156,10 @@ class HostInfo:
 
     @property
     def port(self) -> int:
-        return _port_value(str(self.options.get("port", 22))) or 22
+        raw = str(self.options.get("port", 22))
+        if raw.isdigit() and raw.isascii():   # the common case, without a2port's full reading
+            return int(raw) if 0 < int(raw) <= 65535 else 22
+        return _port_value(raw) or 22
 
     @property
     def identityfile(self) -> List[str]:
@@ -1885,7 +1888,7 @@ class _ConfigVerdict:
             if info.alias != alias or info.unresolved:
                 continue
             mine = {"hostname": info.hostname, "user": info.user, "port": info.port, "identityfile": info.identityfile}
-            if any(mine[k] != values.get(k) for k in mine):
+            if any(mine[k] != values[k] for k in mine if values.get(k)):   # what ssh printed
                 logger.info("ssh -G resolves %s differently (%s); asking ssh for every node", alias,
                             {k: values.get(k) for k in mine})
                 for other in hosts:
