@@ -1402,23 +1402,26 @@ class SSHConfig:
         """What ssh.c expands before `ssh -G` prints (and fails on: an unknown %-token,
         an unset ${VAR}, ~user of no user), and the HostKeyAlgorithms list it assembles."""
         options = info.options
-        checks = []
-        for kw in ("controlpath", "identityagent", "revokedhostkeys", "userknownhostsfile", "remotecommand",
-                   "forwardagent"):
+        checks: List[Tuple[str, str, bool]] = []        # (keyword, text, ~ and ${VAR} too)
+        for kw in ("controlpath", "identityagent", "userknownhostsfile", "remotecommand", "forwardagent"):
             raw = options.get(kw)
             if raw is None or (kw != "identityagent" and _lower(str(raw)) == "none"):
                 continue
             if kw == "forwardagent" and _lower(str(raw)) in _FLAG:
                 continue
             parts = str(raw).split() if kw == "userknownhostsfile" else [str(raw)]
-            checks.extend((kw, part) for part in parts)
+            checks.extend((kw, part, kw != "remotecommand") for part in parts)
+        for kw in ("localforward", "remoteforward", "dynamicforward"):
+            for spec in options.get(kw, ()):   # a Unix socket path in a forward gets the %-tokens
+                plain = re.sub(r"\$\{([^}]*)\}", lambda m: os.environ.get(m.group(1), ""), spec)
+                checks.extend((f"{kw} {spec}", field, False) for field in re.split(r"[ :]", plain) if "/" in field)
         tokens = info.tokens() if checks else {}
-        for kw, part in checks:
+        for kw, part, paths in checks:
             try:
-                if kw == "remotecommand":   # %-tokens only: no ~ and no ${VAR}
-                    expand_tokens(part.replace("${", "$ {").lstrip("~"), tokens, home="", env={})
-                else:
+                if paths:
                     expand_tokens(part, tokens, home=_home_dir())
+                else:   # %-tokens only: no ~ and no ${VAR}
+                    expand_tokens(part.replace("${", "$ {").lstrip("~"), tokens, home="", env={})
             except ValueError as exc:
                 raise ConfigError(f"{where.get(kw, '?')}: {exc}") from None
         algos = options.get("hostkeyalgorithms")
@@ -1560,6 +1563,7 @@ class SSHConfig:
             return
         if kw in ("localforward", "remoteforward", "dynamicforward"):
             options.setdefault(kw, []).append(line.value)
+            walk.where.setdefault(f"{kw} {line.value}", line.where)
             return
         if kw == "sendenv":
             values = options.setdefault(kw, [])
