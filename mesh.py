@@ -1373,11 +1373,12 @@ class SSHConfig:
                 raise ConfigError(f"{where['hostname']}: {exc}") from None
         canon = canonical_address(host, _lower(str(info.options.get("addressfamily", "any"))))
         mode = _lower(str(info.options.get("canonicalizehostname", "no")))
-        if canon is None:
-            host = _lower(host)
-            if mode in ("yes", "true", "always") and not (":" in host or host.strip("0123456789.") == ""):
+        looks_like_address = "%" in host or ":" in host or host.strip("0123456789.") == ""   # is_addr_fast()
+        if canon is None and not looks_like_address:
+            host = _lower(host)   # ssh leaves what looks like an address as written
+            if mode in ("yes", "true", "always"):
                 self._canonicalize(info, host, mode, where)
-        elif _lower(canon) != _lower(host):
+        elif canon is not None and _lower(canon) != _lower(host):
             host = canon   # ssh keeps the address as written when only the case differs
         cnames = info.options.get("canonicalizepermittedcnames")
         if canon is None and cnames is not None and _lower(cnames) != "none" and (
