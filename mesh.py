@@ -72,10 +72,10 @@ from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple
 __all__ = [
     "MeshError", "UsageError", "ConfigError", "NodeError", "ModelNotFoundError", "NoNodeAvailableError",
     "StreamInterruptedError", "SSHConfig", "HostInfo", "NodeSpec", "load_node_specs", "parse_mesh_settings",
+    "read_config_hosts", "config_cache_dir", "parse_ssh_g",
     "NDJSONDecoder", "decode_json_body", "ollama_type_error", "HTTPError", "HTTPRequest", "parse_request_head",
     "find_head_end", "ChunkedDecoder", "response_head", "response_framing", "body_allowed", "SSHNode",
     "MeshOrchestrator",
-    "read_config_hosts", "config_cache_dir", "parse_ssh_g",
     "ServerLimits", "Route", "Router", "Exchange", "StreamRelay", "MeshServer", "Listener", "main",
     "ChatSession", "closest_names", "parse_node_facts", "fits_in_memory", "FACTS_COMMAND", "list_masters",
     "stop_master",
