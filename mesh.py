@@ -988,18 +988,6 @@ def match_hostname(host: str, patterns: str) -> int:
     return match_pattern_list(_lower(host), patterns, fold=True)
 
 
-def host_line_matches(patterns: Sequence[str], host: str) -> bool:
-    """A `Host` line: any positive pattern matches and no `!pattern` does (case-sensitive)."""
-    matched = False
-    for pat in patterns:
-        if pat.startswith("!"):
-            if match_pattern(host, pat[1:]):
-                return False
-        elif match_pattern(host, pat):
-            matched = True
-    return matched
-
-
 def is_concrete_alias(pattern: str) -> bool:
     return bool(pattern) and not any(c in pattern for c in "*?!")
 
@@ -1237,8 +1225,8 @@ class SSHConfig:
     `resolve(alias)` gives what ssh -G gives for it, raising ConfigError
     'FILE:LINE: reason' where ssh rejects the config for that alias; `aliases()`
     lists the concrete Host aliases, in file order, resolved.  `overruled` holds
-    'FILE:LINE' places the ssh referee accepted although this reading rejects them
-    (a patched ssh's extra keyword): they are skipped."""
+    'FILE:LINE' places and `accepted_keywords` the keywords the ssh referee accepted
+    although this reading rejects them (a patched ssh's extra keyword): they are skipped."""
 
     def __init__(self, path: str, *, home: Optional[str] = None, local_user: Optional[str] = None,
                  reader: Optional[Any] = None, check_perm: bool = False) -> None:
@@ -1250,6 +1238,7 @@ class SSHConfig:
         self._positions: Dict[str, Dict[str, List[int]]] = {}
         self.check_perm = check_perm           # ~/.ssh/config read without -F is checked like an Include
         self.overruled: set = set()
+        self.accepted_keywords: set = set()    # keywords the referee's ssh knows and this reading does not
         self.files: Dict[str, None] = {}       # every file and glob directory read, for change detection
 
     @classmethod
@@ -1501,6 +1490,8 @@ class SSHConfig:
         if not line.known:
             if line.error is not None and line.error.startswith("no argument"):
                 raise ConfigError(f"{line.where}: {line.error}")
+            if kw in self.accepted_keywords:
+                return
             if walk.ignore is None or match_pattern_list(kw, walk.ignore, fold=True) != 1:
                 raise ConfigError(f"{line.where}: Bad configuration option: {kw}")
             if line.error is not None:
@@ -1832,7 +1823,7 @@ class _ConfigVerdict:
                 raise failure[1]
             return hosts
         asked: Dict[str, Any] = {}
-        for _ in range(64):
+        for _ in range(10000):            # one round per line ssh overrules, at most
             alias = failure[0] if failure else (hosts[0].alias if hosts else "mesh-config-check")
             if alias not in asked:
                 if len(asked) >= 4:
@@ -1848,13 +1839,17 @@ class _ConfigVerdict:
                 self._cross_check(hosts, alias, values)
                 return hosts
             # ssh accepts what this reading rejects (a patched build's keyword, a newer
-            # algorithm): skip that line, as ssh evidently understands it.
+            # algorithm): skip that line - or every line of that keyword - as ssh
+            # evidently understands it.
+            logger.info("ssh accepts what mesh's reading of ssh_config rejects: %s", failure[1])
+            unknown = re.search(r": Bad configuration option: (\S+)$", str(failure[1]))
             where = re.match(r"(.*?:\d+): ", str(failure[1]))
-            if where is None or where.group(1) in cfg.overruled:
+            if unknown and unknown.group(1) not in cfg.accepted_keywords:
+                cfg.accepted_keywords.add(unknown.group(1))
+            elif where is not None and where.group(1) not in cfg.overruled:
+                cfg.overruled.add(where.group(1))
+            else:
                 break
-            logger.info("ssh accepts %s, which mesh's reading of ssh_config rejects (%s)",
-                        where.group(1), failure[1])
-            cfg.overruled.add(where.group(1))
             hosts, failure = self._hand(cfg)
         if failure:
             raise failure[1]

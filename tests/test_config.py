@@ -206,6 +206,12 @@ def test_a_patched_ssh_that_knows_a_keyword_makes_mesh_accept_it(tmp_path):
     rc, out, err = nodes_env(cfg, fake_ssh(tmp_path, APPLE_SSH))
     assert rc == 0, err
     assert [(r["name"], r["hostname"], r["user"]) for r in json.loads(out)] == [("gpu1", "10.1.1.1", "ann")]
+    # in every block of a large config, too: ssh is still asked once
+    cfg.write_text("".join(f"Host n{i}\n  # mesh: on\n  UseKeychain yes\n  Port {2000 + i}\n" for i in range(150)))
+    rc, out, err = nodes_env(cfg, fake_ssh(tmp_path, APPLE_SSH))
+    assert rc == 0, err
+    assert [r["port"] for r in json.loads(out)] == list(range(2000, 2150))
+    assert (tmp_path / "calls").read_text().count("-G") == 2
 
 
 @pytest.mark.skipif(not HAVE_SSH, reason="ssh not installed")
