@@ -1337,6 +1337,8 @@ class SSHConfig:
                     home = None
             if home is not None:
                 arg = home + (sep + tail if sep else "")
+        if "\\" in arg:   # glob(3) takes a backslash as an escape; for Python's glob, [c] says the same
+            arg = re.sub(r"\\(.)", lambda m: f"[{m.group(1)}]" if m.group(1) in "*?[" else m.group(1), arg)
         parent = os.path.dirname(arg)
         if glob.has_magic(arg):
             for d in (glob.glob(parent) if glob.has_magic(parent) else [parent]):
