@@ -2605,7 +2605,6 @@ class ReplyDechunker:
 
     def __init__(self) -> None:
         self._exact = ChunkedDecoder(max_body=1 << 62)
-        self._buf = b""
         self.done = False
         self.rest = b""
 
@@ -2614,19 +2613,32 @@ class ReplyDechunker:
             self.rest += data
             return b""
         out: List[bytes] = []
-        buf = self._buf + data if self._buf else data
-        self._buf = b""
+        buf = data
         exact = self._exact
-        if exact._state == "size" and not exact._line:
-            buf = self._fast(buf, out)
-        try:
-            piece, used = exact.feed(buf)
-        except HTTPError as exc:
-            raise ProtocolError(f"bad chunked framing: {exc}") from None
-        if piece:
-            out.append(piece)
-        if exact.done:
-            self.done, self.rest = True, buf[used:]
+        while buf:
+            if exact._state == "size" and not exact._line:
+                buf = self._fast(buf, out)
+                if not buf:
+                    break
+            # The exact decoder takes the bytes up to the end of the chunk it is in (or
+            # of the line it is reading), so the next pass starts at a chunk boundary.
+            if exact._state == "data":
+                take = exact._left + 2
+            elif exact._state == "crlf":
+                take = exact._left
+            else:
+                nl = buf.find(b"\n")
+                take = len(buf) if nl < 0 else nl + 1
+            try:
+                piece, used = exact.feed(buf[:take])
+            except HTTPError as exc:
+                raise ProtocolError(f"bad chunked framing: {exc}") from None
+            if piece:
+                out.append(piece)
+            if exact.done:
+                self.done, self.rest = True, buf[used:]
+                break
+            buf = buf[take:]
         return b"".join(out) if len(out) != 1 else out[0]
 
     @staticmethod
@@ -2640,10 +2652,13 @@ class ReplyDechunker:
             lengths = list(map(int, sizes, itertools.repeat(16)))
         except ValueError:
             return buf
-        if 0 in lengths or lengths != list(map(len, datas)):
+        if 0 in lengths:                    # the last chunk: its trailers are the exact decoder's
+            k = lengths.index(0)
+            sizes, datas, lengths = sizes[:k], datas[:k], lengths[:k]
+        if not lengths or lengths != list(map(len, datas)):
             return buf
         out.extend(datas)
-        return buf[sum(map(len, sizes)) + sum(lengths) + 4 * pairs:]
+        return buf[sum(map(len, sizes)) + sum(lengths) + 4 * len(lengths):]
 
 
 _DONE_TRUE = re.compile(rb'"done"\s*:\s*true')
@@ -3217,6 +3232,10 @@ class _EmptyReply(Exception):
 
 class _CutOff(ProtocolError):
     """The connection closed before the body's end."""
+
+
+class _HeadDeadline(Exception):
+    """Raised inside the read of a reply's head by SSHNode._await_head's watch."""
 
 
 class _IdleTimeout(Exception):
@@ -4001,33 +4020,50 @@ class SSHNode:
                           liveness_interval: Optional[float]) -> None:
         """Wait for the first byte, but keep asking the node (its /api/version through
         the same master) whether it is still there: a dead node fails fast, a node
-        busy loading a model gets the whole first_byte_timeout."""
-        task = asyncio.ensure_future(ex.read_head())
-        started = time.monotonic()
+        busy loading a model gets the whole first_byte_timeout.  The head is read in
+        this task; one timer (re-armed every liveness interval) does the watching, so
+        a quick reply costs no extra task or timer per read."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         deadline = None if first_byte_timeout is None else started + first_byte_timeout
         interval = liveness_interval or LIVENESS_INTERVAL
+        probe: List[Any] = [None]
+        handle: List[Any] = [None]
+
+        def fail(message: str) -> None:
+            ex.reader.set_exception(_HeadDeadline(message))
+
+        def tick() -> None:
+            now = loop.time()
+            if deadline is not None and now >= deadline:
+                fail(f"no reply within first_byte_timeout={first_byte_timeout:g}s")
+                return
+            if probe[0] is None or probe[0].done():
+                async def ask() -> None:
+                    error = await self.liveness()
+                    if error:
+                        fail(f"stopped answering while waiting for a reply ({error})")
+                probe[0] = asyncio.ensure_future(ask())
+            arm(now)
+
+        def arm(now: float) -> None:
+            at = now + interval if deadline is None else min(now + interval, deadline)
+            handle[0] = loop.call_at(at, tick)
+
+        arm(started)
         try:
-            while True:
-                wait = interval if deadline is None else min(interval, deadline - time.monotonic())
-                if wait <= 0:
-                    raise NodeError(self.name, f"no reply within first_byte_timeout={first_byte_timeout:g}s")
-                done, _ = await asyncio.wait({task}, timeout=wait)
-                if done:
-                    task.result()
-                    self.avg_latency = ewma(self.avg_latency, time.monotonic() - started)
-                    return
-                if deadline is not None and time.monotonic() >= deadline:
-                    continue
-                probe_error = await self.liveness()
-                if probe_error:
-                    raise NodeError(self.name, f"stopped answering while waiting for a reply ({probe_error})")
+            await ex.read_head()
+        except _HeadDeadline as exc:
+            raise NodeError(self.name, str(exc)) from None
         finally:
-            if not task.done():
-                task.cancel()
+            handle[0].cancel()
+            if probe[0] is not None and not probe[0].done():
+                probe[0].cancel()
                 try:
-                    await task
+                    await probe[0]
                 except BaseException:
                     pass
+        self.avg_latency = ewma(self.avg_latency, loop.time() - started)
 
     async def liveness(self) -> Optional[str]:
         """None if the node's Ollama answers /api/version promptly, else why not."""

@@ -1,0 +1,509 @@
+#!/usr/bin/env python3
+"""Relay benchmark: direct vs nginx vs mesh.py serve (HTTP nodes, SSH nodes), side by side.
+
+    python3 tests/bench_relay.py [--quick]
+
+Three stand-in Ollama backends (asyncio, one process each, one write per token as
+Ollama's Go server flushes one line per token) serve every contender in the same run:
+  direct    the client spreads requests over the three backends itself
+  nginx     Debian's nginx as the yardstick: upstream least_conn, keepalive, no buffering
+  mesh/http mesh.py serve, the three backends as `transport=http` nodes
+  mesh/ssh  mesh.py serve, each backend behind its own real sshd (tests/lab.py)
+Figures, interleaved per round: one long stream's tokens/s and router CPU per chunk;
+N concurrent streams' wall time and router CPU; small requests' added latency p50/p99;
+a whole short stream over SSH on a master mesh started and on one it reuses; a burst
+of simultaneous connects (how many waited for a SYN retry).  Every response is
+checked (status, token count, done line, the node header).  Router CPU is the
+router's own processes (mesh.py; nginx's worker), read from /proc; for mesh/ssh the
+ssh masters' CPU is shown apart.  Not part of the test run; skips nginx with a
+message where it is not installed.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+from lab import MESH, SSHLab, free_port, wait_for, _descendants  # noqa: E402
+
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+# ---------------------------------------------------------------------------
+# The stand-in backend (run as `bench_relay.py --backend PORT`)
+# ---------------------------------------------------------------------------
+
+def backend_main(port: int, name: str) -> None:
+    """A fast stand-in Ollama: /api/generate streams options.num_predict tokens, one
+    chunk and one write per token (token_delay_ms between them), then the done line."""
+    async def handle(reader, writer):
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line[:15].lower() == b"content-length:":
+                        length = int(line[15:])
+                body = json.loads(await reader.readexactly(length)) if length else {}
+                path = head.split(b" ", 2)[1]
+                if path != b"/api/generate":
+                    data = json.dumps({"version": "0.6.1"} if path == b"/api/version" else
+                                      {"models": [{"name": "m:1", "model": "m:1"}]} if path == b"/api/tags" else
+                                      {"models": []}).encode()
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+                    continue
+                opts = body.get("options") or {}
+                n = int(opts.get("num_predict", 10))
+                delay = float(opts.get("token_delay_ms", 0)) / 1000
+                prompt = body.get("prompt", "")
+                if body.get("stream", True) is False:
+                    data = json.dumps({"model": "m:1", "created_at": "2026-01-01T00:00:00Z",
+                                       "response": "t" * n, "done": True, "done_reason": "stop",
+                                       "eval_count": n, "prompt": prompt[:16], "backend": name}).encode()
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+                    continue
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n")
+                line = b'{"model":"m:1","created_at":"2026-01-01T00:00:00.000000Z","response":"tok","done":false}\n'
+                chunk = b"%x\r\n%s\r\n" % (len(line), line)
+                for i in range(n):
+                    writer.write(chunk)
+                    if delay:
+                        await asyncio.sleep(delay)
+                    elif i % 64 == 63:
+                        await writer.drain()
+                done = json.dumps({"model": "m:1", "created_at": "2026-01-01T00:00:00Z", "response": "",
+                                   "done": True, "done_reason": "stop", "eval_count": n,
+                                   "eval_duration": n * 1000, "prompt_eval_count": len(prompt),
+                                   "backend": name}).encode() + b"\n"
+                writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def main():
+        server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=4096)
+        async with server:
+            await server.serve_forever()
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------
+# The client
+# ---------------------------------------------------------------------------
+
+class Conn:
+    """One keep-alive client connection that reads replies with minimal work."""
+
+    def __init__(self, port):
+        self.port = port
+        self.r = self.w = None
+
+    async def open(self):
+        self.r, self.w = await asyncio.open_connection("127.0.0.1", self.port, limit=1 << 22)
+
+    async def post(self, body, want_node=None):
+        """POST /api/generate; returns (lines, done_obj, node header, seconds)."""
+        if self.r is None:
+            await self.open()
+        data = json.dumps(body).encode()
+        t = time.perf_counter()
+        self.w.write(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+        head = await self.r.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head[:200]
+        hl = head.lower()
+        node = None
+        i = hl.find(b"x-mesh-node:")
+        if i >= 0:
+            node = head[i + 12:head.index(b"\r\n", i)].strip().decode()
+        if b"transfer-encoding: chunked" in hl:
+            buf = bytearray()
+            while not buf.endswith(b"\r\n0\r\n\r\n") and not (buf == b"0\r\n\r\n"):
+                more = await self.r.read(1 << 20)
+                assert more, "connection closed mid-reply"
+                buf += more
+            # de-chunk for checking (cheap enough on the client)
+            payload, pos = bytearray(), 0
+            while True:
+                nl = buf.index(b"\r\n", pos)
+                size = int(buf[pos:nl], 16)
+                if not size:
+                    break
+                payload += buf[nl + 2:nl + 2 + size]
+                pos = nl + 4 + size
+        else:
+            i = hl.index(b"content-length:")
+            n = int(hl[i + 15:hl.index(b"\r\n", i)])
+            payload = await self.r.readexactly(n)
+        secs = time.perf_counter() - t
+        lines = payload.count(b"\n") + (0 if payload.endswith(b"\n") else 1)
+        last = payload.rstrip(b"\n").rsplit(b"\n", 1)[-1]
+        done = json.loads(last)
+        assert done.get("done") is True, last[:200]
+        return lines, done, node, secs
+
+    def close(self):
+        if self.w:
+            self.w.close()
+
+
+def proc_cpu(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                f = fh.read().rsplit(")", 1)[1].split()
+            total += int(f[11]) + int(f[12])
+        except (OSError, IndexError):
+            pass
+    return total / TICK
+
+
+class Contender:
+    def __init__(self, name, ports, pids_fn, extra_pids_fn=None):
+        self.name, self.ports, self.pids_fn, self.extra_pids_fn = name, ports, pids_fn, extra_pids_fn
+        self._rr = 0
+
+    def port(self):
+        self._rr += 1
+        return self.ports[self._rr % len(self.ports)]
+
+
+def check(lines, done, node, n, c):
+    assert lines == n + 1, f"{c.name}: {lines} lines for {n} tokens"
+    assert done["eval_count"] == n
+    if c.name.startswith("mesh"):
+        assert node, "no X-Mesh-Node"
+
+
+async def one_stream(c, n, delay_ms=0, prompt="p"):
+    conn = Conn(c.port())
+    try:
+        lines, done, node, secs = await conn.post({"model": "m:1", "prompt": prompt,
+                                                   "options": {"num_predict": n, "token_delay_ms": delay_ms}})
+        check(lines, done, node, n, c)
+        return secs
+    finally:
+        conn.close()
+
+
+async def long_stream(c, n):
+    pids = c.pids_fn()
+    extra = c.extra_pids_fn() if c.extra_pids_fn else []
+    cpu0, x0 = proc_cpu(pids), proc_cpu(extra)
+    secs = await one_stream(c, n)
+    cpu, x = proc_cpu(pids) - cpu0, proc_cpu(extra) - x0
+    return n / secs, cpu / n * 1e6, x / n * 1e6
+
+
+async def concurrent(c, n_streams, tokens, delay_ms):
+    pids = c.pids_fn()
+    cpu0 = proc_cpu(pids)
+    t = time.perf_counter()
+    await asyncio.gather(*(one_stream(c, tokens, delay_ms, prompt=f"p{i}") for i in range(n_streams)))
+    wall = time.perf_counter() - t
+    return wall, proc_cpu(pids) - cpu0
+
+
+async def small_requests(c, count):
+    conns = [Conn(p) for p in c.ports]
+    out = []
+    try:
+        for i in range(count):
+            conn = conns[i % len(conns)]
+            lines, done, node, secs = await conn.post({"model": "m:1", "prompt": f"s{i}", "stream": False,
+                                                       "options": {"num_predict": 4}})
+            assert done["eval_count"] == 4 and done["prompt"] == f"s{i}"[:16]
+            out.append(secs)
+    finally:
+        for conn in conns:
+            conn.close()
+    return out
+
+
+async def short_streams(c, count, n=11):
+    out = []
+    conn = Conn(c.ports[0])
+    try:
+        for i in range(count):
+            lines, done, node, secs = await conn.post({"model": "m:1", "prompt": f"q{i}",
+                                                       "options": {"num_predict": n}})
+            check(lines, done, node, n, c)
+            out.append(secs)
+    finally:
+        conn.close()
+    return out
+
+
+async def burst(c, n):
+    """n simultaneous connects; how many took longer than 0.9 s (a SYN retry)."""
+    async def one():
+        t = time.perf_counter()
+        r, w = await asyncio.open_connection("127.0.0.1", c.port())
+        secs = time.perf_counter() - t
+        return secs, w
+    results = await asyncio.gather(*(one() for _ in range(n)))
+    for _, w in results:
+        w.close()
+    return sum(1 for s, _ in results if s > 0.9)
+
+
+# ---------------------------------------------------------------------------
+# Bringing up the contenders
+# ---------------------------------------------------------------------------
+
+def start_nginx(tmp, backends):
+    port = free_port()
+    conf = os.path.join(tmp, "nginx.conf")
+    ups = "\n".join(f"        server 127.0.0.1:{p};" for p in backends)
+    with open(conf, "w") as fh:
+        fh.write(f"""worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx.err warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/cb; proxy_temp_path {tmp}/pt; fastcgi_temp_path {tmp}/ft;
+    uwsgi_temp_path {tmp}/ut; scgi_temp_path {tmp}/st;
+    upstream ollama {{
+        least_conn;
+{ups}
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://ollama;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_read_timeout 600s;
+        }}
+    }}
+}}
+""")
+    proc = subprocess.Popen([NGINX, "-p", tmp, "-c", conf, "-g", "daemon off;"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: port_open(port), 10, "nginx to listen")
+    return proc, port
+
+
+def port_open(port):
+    import socket
+    try:
+        socket.create_connection(("127.0.0.1", port), 0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+def start_mesh(config, env):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, MESH, "--config", config, "serve", "--listen", f"127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    wait_for(lambda: port_open(port) or proc.poll() is not None, 20, "mesh serve to listen")
+    if proc.poll() is not None:
+        raise SystemExit("mesh serve failed: " + proc.stderr.read().decode())
+    return proc, port
+
+
+def stop(proc):
+    if proc and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ---------------------------------------------------------------------------
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backend", type=int)
+    ap.add_argument("--name", default="b")
+    ap.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    args = ap.parse_args()
+    if args.backend:
+        backend_main(args.backend, args.name)
+        return
+    rounds = 1 if args.quick else 3
+    tmp = tempfile.mkdtemp(prefix="bench-relay-")
+    backends, procs = [], []
+    lab = None
+    mesh_procs = []
+    try:
+        for i in range(3):
+            p = free_port()
+            procs.append(subprocess.Popen([sys.executable, __file__, "--backend", str(p), "--name", f"b{i}"]))
+            backends.append(p)
+        for p in backends:
+            wait_for(lambda: port_open(p), 10, "backend")
+        contenders = [Contender("direct", backends, lambda: [])]
+        if NGINX:
+            ngx, ngx_port = start_nginx(tmp, backends)
+            procs.append(ngx)
+            contenders.append(Contender("nginx", [ngx_port], lambda: [ngx.pid] + _descendants(ngx.pid)))
+        else:
+            print("nginx: not installed (apt-get install nginx-light) - skipped; targets relative to nginx "
+                  "are not judged")
+        # mesh over HTTP nodes
+        cfg = os.path.join(tmp, "http_nodes")
+        with open(cfg, "w") as fh:
+            for i, p in enumerate(backends):
+                fh.write(f"Host h{i}\n    HostName 127.0.0.1\n    # mesh: transport=http ollama_host=127.0.0.1 "
+                         f"ollama_port={p} max_concurrent=1000\n\n")
+        env = dict(os.environ, MESH_CONTROL_DIR=tempfile.mkdtemp(prefix="mc-", dir="/tmp"))
+        mh, mh_port = start_mesh(cfg, env)
+        mesh_procs.append(mh)
+        contenders.append(Contender("mesh/http", [mh_port], lambda: [mh.pid]))
+        # mesh over SSH: each backend behind its own sshd
+        lab = SSHLab()
+        for i, p in enumerate(backends):
+            lab.add_node(f"s{i}", ["m:1"], settings="max_concurrent=1000")
+            lab.fakes[f"s{i}"].close()
+            lab.fakes[f"s{i}"].port = p
+        lab.write_config()
+        ms, ms_port = start_mesh(lab.config_path, lab.env())
+        mesh_procs.append(ms)
+
+        def ssh_masters():
+            return [int(x.split(":")[0]) for x in lab.ssh_processes(include_masters=True)]
+        mesh_ssh = Contender("mesh/ssh", [ms_port], lambda: [ms.pid], ssh_masters)
+        contenders.append(mesh_ssh)
+        asyncio.run(run(contenders, rounds, lab, mesh_ssh))
+    finally:
+        for p in mesh_procs + procs:
+            stop(p)
+        if lab:
+            lab.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def run(contenders, rounds, lab, mesh_ssh):
+    # warm: masters, inventories, pools
+    for c in contenders:
+        for _ in range(3):
+            await one_stream(c, 20)
+        await asyncio.gather(*(one_stream(c, 5) for _ in range(60)))
+    res = {c.name: {} for c in contenders}
+
+    def add(c, key, value):
+        res[c.name].setdefault(key, []).append(value)
+
+    n_long, ns = 20000, (50, 200, 500)
+    for rnd in range(rounds):
+        for c in contenders:                      # interleaved: each round visits every contender
+            rate, cpu, ssh_cpu = await long_stream(c, n_long)
+            add(c, "rate", rate)
+            add(c, "cpu_chunk", cpu)
+            add(c, "ssh_cpu_chunk", ssh_cpu)
+            for n in ns:
+                wall, cpu = await concurrent(c, n, 50, 10)
+                add(c, f"wall{n}", wall)
+                add(c, f"cpu{n}", cpu)
+            add(c, "small", await small_requests(c, 200))
+            add(c, "short", await short_streams(c, 50))
+            add(c, "syn_retry", await burst(c, 500))
+    # SSH: a whole short stream on a master mesh starts (fresh) and on one it reuses
+    short_fresh, short_reused = await ssh_master_cases(lab)
+    report(contenders, res, short_fresh, short_reused)
+
+
+async def ssh_master_cases(lab):
+    """A new mesh serve with no masters (it starts them), then another one reusing them."""
+    lab.stop_masters()
+    out = []
+    for _ in range(2):
+        proc, port = start_mesh(lab.config_path, lab.env())
+        try:
+            c = Contender("mesh/ssh", [port], lambda: [])
+            await one_stream(c, 11)               # the first request starts (or finds) the master
+            out.append(await short_streams(c, 50))
+        finally:
+            stop(proc)
+    return out
+
+
+def med(xs):
+    return statistics.median(xs)
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def report(contenders, res, short_fresh, short_reused):
+    names = [c.name for c in contenders]
+    only_ssh = lambda v: [v if n == "mesh/ssh" else "" for n in names]  # noqa: E731
+    has_nginx = "nginx" in names
+    w = 13
+    print()
+    print(f"{'figure':<44}" + "".join(f"{n:>{w}}" for n in names) + "   target (mesh vs nginx/direct)")
+
+    def line(label, values, target=""):
+        print(f"{label:<44}" + "".join(f"{v:>{w}}" for v in values) + "   " + target)
+
+    r = {n: med(res[n]["rate"]) for n in names}
+    ngx = r.get("nginx")
+    line("one 20k-token stream: tokens/s", [f"{r[n]:,.0f}" for n in names],
+         "" if not ngx else f">= 0.8x nginx: http {r['mesh/http'] / ngx:.2f}x, ssh {r['mesh/ssh'] / ngx:.2f}x")
+    cpu = {n: med(res[n]["cpu_chunk"]) for n in names}
+    line("  router CPU per chunk (us)", ["-" if n == "direct" else f"{cpu[n]:.1f}" for n in names],
+         "(/proc ticks of 10 ms: coarse for one stream)")
+    line("  ssh masters' CPU per chunk (us), apart", only_ssh(f"{med(res['mesh/ssh']['ssh_cpu_chunk']):.1f}"))
+    for n_ in (50, 200, 500):
+        walls = {n: med(res[n][f"wall{n_}"]) for n in names}
+        tgt = ""
+        if n_ == 500 and has_nginx:
+            tgt = f"<= 1.2x nginx: http {walls['mesh/http'] / walls['nginx']:.2f}x, ssh {walls['mesh/ssh'] / walls['nginx']:.2f}x"
+        line(f"{n_} concurrent streams x 50 tokens: wall s", [f"{walls[n]:.3f}" for n in names], tgt)
+        chunks = n_ * 51
+        per = {n: med(res[n][f"cpu{n_}"]) / chunks * 1e6 for n in names}
+        tgt = ""
+        if has_nginx and per["nginx"] > 0:
+            tgt = (f"CPU/chunk <= 2.5x nginx: http {per['mesh/http'] / per['nginx']:.1f}x, "
+                   f"ssh {per['mesh/ssh'] / per['nginx']:.1f}x")
+        line("  router CPU s (per chunk us)", ["-" if n == "direct" else
+                                               f"{med(res[n][f'cpu{n_}']):.2f} ({per[n]:.1f})" for n in names], tgt)
+    small = {n: [x for xs in res[n]["small"] for x in xs] for n in names}
+    d50, d99 = med(small["direct"]), pct(small["direct"], 0.99)
+    line("small request p50 ms", [f"{med(small[n]) * 1000:.3f}" for n in names],
+         f"added <= +0.15 ms over HTTP nodes: +{(med(small['mesh/http']) - d50) * 1000:.3f} ms")
+    line("small request p99 ms", [f"{pct(small[n], 0.99) * 1000:.3f}" for n in names],
+         f"(direct p99 {d99 * 1000:.3f})")
+    short = {n: [x for xs in res[n]["short"] for x in xs] for n in names}
+    sd = med(short["direct"])
+    line("whole 11-token stream p50 ms", [f"{med(short[n]) * 1000:.3f}" for n in names],
+         f"ssh <= direct + 2 ms: +{(med(short['mesh/ssh']) - sd) * 1000:.2f} ms")
+    line("  same, ssh master started by this mesh", only_ssh(f"{med(short_fresh) * 1000:.3f}"),
+         f"+{(med(short_fresh) - sd) * 1000:.2f} ms over direct (max {max(short_fresh) * 1000:.1f} ms)")
+    line("  same, ssh master reused from before", only_ssh(f"{med(short_reused) * 1000:.3f}"),
+         f"+{(med(short_reused) - sd) * 1000:.2f} ms over direct (max {max(short_reused) * 1000:.1f} ms)")
+    line("500 simultaneous connects: waited for SYN retry", [str(sum(res[n]["syn_retry"])) for n in names],
+         "0 for mesh")
+    print(f"\n{len(res['direct']['rate'])} round(s); medians; Python {sys.version.split()[0]}, "
+          f"{os.cpu_count()} CPUs; nginx {'present' if has_nginx else 'absent'}")
+
+
+if __name__ == "__main__":
+    main()
