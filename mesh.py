@@ -5699,6 +5699,7 @@ class Exchange:
         self.bytes_out = 0
         self.body_read = not request.has_body
         self.keep_alive = request.keep_alive
+        self._pending_head = b""
         self._chunked = False
         self._streaming = False
         self._body: Optional[bytes] = None
@@ -5761,15 +5762,23 @@ class Exchange:
             fields.append(("X-Mesh-Node", node))
         fields.extend(self.extra_headers)
         fields.extend(headers)
-        self.conn.writer.write(response_head(status, fields))
+        # Kept until the body's first bytes: head and body leave in one write (one send(),
+        # one segment) - a socket takes each write at once, so two writes cost two.
+        self._pending_head = response_head(status, fields)
+
+    def _with_head(self, data: bytes) -> bytes:
+        head, self._pending_head = self._pending_head, b""
+        return head + data if head else data
 
     async def send(self, status: int, body: bytes, content_type: str, *, node: Optional[str] = None,
                    headers: Sequence[Tuple[str, str]] = ()) -> None:
         """A whole response with Content-Length (HEAD: the head alone)."""
         await self._head(status, len(body), content_type, headers, node)
         if body_allowed(self.request.method, status):
-            self.conn.writer.write(body)
             self.bytes_out += len(body)
+        else:
+            body = b""
+        self.conn.writer.write(self._with_head(body))
         self.first_byte_at = time.monotonic()
         await self.conn.drain()
 
@@ -5790,6 +5799,8 @@ class Exchange:
         self._streaming = True
         if first:
             self.write_nowait(first)
+        if self._pending_head:          # no first piece (or a body HEAD does not get)
+            self.conn.writer.write(self._with_head(b""))
         await self.conn.drain()
 
     def write_nowait(self, data: bytes) -> bool:
@@ -5802,7 +5813,7 @@ class Exchange:
             self.first_byte_at = time.monotonic()
         self.bytes_out += len(data)
         writer = self.conn.writer
-        writer.write(b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data)
+        writer.write(self._with_head(b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data))
         return writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER
 
     async def drain_client(self) -> None:
