@@ -3674,7 +3674,9 @@ class SSHTransport(Transport):
         master is not asked again."""
         if os.path.exists(self.nodelay_mark):
             return
-        argv = self._base("-o", "ControlMaster=no", "-v", "-T", "--", self.name, "exit 0")
+        # -tt: on a pty, closing the session hangs up the node's shell at once (SIGHUP)
+        # instead of letting it run its .bashrc for nothing.
+        argv = self._base("-o", "ControlMaster=no", "-v", "-tt", "--", self.name, "exit 0")
         try:
             proc = await spawn(argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL)
         except OSError:
