@@ -124,8 +124,8 @@ class Conn:
             await self.open()
         data = json.dumps(body).encode()
         t = time.perf_counter()
-        self.w.write(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+        self.w.write(b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (self.port, len(data), data))
         head = await self.r.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200"), head[:200]
         hl = head.lower()
