@@ -441,6 +441,8 @@ def test_browsers_cors_and_host_check(lab):
         status, headers, _ = call(s.base, "POST", "/api/generate", body, dict(page, Authorization="Bearer sesame"))
         assert status == 200 and headers["access-control-allow-origin"] == "http://localhost:5173"
         # a form-like cross-site text/plain POST from another site: refused before any node sees it
+        # (counted once serve's first inventory, which runs in the background, is in)
+        wait_for(lambda: any(r["path"] == "/api/ps" for r in fake.requests), 10, "serve's first inventory")
         before = len(fake.requests)
         status, headers, _ = call(s.base, "POST", "/api/generate", raw=json.dumps(body).encode(), headers={
             "Origin": "https://evil.example", "Content-Type": "text/plain", "Authorization": "Bearer sesame"})
