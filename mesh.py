@@ -46,7 +46,9 @@ Sections, in dependency order (each begins with a banner comment)::
     wire formats (pure)    NDJSONDecoder; HTTP/1.1 framing: parse_request_head,
                            ChunkedDecoder, response_head, response_framing;
                            node replies: ReplyDechunker, ReplyScanner (end, bad lines)
-    scoring (pure)         load_score, rank_nodes, closest_names
+    routing (pure)         load_score, rank_nodes, closest_names (the original score);
+                           Balancer, NodeRouteState, RouteRequest, prompt_prefixes,
+                           count_busy_connections (routing by expected completion time)
     transport              the only code that spawns ssh or opens sockets to nodes; list_masters
     nodes                  SSHNode: health, load, inventory
     orchestrator           MeshOrchestrator: the public async API; RawStream (bytes)
@@ -83,6 +85,8 @@ __all__ = [
     "UnsupportedPathError", "api_family", "error_body", "is_unsupported_reply", "openai_model",
     "openai_model_list", "merge_ps", "keep_alive_seconds", "is_unload_request", "allowed_origins",
     "origin_allowed", "host_allowed", "DEFAULT_ORIGINS",
+    "Balancer", "NodeRouteState", "RouteRequest", "prompt_prefixes", "context_fingerprint",
+    "count_busy_connections", "ROUTING_POLICIES",
 ]
 
 __version__ = "1.0.0"
@@ -1939,7 +1943,7 @@ class NodeSpec:
     def __init__(self, name: str, *, display_name: Optional[str] = None, weight: float = 1.0,
                  max_concurrent: int = DEFAULT_MAX_CONCURRENT, ollama_port: int = DEFAULT_OLLAMA_PORT,
                  ollama_host: str = "localhost", transport: str = "auto",
-                 info: Optional[HostInfo] = None) -> None:
+                 info: Optional[HostInfo] = None, num_parallel: Optional[int] = None) -> None:
         self.name = name
         self.display_name = display_name or name
         self.weight = weight
@@ -1948,6 +1952,7 @@ class NodeSpec:
         self.ollama_host = ollama_host
         self.transport = transport
         self.info = info
+        self.num_parallel = num_parallel   # Ollama's OLLAMA_NUM_PARALLEL there, if the user says
 
     @classmethod
     def from_settings(cls, alias: str, settings: Dict[str, str], info: Optional[HostInfo] = None,
@@ -1955,7 +1960,8 @@ class NodeSpec:
         def bad(key: str, why: str) -> ConfigError:
             return ConfigError(f"{where or alias}: mesh setting {key}={settings[key]!r}: {why}")
 
-        known = {"name", "weight", "max_concurrent", "ollama_port", "ollama_host", "transport", "enabled"}
+        known = {"name", "weight", "max_concurrent", "ollama_port", "ollama_host", "transport", "enabled",
+                 "num_parallel"}
         unknown = sorted(set(settings) - known)
         if unknown:
             raise ConfigError(f"{where or alias}: unknown mesh setting {unknown[0]!r} "
@@ -1970,7 +1976,7 @@ class NodeSpec:
                 raise bad("weight", "not a number") from None
             if not kw["weight"] > 0:
                 raise bad("weight", "must be > 0")
-        for key in ("max_concurrent", "ollama_port"):
+        for key in ("max_concurrent", "ollama_port", "num_parallel"):
             if key in settings:
                 try:
                     kw[key] = int(settings[key])
@@ -1996,7 +2002,7 @@ class NodeSpec:
             "identityfile": info.identityfile if info else [],
             "weight": self.weight, "max_concurrent": self.max_concurrent,
             "ollama_port": self.ollama_port, "ollama_host": self.ollama_host,
-            "transport": self.transport,
+            "transport": self.transport, "num_parallel": self.num_parallel,
             "unresolved": bool(info and info.unresolved),
         }
 
@@ -3007,7 +3013,7 @@ def host_allowed(host_header: str, listen_host: str, *, hostname: Optional[str] 
 
 
 # ---------------------------------------------------------------------------
-# Scoring and routing (pure).
+# Routing (pure): the original load score, and routing by expected completion time.
 # ---------------------------------------------------------------------------
 
 def load_score(active: int, latency: Optional[float], weight: float, *,
@@ -3050,6 +3056,566 @@ def rank_nodes(nodes: Sequence["SSHNode"], *, model: Optional[str] = None,
         return (round(n.load_score(neutral_latency=neutral), 6), loaded, rng.random())
 
     return sorted(nodes, key=sort_key)
+
+
+# Routing by expected completion time (the `mesh` policy).  Everything below is pure:
+# the orchestrator reports what happened (dispatched, finished, what /api/ps and the
+# node's connection count say) with the time, and asks for a plan.
+
+ROUTING_POLICIES = ("mesh", "score", "least-connections", "round-robin")
+CHARS_PER_TOKEN = 4.0        # rough, as the common tokenizers give for English text and code
+PRIOR_GEN_TPS = 20.0         # tokens/s for a node never measured (times its weight)
+PRIOR_PROMPT_TPS = 400.0     # prompt tokens/s evaluated, same
+PRIOR_LOAD_S = 5.0           # seconds to load a model never seen loading
+PRIOR_REPLY_TOKENS = 200.0   # tokens a reply has when nothing is known about the model
+NEEDED_WINDOW = 120.0        # a model asked for on a node within this many seconds is still needed there
+AFFINITY_ENTRIES = 8192      # conversation fingerprints remembered (8 bytes and 3 numbers each)
+RESIDENT_ENTRIES = 64        # per node: the sequences we left in its slots, most recent kept
+RESIDENT_WINDOW = 600.0      # a conversation quiet this long is no longer protected
+PLAN_DEPTH = 256             # waiting requests planned per pass (later ones wait their turn)
+LOAD_INTERVAL = 1.0           # seconds between readings of a node's connection count while busy
+LOAD_IDLE_STOP = 30.0        # stop reading them after this long with nothing in flight
+STREAM_GAP = 1.5             # a connection that sent within this many seconds may be streaming
+SLOT_WAIT_MIN = 0.05         # seconds queued inside Ollama that mean "its parallel slots were full"
+_GENERATE_BLOCK = 2048       # /api/generate prompts are fingerprinted every this many characters
+
+
+def _fingerprint() -> Any:
+    import hashlib
+    return hashlib.blake2b(digest_size=8)
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return json.dumps(content, sort_keys=True, ensure_ascii=False) if content is not None else ""
+
+
+def prompt_prefixes(path: str, payload: Dict[str, Any]) -> Tuple[List[Tuple[bytes, int]], int]:
+    """Fingerprints of the prefixes of a request's prompt that an earlier request may
+    have left in one of Ollama's parallel slots, shortest first, as
+    [(8-byte fingerprint, estimated tokens through that prefix)], and the request's
+    estimated prompt tokens.  Chat (/api/chat, /v1/chat/completions): one per message;
+    /api/generate: one for `context` (the token list a previous reply returned), then
+    one per 2,048 characters of the prompt.  Fingerprints include the model; no text
+    is kept (Ollama reuses the longest common prefix of a slot's last sequence, as its
+    runner's cache does)."""
+    model = model_key(str(payload.get("model") or ""))
+    h = _fingerprint()
+    h.update(model.encode("utf-8", "replace") + b"\0" + path.encode())
+    chain: List[Tuple[bytes, int]] = []
+    chars = 0
+    messages = payload.get("messages")
+    if isinstance(messages, list):
+        for msg in messages:
+            if not isinstance(msg, dict):
+                continue
+            text = _text_of(msg.get("content"))
+            role = str(msg.get("role", ""))
+            h.update(b"\x1e" + role.encode("utf-8", "replace") + b"\x1f" + text.encode("utf-8", "replace"))
+            extra = msg.get("images") or msg.get("tool_calls")
+            if extra:
+                h.update(_text_of(extra).encode("utf-8", "replace")[:4096])
+            chars += len(text) + len(role) + 8
+            chain.append((h.copy().digest(), int(chars / CHARS_PER_TOKEN)))
+        return chain, int(chars / CHARS_PER_TOKEN)
+    tokens = 0
+    system = payload.get("system")
+    if system:
+        h.update(b"\x1es" + _text_of(system).encode("utf-8", "replace"))
+        chars += len(_text_of(system))
+    context = payload.get("context")
+    if isinstance(context, list) and context:
+        h.update(b"\x1ec" + json.dumps(context).encode())
+        tokens = len(context)
+        chain.append((h.copy().digest(), tokens + int(chars / CHARS_PER_TOKEN)))
+    prompt = _text_of(payload.get("prompt"))
+    for start in range(0, len(prompt) - _GENERATE_BLOCK + 1, _GENERATE_BLOCK):
+        h.update(prompt[start:start + _GENERATE_BLOCK].encode("utf-8", "replace"))
+        chain.append((h.copy().digest(), tokens + int((chars + start + _GENERATE_BLOCK) / CHARS_PER_TOKEN)))
+    return chain, tokens + int((chars + len(prompt)) / CHARS_PER_TOKEN)
+
+
+def context_fingerprint(payload: Dict[str, Any], context: List[Any]) -> bytes:
+    """The fingerprint a later /api/generate carrying this reply's `context` will have
+    as its first prefix (see prompt_prefixes)."""
+    return prompt_prefixes("/api/generate", {"model": payload.get("model"), "system": payload.get("system"),
+                                             "context": context})[0][0][0]
+
+
+def count_busy_connections(text: str, port: int) -> Optional[int]:
+    """Requests in flight at a node's Ollama, read from its established TCP connections
+    to `port`: the output of `ss -Htni state established '( sport = :PORT )'` (a
+    connection is busy when it received data after it last sent, or sent within the
+    STREAM_GAP seconds - a stream), or failing that /proc/net/tcp{,6} (every established
+    connection counts).  None when the text is neither (no ss, no /proc: not Linux)."""
+    lines = text.splitlines()
+    if any(line.lstrip().startswith("sl ") for line in lines):
+        want = f":{port:04X}"
+        busy = 0
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 3 and fields[1].endswith(want) and fields[3] == "01":
+                busy += 1
+        return busy
+    busy, seen, conn = 0, False, False
+    for line in lines:
+        if not line.strip():
+            continue
+        if not line[0].isspace():          # a connection line; its details follow indented
+            fields = line.split()
+            if len(fields) < 4 or ":" not in fields[-1]:
+                return None
+            if conn:
+                busy += 1                  # no details line: count it
+            conn, seen = True, True
+            continue
+        if not conn:
+            continue
+        conn = False
+        m_snd = re.search(r"\blastsnd:(\d+)", line)
+        m_rcv = re.search(r"\blastrcv:(\d+)", line)
+        snd = int(m_snd.group(1)) if m_snd else 1 << 31
+        rcv = int(m_rcv.group(1)) if m_rcv else 1 << 31
+        if rcv < snd or snd < STREAM_GAP * 1000:
+            busy += 1
+    if conn:
+        busy += 1
+    if not seen and text.strip():
+        return None
+    return busy
+
+
+class _ModelStats:
+    """What one node showed for one model: EWMAs of tokens/s and load seconds."""
+
+    __slots__ = ("gen_tps", "prompt_tps", "load_s")
+
+    def __init__(self) -> None:
+        self.gen_tps: Optional[float] = None
+        self.prompt_tps: Optional[float] = None
+        self.load_s: Optional[float] = None
+
+
+class NodeRouteState:
+    """What routing knows about one node: speeds per model (learned from the
+    eval_count/eval_duration, prompt_eval_count/prompt_eval_duration and
+    load_duration Ollama reports), parallel slots (set as `num_parallel`, else
+    learned: the most requests seen running at once with none queued inside Ollama),
+    loaded models (/api/ps and replies), how many models fit at once (learned when a
+    load evicted another), our requests in flight and others' (from the node's
+    connection count)."""
+
+    def __init__(self, name: str, *, weight: float = 1.0, max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+                 num_parallel: Optional[int] = None) -> None:
+        self.name = name
+        self.weight = weight
+        self.max_concurrent = max_concurrent
+        self.num_parallel = num_parallel
+        self.parallel_ok = 1                 # most at once seen with no wait inside Ollama
+        self.parallel_bad: Optional[int] = None   # fewest at once seen making one wait
+        self.stats: Dict[str, _ModelStats] = {}
+        self.loaded: Dict[str, float] = {}   # model key -> when last used here (monotonic s)
+        self.max_loaded: Optional[int] = None
+        self.max_seen_loaded = 0
+        self.inflight: Dict[int, Tuple[float, float, str]] = {}   # ticket -> (start, expected s, model)
+        self.external = 0                    # requests at the node that are not ours
+        self.serial = 0                      # requests sent here
+        from collections import OrderedDict
+        # Sequences we left in its slots, least recent first: fingerprint -> (tokens, when).
+        self.resident: "OrderedDict[bytes, Tuple[int, float]]" = OrderedDict()
+        self.cache_proven = 1                # slots shown by a cache that outlived others
+        self.new_sequences: Dict[int, int] = {}   # ticket -> tokens, for requests in flight that
+                                                  # will take a slot from whatever it held
+
+    @property
+    def slots(self) -> int:
+        """Requests the node runs at once (Ollama's OLLAMA_NUM_PARALLEL)."""
+        if self.num_parallel:
+            return self.num_parallel
+        return max(1, min(max(self.parallel_ok, self.cache_proven), self.max_concurrent))
+
+    def explore_limit(self) -> int:
+        """How many requests may be in flight here while learning whether the node runs
+        more at once than seen so far: twice as many until one had to wait inside
+        Ollama, then up to one below the count that made it wait."""
+        if self.num_parallel:
+            return self.num_parallel
+        cap = self.max_concurrent if self.parallel_bad is None else self.parallel_bad - 1
+        return max(self.slots, min(2 * self.slots, cap))
+
+    def busy(self) -> int:
+        return len(self.inflight) + self.external
+
+    def resident_rank(self, fp: bytes) -> Optional[int]:
+        """How many sequences we sent here since this one (None: not here)."""
+        if fp not in self.resident:
+            return None
+        rank = 0
+        for other in reversed(self.resident):
+            if other == fp:
+                return rank
+            rank += 1
+        return None
+
+    def model(self, key: str) -> _ModelStats:
+        st = self.stats.get(key)
+        if st is None:
+            st = self.stats[key] = _ModelStats()
+        return st
+
+    def set_loaded(self, keys: Sequence[str], now: float) -> None:
+        """What /api/ps says is loaded now."""
+        self.loaded = {k: self.loaded.get(k, now - NEEDED_WINDOW) for k in keys}
+        self.max_seen_loaded = max(self.max_seen_loaded, len(self.loaded))
+
+
+class RouteRequest:
+    """One request as routing sees it: model, estimated prompt tokens, its prefix
+    fingerprints, and (once planned) the node, the reason and a ticket."""
+
+    __slots__ = ("model", "tokens", "chain", "max_tokens", "arrived", "candidates", "node", "why",
+                 "ticket", "future", "path", "payload", "exclude", "concurrency")
+
+    def __init__(self, path: str, payload: Dict[str, Any], *, now: float) -> None:
+        self.path, self.payload = path, payload
+        self.model = model_key(str(payload.get("model") or ""))
+        self.chain, self.tokens = prompt_prefixes(path, payload)
+        options = payload.get("options") if isinstance(payload.get("options"), dict) else {}
+        limit = options.get("num_predict", payload.get("max_tokens"))
+        self.max_tokens = limit if isinstance(limit, int) and limit > 0 else None
+        self.arrived = now
+        self.candidates: List[str] = []
+        self.node: Optional[str] = None
+        self.why = ""
+        self.ticket = 0
+        self.future: Any = None
+        self.exclude: set = set()
+        self.concurrency = 1
+
+
+class Balancer:
+    """Chooses nodes by the expected time until each request's answer is complete.
+
+    For a waiting request and each candidate node: when one of the node's parallel
+    slots frees (its requests in flight - ours, and others' seen in its connection
+    count - and the requests planned before this one), plus a model load if the
+    model is not loaded there, plus prompt evaluation of the tokens not already in
+    one of its slots (conversation affinity), plus generation at the node's speed.
+    Requests are planned first come, first served, each on the node where it would
+    finish first; a request goes out only when that node has a free slot now, so
+    requests wait in mesh, not at a busy node, and none is overtaken for good.
+    A node may be sent one request beyond its known slots to learn whether it runs
+    more at once.  A model another request still needs is not evicted while another
+    node could take the new one.  Pure: no clock, no I/O; times are seconds on the
+    caller's monotonic clock."""
+
+    def __init__(self) -> None:
+        self.nodes: Dict[str, NodeRouteState] = {}
+        self.affinity: "Any" = None
+        from collections import OrderedDict
+        self.affinity = OrderedDict()      # fingerprint -> (node, tokens, node serial)
+        self.reply_tokens: Dict[str, float] = {}
+        self._tickets = 0
+
+    def node(self, name: str, **kw: Any) -> NodeRouteState:
+        st = self.nodes.get(name)
+        if st is None:
+            st = self.nodes[name] = NodeRouteState(name, **kw)
+        return st
+
+    # -- what was learned ------------------------------------------------------
+    def _pool_rate(self, key: str, attr: str) -> Optional[float]:
+        """The median over measured nodes of a per-weight rate for this model, else any model."""
+        for want in (key, None):
+            rates = sorted(getattr(st, attr) / max(n.weight, 1e-6)
+                           for n in self.nodes.values() for k, st in n.stats.items()
+                           if (want is None or k == want) and getattr(st, attr))
+            if rates:
+                return rates[len(rates) // 2]
+        return None
+
+    def rate(self, node: NodeRouteState, key: str, attr: str, prior: float,
+             pool: Dict[Tuple[str, str], Optional[float]]) -> float:
+        st = node.stats.get(key)
+        if st is not None and getattr(st, attr):
+            return getattr(st, attr)
+        own = [getattr(s, attr) for s in node.stats.values() if getattr(s, attr)]
+        if own:
+            return sum(own) / len(own)
+        if (key, attr) not in pool:
+            pool[(key, attr)] = self._pool_rate(key, attr)
+        rate = pool[(key, attr)]
+        return (rate if rate else prior) * node.weight
+
+    def load_seconds(self, node: NodeRouteState, key: str) -> float:
+        st = node.stats.get(key)
+        if st is not None and st.load_s is not None:
+            return st.load_s
+        known = [s.load_s for s in node.stats.values() if s.load_s is not None]
+        if not known:
+            known = [s.load_s for n in self.nodes.values() for s in n.stats.values() if s.load_s is not None]
+        return sorted(known)[len(known) // 2] if known else PRIOR_LOAD_S
+
+    def expected_reply(self, req: RouteRequest) -> float:
+        avg = self.reply_tokens.get(req.model, PRIOR_REPLY_TOKENS)
+        return min(avg, req.max_tokens) if req.max_tokens else avg
+
+    def cached_tokens(self, req: RouteRequest) -> Dict[str, int]:
+        """Per node, the prompt tokens one of its slots probably still holds."""
+        found: Dict[str, int] = {}
+        for fp, _ in reversed(req.chain):
+            entry = self.affinity.get(fp)
+            if entry is None:
+                continue
+            name, tokens, _ = entry
+            node = self.nodes.get(name)
+            if node is None or name in found:
+                continue
+            # Each other sequence sent there since may have taken its slot (Ollama keeps
+            # one sequence per slot); while the slot count is being learned, hope for more.
+            rank = node.resident_rank(fp)
+            if rank is None or rank >= node.explore_limit():
+                continue
+            found[name] = min(tokens, req.tokens)
+        return found
+
+    def eviction_cost(self, node: NodeRouteState, now: float, prompt_tps: float) -> float:
+        """Seconds another conversation would lose if a new sequence took its slot: the
+        least recent of our sequences there, when they fill its slots."""
+        live = [tokens for tokens, when in node.resident.values() if now - when < RESIDENT_WINDOW]
+        live += node.new_sequences.values()     # conversations starting there now
+        if len(live) < node.slots:
+            return 0.0
+        return live[-node.slots] / prompt_tps
+
+    # -- events --------------------------------------------------------------
+    def dispatched(self, req: RouteRequest, node_name: str, expected: float, now: float) -> int:
+        node = self.nodes[node_name]
+        self._tickets += 1
+        node.inflight[self._tickets] = (now, expected, req.model)
+        if req.chain and not any(fp in node.resident for fp, _ in req.chain):
+            node.new_sequences[self._tickets] = req.tokens
+        node.serial += 1
+        node.loaded[req.model] = now
+        req.ticket = self._tickets
+        return self._tickets
+
+    def finished(self, req: RouteRequest, node_name: str, now: float, reply: Optional[Dict[str, Any]],
+                 *, concurrency: int = 1) -> bool:
+        """A request ended (reply: the final chunk, None on failure).  Learns speeds,
+        loads and slots; remembers the conversation.  True when the reply shows a model
+        load (the node may have unloaded another: ask /api/ps)."""
+        node = self.nodes.get(node_name)
+        if node is None:
+            return False
+        node.inflight.pop(req.ticket, None)
+        node.new_sequences.pop(req.ticket, None)
+        if not reply:
+            return False
+
+        def num(field: str) -> float:
+            v = reply.get(field)
+            return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0.0
+
+        st = node.model(req.model)
+        ev_n, ev_d = num("eval_count"), num("eval_duration") / 1e9
+        pr_n, pr_d = num("prompt_eval_count"), num("prompt_eval_duration") / 1e9
+        load_d, total = num("load_duration") / 1e9, num("total_duration") / 1e9
+        if ev_n >= 1 and ev_d > 0:
+            st.gen_tps = ewma(st.gen_tps, ev_n / ev_d, 0.5)
+            self.reply_tokens[req.model] = ewma(self.reply_tokens.get(req.model), ev_n, 0.3)
+        if pr_n >= 32 and pr_d > 0:
+            st.prompt_tps = ewma(st.prompt_tps, pr_n / pr_d, 0.5)
+        loaded_now = load_d > 0.1
+        if loaded_now:
+            st.load_s = ewma(st.load_s, load_d, 0.5)
+        node.loaded[req.model] = now
+        waited = total - load_d - pr_d - ev_d
+        if total > 0 and node.num_parallel is None:
+            if waited > max(SLOT_WAIT_MIN, 0.1 * total) and not loaded_now:
+                if concurrency > 1:
+                    node.parallel_bad = concurrency
+                    node.parallel_ok = min(node.parallel_ok, concurrency - 1)
+            elif concurrency > node.parallel_ok:
+                node.parallel_ok = min(concurrency, node.max_concurrent)
+                if node.parallel_bad is not None and node.parallel_bad <= node.parallel_ok:
+                    node.parallel_bad = None
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("learned %s %s: %.1f tokens/s, prompt %.0f tokens/s, %d evaluated, load %.2fs, "
+                         "queued in Ollama %.2fs with %d at once; runs %d at once", node.name, req.model,
+                         st.gen_tps or 0, st.prompt_tps or 0, pr_n, load_d, max(0.0, waited), concurrency,
+                         node.slots)
+        # The slot this request used held an earlier part of the conversation, if any:
+        # a cache that outlived another sequence shows at least two slots.
+        for fp, tokens in reversed(req.chain):
+            rank = node.resident_rank(fp)
+            if rank is not None:
+                if rank and pr_n and pr_n < req.tokens - tokens / 2 and node.num_parallel is None:
+                    node.cache_proven = 2   # another sequence ran since and this one survived
+                del node.resident[fp]
+                break
+        # Remember where this conversation's sequence now lives: the whole prompt, and
+        # the reply after it.
+        reply_tokens = int(ev_n)
+        context = reply.get("context")
+        if isinstance(context, list) and context:
+            self._remember(context_fingerprint(req.payload, context), node, len(context), now)
+        elif req.chain:
+            self._remember(req.chain[-1][0], node, req.tokens + reply_tokens, now)
+        return loaded_now
+
+    def _remember(self, fp: bytes, node: NodeRouteState, tokens: int, now: float) -> None:
+        self.affinity[fp] = (node.name, tokens, node.serial)
+        self.affinity.move_to_end(fp)
+        while len(self.affinity) > AFFINITY_ENTRIES:
+            self.affinity.popitem(last=False)
+        node.resident[fp] = (tokens, now)
+        node.resident.move_to_end(fp)
+        while len(node.resident) > RESIDENT_ENTRIES:
+            node.resident.popitem(last=False)
+
+    def evicted(self, node_name: str, loaded: Sequence[str], now: float) -> None:
+        """/api/ps after a load: if a model went away, the node holds only this many."""
+        node = self.nodes[node_name]
+        before = set(node.loaded)
+        node.set_loaded(loaded, now)
+        if before - set(loaded) and loaded:
+            node.max_loaded = len(loaded)
+
+    # -- the plan ------------------------------------------------------------
+    def plan(self, waiting: Sequence[RouteRequest], now: float, *, explain: bool = False,
+             rng: Optional[random.Random] = None) -> List[Tuple[RouteRequest, str, float, str]]:
+        """Which waiting requests go out now: [(request, node, expected seconds, why)].
+        `waiting` is in arrival order; each request's `candidates` are the node names
+        that may take it.  With explain, `why` lists every candidate's estimate."""
+        import heapq
+        rng = rng or random
+        out: List[Tuple[RouteRequest, str, float, str]] = []
+        slots: Dict[str, List[float]] = {}
+        free_now = 0
+        for node in self.nodes.values():
+            heap = self._slot_times(node, now)
+            slots[node.name] = heap
+            free_now += sum(1 for t in heap if t <= now)
+        sent: Dict[str, int] = {}
+        planned_loads: Dict[str, set] = {}
+        pool: Dict[Tuple[str, str], Optional[float]] = {}
+        needed_models = {r.model for r in waiting[:PLAN_DEPTH]}
+        for req in waiting[:PLAN_DEPTH]:
+            if free_now <= 0 and not self._explorable(req, sent):
+                break
+            cached = self.cached_tokens(req) if req.chain else {}
+            reply = self.expected_reply(req)
+            placement = self._placement(req, now, needed_models, planned_loads)
+            best: Optional[Tuple[float, str, float, float, str]] = None
+            rows = []
+            names = req.candidates
+            if len(names) > 1:   # equal estimates: a random one, so fresh processes don't all pick the same
+                k = rng.randrange(len(names))
+                names = names[k:] + names[:k]
+            for name in names:
+                node = self.nodes.get(name)
+                if node is None:
+                    continue
+                where = placement.get(name, "loaded")
+                if where == "forbidden":
+                    if explain:
+                        rows.append(f"{name}=no (would unload a model still needed)")
+                    continue
+                start = max(slots[name][0], now)
+                load = 0.0 if where == "loaded" else self.load_seconds(node, req.model)
+                have = cached.get(name, 0)
+                ptps = self.rate(node, req.model, "prompt_tps", PRIOR_PROMPT_TPS, pool)
+                prompt = max(req.tokens - have, 1) / ptps
+                gen = reply / self.rate(node, req.model, "gen_tps", PRIOR_GEN_TPS, pool)
+                # Taking a slot from another conversation costs it its cache: count that too.
+                evict = 0.0 if have or not node.resident else self.eviction_cost(node, now, ptps)
+                finish = start - now + load + prompt + gen + evict
+                if explain:
+                    rows.append(f"{name}={finish:.2f}s(wait {start - now:.2f} load {load:.2f} "
+                                f"prompt {prompt:.2f}{' cached ' + str(have) if have else ''} gen {gen:.2f}"
+                                f"{' evicts %.2f' % evict if evict else ''})")
+                if best is None or finish < best[0] - 1e-9:
+                    best = (finish, name, start, finish - evict - (start - now), where)
+            if best is None:
+                continue
+            finish, name, start, service, where = best
+            node = self.nodes[name]
+            go = start <= now + 1e-6
+            why = "free slot, earliest completion"
+            if not go and req.model in node.stats \
+                    and node.busy() + sent.get(name, 0) < node.explore_limit():
+                # The node would be the earliest even if it runs this after its current
+                # requests: sending it now costs nothing and shows whether it runs more at once.
+                go, why = True, f"earliest completion; trying more than {node.slots} at once"
+                heapq.heapreplace(slots[name], start + service)
+            elif go:
+                heapq.heapreplace(slots[name], now + service)
+                free_now -= 1
+            else:
+                heapq.heapreplace(slots[name], start + service)
+            if where != "loaded":
+                planned_loads.setdefault(name, set()).add(req.model)
+                why += f"; loads {req.model}" + (" (unloading an idle model)" if where == "evict" else "")
+            if cached.get(name):
+                why += f"; {cached[name]} prompt tokens cached there"
+            if explain:
+                why += " | " + " ".join(rows)
+            if go:
+                sent[name] = sent.get(name, 0) + 1
+                out.append((req, name, finish, why))
+        return out
+
+    def _explorable(self, req: RouteRequest, sent: Dict[str, int]) -> bool:
+        return any(self.nodes[n].busy() + sent.get(n, 0) < self.nodes[n].explore_limit()
+                   for n in req.candidates if n in self.nodes)
+
+    def _slot_times(self, node: NodeRouteState, now: float) -> List[float]:
+        """When each of the node's slots is next free for a new request (a heap)."""
+        ends = []
+        for start, expected, _ in node.inflight.values():
+            end = start + expected
+            if end <= now:   # overdue: it has taken longer than expected, so expect a bit more
+                end = now + max(0.25 * (now - start), 0.01)
+            ends.append(end)
+        if node.external:
+            typical = min((1.0 / s.gen_tps * self.reply_tokens.get(k, PRIOR_REPLY_TOKENS)
+                           for k, s in node.stats.items() if s.gen_tps), default=1.0)
+            ends += [now + typical / 2] * node.external
+        ends.sort()
+        n = node.slots
+        times = [now] * max(0, n - len(ends)) + ends[max(0, len(ends) - n):]
+        return times   # sorted, so already a heap
+
+    def _placement(self, req: RouteRequest, now: float, needed: set,
+                   planned: Dict[str, set]) -> Dict[str, str]:
+        """Per candidate: "loaded", "room" (loads without unloading), "evict" (unloads a
+        model nobody needs) or "forbidden" (would unload one still needed while another
+        node can take the request without that)."""
+        out: Dict[str, str] = {}
+        harmless = False
+        for name in req.candidates:
+            node = self.nodes.get(name)
+            if node is None:
+                continue
+            held = set(node.loaded) | planned.get(name, set())
+            if req.model in held:
+                out[name] = "loaded"
+            else:
+                cap = node.max_loaded or max(1, node.max_seen_loaded)
+                if len(held) < cap:
+                    out[name] = "room"
+                else:
+                    victim = min(held, key=lambda k: node.loaded.get(k, now))
+                    in_use = any(m == victim for _, _, m in node.inflight.values())
+                    wanted = victim in needed or now - node.loaded.get(victim, now) < NEEDED_WINDOW
+                    out[name] = "needed" if (in_use or wanted) else "evict"
+            harmless = harmless or out[name] != "needed"
+        for name, where in out.items():
+            if where == "needed":
+                out[name] = "forbidden" if harmless else "evict"
+        return out
 
 
 # ---------------------------------------------------------------------------
@@ -3964,6 +4530,9 @@ class SSHNode:
         self.facts: Dict[str, Any] = {}   # parse_node_facts(): GPU, VRAM, RAM, load (bytes)
         self.facts_at = 0.0
         self.facts_task: Optional[asyncio.Task] = None
+        self.recent_done: List[float] = []   # when our recent requests ended (see _read_loads)
+        self.route = NodeRouteState(spec.name, weight=spec.weight, max_concurrent=spec.max_concurrent,
+                                    num_parallel=spec.num_parallel)
 
     def __repr__(self) -> str:
         return f"<SSHNode {self.name} active={self.active_requests} healthy={self.healthy}>"
@@ -3983,7 +4552,36 @@ class SSHNode:
                 "models": sorted(m["name"] for m in self.models.values()),
                 "loaded": sorted(m["name"] for m in self.loaded.values()),
                 "version": self.version, "transport": self.transport.mode, "served": self.served,
-                "facts": dict(self.facts)}
+                "facts": dict(self.facts),
+                "parallel": self.route.slots, "others_in_flight": self.route.external,
+                "tokens_per_s": {k: round(st.gen_tps, 1) for k, st in self.route.stats.items() if st.gen_tps}}
+
+    def touched(self) -> None:
+        """An exchange with the node just ended: its connection looks busy at the node
+        for STREAM_GAP seconds more (see count_busy_connections), and is ours."""
+        now = time.monotonic()
+        self.recent_done = [t for t in self.recent_done[-64:] if now - t < STREAM_GAP + 0.5]
+        self.recent_done.append(now)
+
+    async def busy_connections(self) -> Optional[int]:
+        """Requests in flight at the node's Ollama from anyone (other mesh processes,
+        direct users, and ours), read over the master from its established connections
+        (`ss`, else /proc/net/tcp): nothing is installed on the node.  None when the
+        node cannot tell (not Linux, or reached without ssh)."""
+        transport = self.transport
+        if not isinstance(transport, SSHTransport):
+            return None
+        if not transport._master_ok or not self.healthy:
+            return -1   # no master now: nothing to read through (requests will start one)
+        port = transport.port
+        remote = (f"ss -Htni state established '( sport = :{port} )' 2>/dev/null"
+                  f" || cat /proc/net/tcp /proc/net/tcp6 2>/dev/null")
+        async with transport._exec_slots:
+            rc, out, _ = await run_command(transport._base("-o", "ControlMaster=no", "-T", "--", self.name, remote),
+                                           timeout=self.probe_timeout)
+        if rc != 0 and not out:
+            return None
+        return count_busy_connections(out.decode("utf-8", "replace"), port)
 
     # -- one HTTP exchange, with the first-byte watch --------------------------
     async def open(self, path: str, body: Optional[bytes], *, first_byte_timeout: Optional[float],
@@ -4094,6 +4692,7 @@ class SSHNode:
             await ex.close()
             raise NodeError(self.name, f"{path}: {exc}") from None
         await ex.close()
+        self.touched()
         return self._json_answer(path, ex.status, data)
 
     def _json_answer(self, path: str, status: int, data: bytes) -> Dict[str, Any]:
@@ -4126,6 +4725,7 @@ class SSHNode:
                 raise NodeError(self.name, f"not an Ollama reply: {exc}") from None
             except (ConnectionError, OSError) as exc:
                 raise NodeError(self.name, f"cannot reach Ollama: {exc}") from None
+            self.touched()
             return [self._json_answer(p, status, data) for p, (status, data) in zip(paths, answers)]
         results = await asyncio.gather(*(self.get_json(p) for p in paths), return_exceptions=True)
         for result in results:
@@ -4187,6 +4787,7 @@ class SSHNode:
         self.loaded = {model_key(m.get("name") or m.get("model", "")): m
                        for m in (ps.get("models") or []) if isinstance(m, dict)}
         self.inventory_at = time.monotonic()
+        self.route.set_loaded(list(self.loaded), self.inventory_at)
 
 
 # ---------------------------------------------------------------------------
@@ -4223,6 +4824,7 @@ class RawStream:
         self._error: Optional[NodeError] = None
         self._handed_off = False         # the exchange finishes its body in the background
         self._whole: Dict[str, Any] = {}  # stream=False: the answer
+        self.route_req: Optional[RouteRequest] = None   # what the balancer planned, if it did
 
     @property
     def final(self) -> Optional[Dict[str, Any]]:
@@ -4333,7 +4935,7 @@ class RawStream:
             if not self._handed_off:
                 await self._ex.close()
         finally:
-            self._orch._release(self._node)
+            self._orch._release(self._node, self.route_req, self.final)
 
     async def __aenter__(self) -> "RawStream":
         return self
@@ -4399,6 +5001,9 @@ class MeshOrchestrator:
     ends the ones this orchestrator started.  facts_ttl (seconds): when set, inventory
     refreshes also re-read each node's GPU/VRAM/RAM/load once they are older (serve sets
     it); else they are read on request (node_facts(), check_node(facts=True)).
+    routing: "mesh" (default, or MESH_ROUTING):
+    by expected completion time (see Balancer); "score", "least-connections",
+    "round-robin": the simple policies, kept for comparison (tests/bench_routing.py).
     """
 
     def __init__(self, config: Optional[str] = None, nodes: Optional[Sequence[str]] = None, *,
@@ -4408,8 +5013,11 @@ class MeshOrchestrator:
                  control_persist: int = DEFAULT_CONTROL_PERSIST,
                  liveness_interval: float = LIVENESS_INTERVAL,
                  ssh: str = "ssh", default_model: Optional[str] = None,
-                 facts_ttl: Optional[float] = None) -> None:
+                 facts_ttl: Optional[float] = None, routing: Optional[str] = None) -> None:
         explicit = config or os.environ.get("MESH_SSH_CONFIG") or None
+        self.routing = routing or os.environ.get("MESH_ROUTING") or "mesh"
+        if self.routing not in ROUTING_POLICIES:
+            raise UsageError(f"routing={self.routing!r}: one of {', '.join(ROUTING_POLICIES)}")
         self.config_path = os.path.expanduser(explicit) if explicit else default_config_path()
         if explicit and not os.access(self.config_path, os.R_OK):
             where = "--config/config=" if config else "MESH_SSH_CONFIG="
@@ -4437,6 +5045,14 @@ class MeshOrchestrator:
         # No Host in the SSH config: the local Ollama stands in (load_node_specs); its
         # failures then mean "nothing to use", which the user is told in those words.
         self.implicit_local = len(specs) == 1 and specs[0].info is None and specs[0].name == "local"
+        self.router = Balancer()
+        for n in self.nodes:
+            self.router.nodes[n.name] = n.route
+        self._waiting: List[RouteRequest] = []
+        self._plan_timer: Any = None
+        self._load_watch: Optional[asyncio.Task] = None
+        self._load_wake: Any = None
+        self._rr = 0
         self._cond: Optional[asyncio.Condition] = None
         self._tasks: set = set()
         self._refreshing: Dict[str, Any] = {}
@@ -4455,6 +5071,20 @@ class MeshOrchestrator:
         """Stop background probes and pooled connections.  Masters stay for
         ControlPersist unless stop_masters=True."""
         self._closed = True
+        if self._plan_timer is not None:
+            self._plan_timer.cancel()
+        if self._load_watch is not None and not self._load_watch.done():
+            # Let it finish the reading in progress: cancelling an ssh child while it is
+            # being spawned would leave the child unreaped.
+            self._load_wake.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._load_watch), self.probe_timeout + 1)
+            except (asyncio.TimeoutError, Exception):
+                self._load_watch.cancel()   # a reading stuck on a frozen node: its child is killed
+                try:
+                    await self._load_watch
+                except BaseException:
+                    pass
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -4489,6 +5119,8 @@ class MeshOrchestrator:
             logger.info("%s: back up", node.name)
         node.healthy, node.reason, node.failures, node.down_since = True, None, 0, None
         self._notify()
+        if self._waiting:
+            self._plan()
 
     def _spawn(self, coro: Any) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
@@ -4807,23 +5439,155 @@ class MeshOrchestrator:
             f"Add a node: a Host block in {where} (see ssh_config.example, or run setup-ssh-mesh.sh), "
             "or start Ollama here (OLLAMA_HOST says where it listens)")
 
-    async def _acquire(self, model: Optional[str], pinned: Optional[str], exclude: set) -> SSHNode:
+    async def _acquire(self, model: Optional[str], pinned: Optional[str], exclude: set,
+                       req: Optional[RouteRequest] = None) -> SSHNode:
         """Pick a node and take one of its slots, queueing while all candidates are full."""
+        if req is not None and not pinned and self.routing == "mesh":
+            return await self._acquire_planned(model, exclude, req)
         if self._cond is None:
             self._cond = asyncio.Condition()
         while True:
             candidates = self._candidates(model, pinned, exclude)
             free = [n for n in candidates if n.active_requests < n.max_concurrent]
             if free:
-                node = rank_nodes(free, model=model)[0]
+                node = self._pick_simple(free, model)
                 node.active_requests += 1
                 return node
             async with self._cond:
                 await self._cond.wait()
 
-    def _release(self, node: SSHNode) -> None:
+    def _pick_simple(self, free: List[SSHNode], model: Optional[str]) -> SSHNode:
+        """The comparison policies: the original score, fewest in flight, or in turn."""
+        if self.routing == "least-connections":
+            low = min(n.active_requests for n in free)
+            return random.choice([n for n in free if n.active_requests == low])
+        if self.routing == "round-robin":
+            self._rr += 1
+            return free[self._rr % len(free)]
+        return rank_nodes(free, model=model)[0]
+
+    async def _acquire_planned(self, model: Optional[str], exclude: set, req: RouteRequest) -> SSHNode:
+        """Wait in mesh until the router sends this request to a node (Balancer.plan)."""
+        req.candidates = [n.name for n in self._candidates(model, None, exclude)]
+        req.exclude = exclude
+        req.future = asyncio.get_event_loop().create_future()
+        self._waiting.append(req)
+        self._plan()
+        try:
+            return await req.future
+        except asyncio.CancelledError:
+            if req in self._waiting:
+                self._waiting.remove(req)
+            elif req.future.done() and not req.future.cancelled() and req.future.exception() is None:
+                node = req.future.result()
+                self.router.finished(req, node.name, time.monotonic(), None)
+                self._release(node)
+            raise
+
+    def _plan(self) -> None:
+        """Send the waiting requests the router says can go now; wake again soon while
+        any wait (estimates move with time)."""
+        if self._plan_timer is not None:
+            self._plan_timer.cancel()
+            self._plan_timer = None
+        if not self._waiting or self._closed:
+            return
+        now = time.monotonic()
+        for req in self._waiting[:PLAN_DEPTH]:
+            try:
+                req.candidates = [n.name for n in self._candidates(req.payload.get("model"), None, req.exclude)
+                                  if n.active_requests < n.max_concurrent]
+            except MeshError as exc:
+                self._waiting.remove(req)
+                if not req.future.done():
+                    req.future.set_exception(exc)
+        explain = logger.isEnabledFor(logging.DEBUG)
+        for req, name, expected, why in self.router.plan(self._waiting, now, explain=explain):
+            node = self._by_name[name]
+            self._waiting.remove(req)
+            if req.future.done():
+                continue
+            node.active_requests += 1
+            self.router.dispatched(req, name, expected, now)
+            req.concurrency = node.route.busy()
+            if explain:
+                logger.debug("route %s ~%d prompt tokens -> %s (expected %.2fs, %d waiting): %s",
+                             req.model, req.tokens, name, expected, len(self._waiting), why)
+            req.future.set_result(node)
+        if self._waiting:
+            loop = asyncio.get_event_loop()
+            self._plan_timer = loop.call_later(0.25, self._plan)
+            self._watch_load()   # requests wait: whose else are the nodes busy with?
+
+    def _watch_load(self) -> None:
+        """Start reading the nodes' own connection counts (others' requests) once requests
+        wait in mesh; it stops by itself when mesh has been idle a while."""
+        if self._load_watch is None or self._load_watch.done():
+            if len(self.nodes) > 1 and any(isinstance(n.transport, SSHTransport) for n in self.nodes):
+                self._load_wake = asyncio.Event()
+                self._load_watch = asyncio.ensure_future(self._read_loads())
+
+    async def _read_loads(self) -> None:
+        idle_since = time.monotonic()
+        unsupported: set = set()
+        while not self._closed and time.monotonic() - idle_since < LOAD_IDLE_STOP:
+            busy_nodes = [n for n in self.nodes if n.healthy and n.name not in unsupported
+                          and isinstance(n.transport, SSHTransport)]
+            if self._waiting or any(n.active_requests for n in self.nodes):
+                idle_since = time.monotonic()
+
+            async def one(node: SSHNode) -> None:
+                before = node.active_requests
+                try:
+                    busy = await node.busy_connections()
+                except (MeshError, asyncio.TimeoutError, OSError):
+                    return
+                if busy is None:
+                    unsupported.add(node.name)
+                    return
+                if busy < 0:
+                    return
+                # Ours among them: those in flight, and those that ended too recently to
+                # look idle (see count_busy_connections).
+                now = time.monotonic()
+                node.recent_done = [t for t in node.recent_done if now - t < STREAM_GAP + 0.5]
+                ours = min(before, node.active_requests) + len(node.recent_done)
+                node.route.external = max(0, busy - ours)
+            await asyncio.gather(*(one(n) for n in busy_nodes))
+            if self._waiting:
+                self._plan()
+            try:
+                await asyncio.wait_for(self._load_wake.wait(), LOAD_INTERVAL)
+            except asyncio.TimeoutError:
+                pass
+        for node in self.nodes:
+            node.route.external = 0
+
+    def _release(self, node: SSHNode, req: Optional[RouteRequest] = None,
+                 reply: Optional[Dict[str, Any]] = None) -> None:
+        """A request on `node` ended (reply: its final line, None on failure): free its
+        slot and tell the balancer what the node reported."""
         node.active_requests -= 1
+        node.touched()
+        if req is not None and req.ticket:
+            loaded = self.router.finished(req, node.name, time.monotonic(), reply, concurrency=req.concurrency)
+            req.ticket = 0
+            if loaded and len(node.route.loaded) > 1 and not self._closed:
+                self._spawn(self._check_unloaded(node))
         self._notify()
+        if self._waiting:
+            self._plan()
+
+    async def _check_unloaded(self, node: SSHNode) -> None:
+        """After a reply that loaded a model: did the node unload another to make room?
+        (Then it holds no more models than it has now.)"""
+        try:
+            ps = await node.get_json("/api/ps")
+        except (MeshError, asyncio.TimeoutError, OSError):
+            return
+        entries = [m for m in (ps.get("models") or []) if isinstance(m, dict)]
+        node.loaded = {model_key(m.get("name") or m.get("model", "")): m for m in entries}
+        self.router.evicted(node.name, list(node.loaded), time.monotonic())
 
     async def request(self, path: str, payload: Dict[str, Any], *, node: Optional[str] = None,
                       stream: Optional[bool] = None) -> Any:
@@ -4859,6 +5623,8 @@ class MeshOrchestrator:
             await self.refresh(model=model)
         if body is None:
             body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        planned = path in _PLANNED_PATHS and isinstance(model, str) and len(self.nodes) > 1
+        req = RouteRequest(path, payload, now=time.monotonic()) if planned else None
         # Nodes whose Ollama is known to lack this endpoint are not asked again.
         too_old = [n.name for n in self.nodes if path in n.unsupported]
         tried: set = set(too_old) if not pinned else set()
@@ -4868,7 +5634,7 @@ class MeshOrchestrator:
         while True:
             try:
                 try:
-                    chosen = await self._acquire(model, pinned, tried)
+                    chosen = await self._acquire(model, pinned, tried, req)
                 except NoNodeAvailableError:
                     if too_old and not failures:
                         raise UnsupportedPathError(
@@ -4897,7 +5663,7 @@ class MeshOrchestrator:
                     raise self._no_nodes(str(exc)) from None
                 raise
             try:
-                return await self._attempt(chosen, path, body, stream)
+                return await self._attempt(chosen, path, body, stream, req)
             except _ClientError:
                 raise
             except _UnsupportedPath as exc:
@@ -4923,16 +5689,18 @@ class MeshOrchestrator:
                     raise
                 logger.info("%s failed before the first byte; trying another node: %s", chosen.name, exc.reason)
 
-    async def _attempt(self, node: SSHNode, path: str, body: bytes, streaming: bool) -> RawStream:
+    async def _attempt(self, node: SSHNode, path: str, body: bytes, streaming: bool,
+                       req: Optional[RouteRequest] = None) -> RawStream:
         """One node's try: the reply's head and its first whole line (all of it for
         stream=False).  The node's slot is released on failure, else when the stream closes."""
         try:
             ex = await node.open(path, body, first_byte_timeout=self.first_byte_timeout,
                                  liveness_interval=self.liveness_interval)
         except BaseException:
-            self._release(node)
+            self._release(node, req)
             raise
         raw = RawStream(self, node, ex, path, streaming)
+        raw.route_req = req
         try:
             if ex.status != 200:
                 try:
@@ -5185,6 +5953,8 @@ class MeshOrchestrator:
 # ---------------------------------------------------------------------------
 
 _STREAMING_PATHS = ("/api/generate", "/api/chat", "/api/pull")
+_PLANNED_PATHS = ("/api/generate", "/api/chat", "/v1/chat/completions", "/v1/completions",
+                  "/api/embed", "/api/embeddings")
 
 
 class ServerLimits:

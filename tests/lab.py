@@ -69,12 +69,17 @@ class FakeOllama:
     with done_reason but no done).
     `lacks`: paths (or prefixes ending in "/") this Ollama is too old to have; they
     get Go's plain-text `404 page not found`, as a real old Ollama answers.
-    `old=True` is an Ollama from before /api/embed and the /v1 endpoints."""
+    `old=True` is an Ollama from before /api/embed and the /v1 endpoints.
+    `sim` (tests/ollama_sim.py's SimOllama): generate and chat take the time a real
+    server would (speeds, parallel slots, prompt cache, model loads) and report its
+    figures; /api/ps lists what the simulation has loaded."""
 
     def __init__(self, models: List[str], *, name: str = "fake", version: str = "0.6.1",
                  delay: float = 0.0, token_delay: float = 0.0, tokens: Optional[List[str]] = None,
-                 loaded: Optional[List[str]] = None, lacks: Sequence[str] = (), old: bool = False) -> None:
+                 loaded: Optional[List[str]] = None, lacks: Sequence[str] = (), old: bool = False,
+                 sim: Any = None) -> None:
         self.models = list(models)
+        self.sim = sim
         self.loaded = list(loaded or [])
         self.name = name
         self.version = version
@@ -278,7 +283,8 @@ class _OllamaShapes:
         elif self.path == "/api/tags":
             self._json(200, {"models": [self._tag(m) for m in fake.models]})
         elif self.path == "/api/ps":
-            self._json(200, {"models": [self._ps_entry(m) for m in fake.loaded]})
+            loaded = fake.sim.loaded() if fake.sim else fake.loaded
+            self._json(200, {"models": [self._ps_entry(m) for m in loaded]})
         elif self.path == "/v1/models":
             self._json(200, {"object": "list", "data": [
                 {"id": m, "object": "model", "created": 1767225600, "owned_by": "library"} for m in fake.models]})
@@ -509,6 +515,9 @@ class _OllamaShapes:
                 fake.loaded.append(model)
             self._json(200, self._piece(model, chat, "", True, reason="load"))
             return
+        if fake.sim is not None:
+            self._simulated(model, chat, body)
+            return
         tokens = list(fake.tokens)
         if body.get("stream", True) is False and fake.mode != "after_done":
             self._json(200, self._piece(model, chat, "".join(tokens), True, prompt=last))
@@ -542,6 +551,26 @@ class _OllamaShapes:
         if fake.mode == "after_done":
             self._chunk(self._piece(model, chat, "JUNK AFTER DONE", False))
             fake.release.wait(10)
+        self._end()
+
+    def _simulated(self, model: str, chat: bool, body: Dict[str, Any]) -> None:
+        stream, text, started = body.get("stream", True) is not False, [], False
+        for kind, value in self.fake.sim.run(model, self.path, body):
+            if kind == "token":
+                text.append(value)
+                if not stream:
+                    continue
+            obj = self._piece(model, chat, value if kind == "token" else ("" if stream else "".join(text)),
+                              kind == "done")
+            if kind == "done":
+                obj.update(value)
+                if not stream:
+                    self._json(200, obj)
+                    return
+            if not started:   # Go writes the head with the first line
+                self._start_stream("application/x-ndjson")
+                started = True
+            self._chunk(obj)
         self._end()
 
     def _piece(self, model: str, chat: bool, text: str, done: bool, *, reason: str = "stop",

@@ -36,8 +36,8 @@ def test_seed_usage_works_as_written(mesh_env):
 
 def test_thirty_concurrent_requests_keep_every_node_busy(mesh_env):
     lab = mesh_env
-    for name in ("a", "b", "c"):
-        lab.add_node(name, ["qwen2.5:7b"], delay=0.2)
+    for name in ("a", "b", "c"):   # each Ollama runs 8 at once (OLLAMA_NUM_PARALLEL=8), as the user says
+        lab.add_node(name, ["qwen2.5:7b"], delay=0.2, settings="num_parallel=8")
 
     async def go():
         async with mesh.MeshOrchestrator(config=lab.config_path) as m:

@@ -55,3 +55,162 @@ def test_ties_spread_over_nodes():
     nodes = [FakeNode("a"), FakeNode("b"), FakeNode("c")]
     wins = Counter(mesh.rank_nodes(nodes, rng=random.Random(i))[0].name for i in range(300))
     assert set(wins) == {"a", "b", "c"} and min(wins.values()) > 50
+
+
+# ---------------------------------------------------------------------------
+# Routing by expected completion time (mesh.Balancer): pure, no I/O.
+# ---------------------------------------------------------------------------
+
+def chat(*contents, model="m:1"):
+    roles = ["user", "assistant"]
+    return {"model": model, "messages": [{"role": roles[i % 2], "content": c} for i, c in enumerate(contents)]}
+
+
+@pytest.mark.parametrize("earlier, later, shared", [
+    (chat("hi " * 400), chat("hi " * 400, "reply", "more"), True),          # a conversation's next turn
+    (chat("hi " * 400), chat("hi " * 399 + "ho ", "reply"), False),           # different history
+    (chat("hi " * 400), chat("hi " * 400, "reply", model="other:1"), False),  # another model's cache
+    ({"model": "m:1", "prompt": "x" * 5000}, {"model": "m:1", "prompt": "x" * 5000 + "y" * 100}, True),
+    ({"model": "m:1", "prompt": "x" * 1000}, {"model": "m:1", "prompt": "x" * 1000 + "y"}, False),  # under a block
+])
+def test_prompt_prefixes_find_what_a_slot_may_hold(earlier, later, shared):
+    path = "/api/chat" if "messages" in earlier else "/api/generate"
+    first, _ = mesh.prompt_prefixes(path, earlier)
+    second, tokens = mesh.prompt_prefixes(path, later)
+    assert (bool(first) and first[-1][0] in {fp for fp, _ in second}) is shared
+    assert all(tokens >= n and len(fp) == 8 for fp, n in second)
+
+
+def test_generate_context_is_recognised():
+    fp = mesh.context_fingerprint({"model": "m"}, [1, 2, 3])
+    chain, tokens = mesh.prompt_prefixes("/api/generate", {"model": "m", "context": [1, 2, 3], "prompt": "go on"})
+    assert chain[0] == (fp, 3) and tokens == 4
+
+
+SS_BUSY = """0 0 127.0.0.1:11434 127.0.0.1:50000
+\t cubic rto:204 lastsnd:9000 lastrcv:20 lastack:20
+0 0 127.0.0.1:11434 127.0.0.1:50001
+\t cubic rto:204 lastsnd:30 lastrcv:4000 lastack:30
+0 0 127.0.0.1:11434 127.0.0.1:50002
+\t cubic rto:204 lastsnd:9000 lastrcv:9500 lastack:9000
+0 0 127.0.0.1:11434 127.0.0.1:50003
+\t cubic rto:204 lastsnd:7000 lastrcv:7000 lastack:7000
+"""
+PROC_TCP = """  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:2CAA 00000000:0000 0A 00000000:00000000 00:00000000 00000000   997        0 1 1
+   1: 0100007F:2CAA 0100007F:C350 01 00000000:00000000 00:00000000 00000000   997        0 2 1
+   2: 0100007F:C350 0100007F:2CAA 01 00000000:00000000 00:00000000 00000000     0        0 3 1
+"""
+
+
+@pytest.mark.parametrize("text, busy", [
+    (SS_BUSY, 2),            # waiting on a reply; streaming; idle keep-alive; idle (same ms)
+    ("", 0),                 # ss ran: no connection at all
+    (PROC_TCP, 1),           # no ss: established connections to the port (not the listener)
+    ("sh: ss: not found\n", None),
+])
+def test_count_busy_connections(text, busy):
+    assert mesh.count_busy_connections(text, 11434) == busy
+
+
+def router(*nodes):
+    """nodes: (name, tokens/s or None, slots, loaded models)"""
+    r = mesh.Balancer()
+    for name, tps, slots, loaded in nodes:
+        st = r.node(name, num_parallel=slots)
+        if tps:
+            st.model("m:1").gen_tps = tps
+            st.model("m:1").prompt_tps = 1000.0
+        for m in loaded:
+            st.loaded[m] = 0.0
+    r.reply_tokens["m:1"] = 100.0
+    return r
+
+
+def waiting(r, n, payload=None, model="m:1"):
+    reqs = []
+    for i in range(n):
+        req = mesh.RouteRequest("/api/generate", payload or {"model": model, "prompt": f"q{i}"}, now=0.0)
+        req.candidates = list(r.nodes)
+        reqs.append(req)
+    return reqs
+
+
+def test_burst_goes_where_it_finishes_first_and_waits_in_mesh_otherwise():
+    r = router(("slow", 10.0, 1, ["m:1"]), ("fast", 100.0, 1, ["m:1"]))
+    plan = r.plan(waiting(r, 5), 0.0, rng=random.Random(1))
+    # fast (1 s each) beats slow (10 s): the 1st goes to fast, the 2nd-4th wait for it
+    # in mesh, none is sent to a busy node; slow takes nothing it would finish later
+    assert [name for _, name, _, _ in plan] == ["fast"]
+
+
+def test_slow_node_takes_work_once_waiting_for_the_fast_one_costs_more():
+    r = router(("slow", 10.0, 1, ["m:1"]), ("fast", 100.0, 1, ["m:1"]))
+    plan = r.plan(waiting(r, 30), 0.0, rng=random.Random(1))
+    assert sorted(name for _, name, _, _ in plan) == ["fast", "slow"]
+    slow = [req for req, name, _, _ in plan if name == "slow"][0]
+    assert slow is not None
+
+
+def test_requests_are_planned_first_come_first_served():
+    r = router(("a", 50.0, 1, ["m:1"]))
+    reqs = waiting(r, 3)
+    assert [req for req, _, _, _ in r.plan(reqs, 0.0)] == [reqs[0]]
+
+
+def test_conversation_returns_to_its_node_unless_waiting_costs_more():
+    r = router(("a", 50.0, 4, ["m:1"]), ("b", 50.0, 4, ["m:1"]))
+    history = chat("words " * 4000)                       # ~6,000 tokens: 6 s to evaluate again
+    first = waiting(r, 1, history)[0]
+    r.dispatched(first, "b", 1.0, 0.0)
+    r.finished(first, "b", 1.0, {"eval_count": 100, "eval_duration": 2e9, "prompt_eval_count": 6000,
+                                 "prompt_eval_duration": 6e9, "total_duration": 8e9})
+    nxt = waiting(r, 1, chat("words " * 4000, "reply", "and then?"))[0]
+    [(_, name, _, why)] = r.plan([nxt], 2.0, rng=random.Random(3))
+    assert name == "b" and "cached" in why
+    for i in range(4):                                     # b is now full for a long time
+        busy = waiting(r, 1)[0]
+        r.dispatched(busy, "b", 60.0, 2.0)
+    [(_, name, _, _)] = r.plan([nxt], 2.0, rng=random.Random(3))
+    assert name == "a"
+
+
+@pytest.mark.parametrize("reply, concurrency, ok, bad", [
+    ({"total_duration": 2e9, "eval_duration": 1.5e9, "prompt_eval_duration": 0.4e9, "eval_count": 10}, 3, 3, None),
+    ({"total_duration": 4e9, "eval_duration": 1.5e9, "prompt_eval_duration": 0.4e9, "eval_count": 10}, 3, 2, 3),
+    ({"total_duration": 4e9, "eval_duration": 1.5e9, "prompt_eval_duration": 0.4e9, "eval_count": 10}, 2, 1, 2),
+])
+def test_parallel_slots_are_learned_from_time_queued_inside_ollama(reply, concurrency, ok, bad):
+    r = router(("a", None, None, ["m:1"]))
+    req = waiting(r, 1)[0]
+    r.nodes["a"].parallel_ok = 2
+    r.dispatched(req, "a", 1.0, 0.0)
+    r.finished(req, "a", 2.0, reply, concurrency=concurrency)
+    assert (r.nodes["a"].parallel_ok, r.nodes["a"].parallel_bad) == (ok, bad)
+    assert r.nodes["a"].stats["m:1"].gen_tps == pytest.approx(10 / 1.5)
+
+
+def test_a_model_others_need_is_not_unloaded_while_another_node_can_load():
+    r = router(("a", 50.0, 1, ["big-a:1"]), ("b", 50.0, 1, ["big-b:1"]), ("c", 50.0, 1, []))
+    for name in r.nodes:
+        r.nodes[name].max_loaded = 1
+        r.nodes[name].loaded = {k: 0.0 for k in r.nodes[name].loaded}   # used just now
+    [(_, name, _, why)] = r.plan(waiting(r, 1, model="big-b:1"), 1.0, explain=True)
+    assert name in ("b", "c") and "a=no" in why
+    r.nodes["c"].loaded = {"big-a:1": 0.0}
+    r.nodes["b"].inflight[99] = (0.0, 30.0, "big-b:1")             # b busy for 30 s
+    assert r.plan(waiting(r, 1, model="big-b:1"), 1.0) == []        # waits for b rather than unload
+
+
+def test_others_requests_seen_at_the_node_count_as_load():
+    r = router(("a", 50.0, 2, ["m:1"]), ("b", 50.0, 2, ["m:1"]))
+    r.nodes["a"].external = 2
+    plan = r.plan(waiting(r, 2), 0.0, rng=random.Random(1))
+    assert [name for _, name, _, _ in plan] == ["b", "b"]
+
+
+def test_num_parallel_setting():
+    spec = mesh.NodeSpec.from_settings("gpu", {"num_parallel": "4"})
+    assert spec.num_parallel == 4
+    with pytest.raises(mesh.ConfigError, match="num_parallel"):
+        mesh.NodeSpec.from_settings("gpu", {"num_parallel": "0"})
