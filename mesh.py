@@ -3063,6 +3063,10 @@ def rank_nodes(nodes: Sequence["SSHNode"], *, model: Optional[str] = None,
 # node's connection count say) with the time, and asks for a plan.
 
 ROUTING_POLICIES = ("mesh", "score", "least-connections", "round-robin")
+# Requests the balancer plans (the rest go by the original score): Ollama's, OpenAI's
+# and Anthropic's generation endpoints, and embeddings.
+_PLANNED_PATHS = ("/api/generate", "/api/chat", "/v1/chat/completions", "/v1/completions", "/v1/messages",
+                  "/api/embed", "/api/embeddings", "/v1/embeddings")
 CHARS_PER_TOKEN = 4.0        # rough, as the common tokenizers give for English text and code
 PRIOR_GEN_TPS = 20.0         # tokens/s for a node never measured (times its weight)
 PRIOR_PROMPT_TPS = 400.0     # prompt tokens/s evaluated, same
@@ -5953,8 +5957,6 @@ class MeshOrchestrator:
 # ---------------------------------------------------------------------------
 
 _STREAMING_PATHS = ("/api/generate", "/api/chat", "/api/pull")
-_PLANNED_PATHS = ("/api/generate", "/api/chat", "/v1/chat/completions", "/v1/completions",
-                  "/api/embed", "/api/embeddings")
 
 
 class ServerLimits:
