@@ -5077,18 +5077,6 @@ class MeshOrchestrator:
         self._closed = True
         if self._plan_timer is not None:
             self._plan_timer.cancel()
-        if self._load_watch is not None and not self._load_watch.done():
-            # Let it finish the reading in progress: cancelling an ssh child while it is
-            # being spawned would leave the child unreaped.
-            self._load_wake.set()
-            try:
-                await asyncio.wait_for(asyncio.shield(self._load_watch), self.probe_timeout + 1)
-            except (asyncio.TimeoutError, Exception):
-                self._load_watch.cancel()   # a reading stuck on a frozen node: its child is killed
-                try:
-                    await self._load_watch
-                except BaseException:
-                    pass
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -5096,6 +5084,18 @@ class MeshOrchestrator:
                 await task
             except BaseException:
                 pass
+        if self._load_watch is not None and not self._load_watch.done():
+            # Let it finish a reading in progress (a child cancelled while being spawned
+            # could be left unreaped), but not wait on a frozen node.
+            self._load_wake.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._load_watch), 1.0)
+            except (asyncio.TimeoutError, Exception):
+                self._load_watch.cancel()   # its ssh child is killed and reaped
+                try:
+                    await self._load_watch
+                except BaseException:
+                    pass
         await asyncio.gather(*(n.transport.close(stop_master=stop_masters) for n in self.nodes),
                              return_exceptions=True)
 
