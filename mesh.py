@@ -2219,6 +2219,17 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
+def _go_json_constant(name: str) -> Any:
+    raise ValueError(f"invalid character '{name[0] if name[0] != '-' else name[1]}' looking for beginning of value")
+
+
+def _go_json_float(text: str) -> float:
+    value = float(text)
+    if abs(value) == float("inf"):
+        raise ValueError(f"json: cannot unmarshal number {text} into Go value of type float64")
+    return value
+
+
 def decode_json_body(body: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """A request body as JSON, read the way Go's encoding/json (Ollama) reads it:
     invalid UTF-8 and lone UTF-16 surrogates (`"\\ud83d"`, what JavaScript emits for
@@ -2229,7 +2240,9 @@ def decode_json_body(body: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     if not text.strip():
         return None
     try:
-        obj = json.loads(text)
+        # Go's encoding/json has no NaN/Infinity and refuses a number a float64
+        # cannot hold; Python would take both and send the node invalid JSON.
+        obj = json.loads(text, parse_constant=_go_json_constant, parse_float=_go_json_float)
     except RecursionError:
         raise ValueError("exceeded max depth") from None
     except ValueError as exc:
@@ -2264,8 +2277,15 @@ def decode_json_body(body: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
 OLLAMA_REQUEST_TYPES = {
     "/api/generate": "GenerateRequest", "/api/chat": "ChatRequest", "/api/embed": "EmbedRequest",
     "/api/embeddings": "EmbeddingRequest", "/api/show": "ShowRequest", "/api/pull": "PullRequest",
+    "/api/create": "CreateRequest", "/api/copy": "CopyRequest", "/api/push": "PushRequest",
+    "/api/delete": "DeleteRequest",
+    # Ollama's openai/anthropic middleware structs: the same message, the API's error shape
+    "/v1/chat/completions": "ChatCompletionRequest", "/v1/completions": "CompletionRequest",
+    "/v1/embeddings": "EmbedRequest", "/v1/responses": "ResponsesRequest", "/v1/messages": "MessagesRequest",
 }
 _OLLAMA_FIELD_TYPES = {"model": str, "name": str, "stream": bool}
+# Fields only some structs have, that mesh reads too.
+_OLLAMA_STRUCT_FIELD_TYPES = {"CreateRequest": {"from": str}, "CopyRequest": {"source": str, "destination": str}}
 _GO_JSON_TYPES = {str: "string", bool: "bool", int: "number", float: "number", list: "array", dict: "object"}
 
 
@@ -2273,7 +2293,7 @@ def ollama_type_error(payload: Dict[str, Any], struct: str) -> Optional[str]:
     """Go's encoding/json message for a field of the wrong type among those mesh
     reads ("model", "name", "stream"), or None.  null is fine (Go leaves the zero
     value), as Ollama's handlers see it."""
-    for field, want in _OLLAMA_FIELD_TYPES.items():
+    for field, want in {**_OLLAMA_FIELD_TYPES, **_OLLAMA_STRUCT_FIELD_TYPES.get(struct, {})}.items():
         value = payload.get(field)
         if value is None or type(value) is want:
             continue
@@ -6094,6 +6114,15 @@ class _API:
         """This API's error shape; Ollama's is {"error": "..."}."""
         return {"error": message}
 
+    async def typed_json(self, ex: "Exchange") -> Dict[str, Any]:
+        """The JSON request body; 400 with Go's message when a field mesh reads has
+        the wrong type (see ollama_type_error)."""
+        payload = await ex.json()
+        problem = ollama_type_error(payload, OLLAMA_REQUEST_TYPES.get(ex.request.path, "Request"))
+        if problem:
+            raise HTTPError(400, problem)
+        return payload
+
     def pinned(self, ex: "Exchange") -> Optional[str]:
         """The node the X-Mesh-Node header names, if any."""
         pinned = ex.request.header("x-mesh-node") or None
@@ -6140,10 +6169,7 @@ class OllamaAPI(_API):
 
     async def payload(self, ex: "Exchange") -> Dict[str, Any]:
         """The JSON request body with "model" set (Ollama still takes "name")."""
-        payload = await ex.json()
-        problem = ollama_type_error(payload, OLLAMA_REQUEST_TYPES.get(ex.request.path, "Request"))
-        if problem:
-            raise HTTPError(400, problem)
+        payload = await self.typed_json(ex)
         if not payload.get("model") and not payload.get("name"):
             raise HTTPError(400, "model is required")
         if "model" not in payload:
@@ -6239,7 +6265,7 @@ class OllamaAPI(_API):
 
     async def copy(self, ex: "Exchange") -> None:
         """On every node that has the source (MeshOrchestrator.copy); 200, empty body."""
-        payload = await ex.json()
+        payload = await self.typed_json(ex)
         if not payload.get("source") or not payload.get("destination"):
             raise HTTPError(400, "source and destination are required")
         ex.model = str(payload["source"])
@@ -6296,7 +6322,7 @@ class OpenAIAPI(_API):
         """Route by "model" and pass the node's answer on as it comes: Server-Sent
         Events for streams, one JSON object otherwise."""
         body = await ex.body()
-        payload = await ex.json()
+        payload = await self.typed_json(ex)
         if not payload.get("model"):
             raise HTTPError(400, "model is required")
         ex.model = str(payload["model"])

@@ -383,15 +383,37 @@ def test_idle_keep_alive_connection_is_closed(front):
     (b'{"model": "m:1", "prompt": "cut \\ud83d emoji \\ud83d\\ude00", "stream": false}', 200,
      "cut \ufffd emoji \U0001F600"),
 ])
-def test_every_json_body_gets_an_answer(front, body, status, expected):
-    reply, _ = exchange(front.port, f"POST /api/generate HTTP/1.1\r\nHost: localhost\r\n{AUTH}Connection: close\r\n"
+def test_every_json_body_gets_an_answer(front, body, status, expected, path="/api/generate"):
+    reply, _ = exchange(front.port, f"POST {path} HTTP/1.1\r\nHost: localhost\r\n{AUTH}Connection: close\r\n"
                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     assert status_of(reply) == status
     if status == 200:
         assert json.loads(reply.partition(b"\r\n\r\n")[2])["done"] is True
         assert front.lab.fakes["a"].bodies("/api/generate")[-1]["prompt"] == expected
     else:
-        assert error_of(reply) == expected
+        error = error_of(reply)
+        assert (error["message"] if isinstance(error, dict) else error) == expected
+
+
+@pytest.mark.parametrize("path, body, expected", [
+    # Go's encoding/json has no NaN/Infinity and no float64 past 1.8e308: the node never gets them
+    ("/api/generate", b'{"model": "m:1", "prompt": NaN}', "invalid JSON: invalid character 'N' looking for beginning of value"),
+    ("/api/generate", b'{"model": "m:1", "prompt": "x", "x": -Infinity}',
+     "invalid JSON: invalid character 'I' looking for beginning of value"),
+    ("/api/generate", b'{"model": "m:1", "prompt": "x", "x": 1e999}',
+     "invalid JSON: json: cannot unmarshal number 1e999 into Go value of type float64"),
+    # a wrong type where mesh reads the field is 400 on every route, never a 500
+    ("/v1/chat/completions", b'{"model": 5, "messages": []}',
+     "json: cannot unmarshal number into Go struct field ChatCompletionRequest.model of type string"),
+    ("/v1/messages", b'{"model": 5, "max_tokens": 1, "messages": []}',
+     "json: cannot unmarshal number into Go struct field MessagesRequest.model of type string"),
+    ("/api/copy", b'{"source": 5, "destination": "x"}',
+     "json: cannot unmarshal number into Go struct field CopyRequest.source of type string"),
+    ("/api/create", b'{"model": "x", "from": 5}',
+     "json: cannot unmarshal number into Go struct field CreateRequest.from of type string"),
+])
+def test_bad_json_values_get_400_on_every_route(front, path, body, expected):
+    test_every_json_body_gets_an_answer(front, body, 400, expected, path)
 
 
 def rss_kb(pid):
