@@ -8243,7 +8243,7 @@ def _build_parser() -> Any:
                            "ollama_port=N' inside a Host block; '# mesh: off' keeps a host out.")
     parser.add_argument("--version", action="version", version=f"mesh.py {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
+    sub.required = False  # no command: main prints the short help
 
     p = sub.add_parser("test", parents=[common], help="check every node: ssh, Ollama, models",
                        description="Check every node at once; each line prints as soon as that node is "
@@ -8270,7 +8270,7 @@ def _build_parser() -> Any:
                        description="With PROMPT (or text piped on stdin): one answer, streamed. Without: a chat "
                                    "with line editing and history; /? lists its commands.")
     p.add_argument("model_name", metavar="MODEL", help="the model, e.g. qwen2.5:7b")
-    p.add_argument("prompt", nargs="*", help="the prompt (several words are joined by spaces)")
+    p.add_argument("prompt", nargs="*", default=[], help="the prompt (several words are joined by spaces)")
     p.add_argument("--node", metavar="NAME", help="send to this node only (no failover)")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--format", help="'json' or a JSON schema, as Ollama's format")
@@ -8332,7 +8332,7 @@ def _build_parser() -> Any:
                                    "bar per node on a terminal. A node that fails does not stop the others; "
                                    "exit 1 if any failed.")
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("targets", nargs="*", metavar="NODE", help="nodes to pull onto (default: all)")
+    p.add_argument("targets", nargs="*", default=[], metavar="NODE", help="nodes to pull onto (default: all)")
     p.add_argument("--json", action="store_true", help="print [{node, ok, error}]")
     p.set_defaults(func=cmd_pull)
 
@@ -8340,7 +8340,8 @@ def _build_parser() -> Any:
                        description="Delete MODEL from the named nodes, or from every node that has it, "
                                    "after a confirmation (--yes skips it; required when stdin is not a terminal).")
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("targets", nargs="*", metavar="NODE", help="nodes to delete from (default: all that have it)")
+    p.add_argument("targets", nargs="*", default=[], metavar="NODE",
+                   help="nodes to delete from (default: all that have it)")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask")
     p.add_argument("--json", action="store_true", help="print [{node, ok, error}]")
     p.set_defaults(func=cmd_rm)
@@ -8348,7 +8349,7 @@ def _build_parser() -> Any:
     p = sub.add_parser("stop", parents=[common], help="unload a model everywhere (as `ollama stop`)",
                        description="Unload MODEL from memory on every node where it is loaded (or the named ones).")
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("targets", nargs="*", metavar="NODE", help="only these nodes")
+    p.add_argument("targets", nargs="*", default=[], metavar="NODE", help="only these nodes")
     p.add_argument("--json", action="store_true", help="print [{node, ok, error}]")
     p.set_defaults(func=cmd_stop)
 
@@ -8462,6 +8463,20 @@ def _short_help(parser: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _take_trailing_words(parser: Any, args: Any, extra: List[str]) -> None:
+    """Give words that follow an option to the command's list positional, as cobra (the
+    `ollama` CLI) does: `run MODEL --verbose PROMPT`, `pull MODEL --json NODE`. argparse
+    alone fills the list before the option and rejects what comes after it. Anything
+    else left over (an unknown option; a second word for generate, whose own hint is
+    about its one PROMPT) is the usual usage error (UsageError)."""
+    dest = {cmd_run: "prompt", cmd_pull: "targets", cmd_rm: "targets", cmd_stop: "targets"}.get(args.func)
+    if not extra:
+        return
+    if dest is None or any(w.startswith("-") and w != "-" for w in extra):
+        parser.error("unrecognized arguments: " + " ".join(extra))
+    setattr(args, dest, list(getattr(args, dest) or []) + extra)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line; returns the exit status (0 ok, 1 failure, 2 usage)."""
     try:
@@ -8469,7 +8484,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not (sys.argv[1:] if argv is None else list(argv)):
             sys.stdout.write(_short_help(parser))
             return 0
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if getattr(args, "func", None) is None:
+            if extra:
+                parser.error("unrecognized arguments: " + " ".join(extra))
+            # Only global options (`mesh.py --config X`): the same short help as no arguments.
+            sys.stdout.write(_short_help(parser))
+            return 0
+        _take_trailing_words(parser, args, extra)
         for key in ("verbose",):
             if not hasattr(args, key):
                 setattr(args, key, 0)

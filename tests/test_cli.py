@@ -356,6 +356,25 @@ def test_run_generate_hint_short_help(lab):
     assert all(f"\n  {c} ".encode() in p.stdout for c in ("run", "list", "ps", "pull", "rm", "stop", "serve"))
 
 
+def test_words_after_an_option_and_missing_arguments_as_ollama_users_type_them(lab):
+    """`ollama run MODEL --verbose PROMPT` habit: words after a flag still belong to the prompt/nodes."""
+    lab.add_node("alpha", ["llama3"])
+    lab.add_node("beta", ["llama3"])
+    p = lab.run("run", "llama3", "--verbose", "why", "is", "the", "sky", "blue")
+    assert p.returncode == 0 and p.stdout.decode() in ("Hello from alpha.\n", "Hello from beta.\n")
+    assert "served by" in p.stderr.decode()
+    bodies = lab.fakes["alpha"].bodies("/api/generate") + lab.fakes["beta"].bodies("/api/generate")
+    assert [b["prompt"] for b in bodies] == ["why is the sky blue"]
+    p = lab.run("pull", "llama3", "--json", "beta")
+    assert p.returncode == 0 and [r["node"] for r in json.loads(p.stdout)] == ["beta"], p.stderr.decode()
+    p = lab.run("run", "llama3", "hi", "--bogus")
+    assert p.returncode == 2 and "unrecognized arguments: --bogus" in one_line_error(p)
+    for cmd in ("rm", "stop", "run"):   # NODE/PROMPT are optional: only MODEL is named as missing
+        p = lab.run(cmd)
+        assert p.returncode == 2 and one_line_error(p).endswith("the following arguments are required: MODEL\n")
+    p = lab.run("-v")   # global options but no command: the short help, as with no arguments
+    assert p.returncode == 0 and p.stdout.startswith(b"usage: mesh.py COMMAND"), p.stderr.decode()
+
 def test_no_config_and_no_local_ollama_says_so(lab, tmp_path):
     cfg = tmp_path / "empty_config"
     cfg.write_text("Host *\n    ServerAliveInterval 60\n")
