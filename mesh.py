@@ -6846,7 +6846,10 @@ class MeshServer:
             return True
         import hmac
         token = self.token.encode("latin-1", "replace")
-        return hmac.compare_digest(req.header("authorization").encode("latin-1"), b"Bearer " + token) or \
+        # The scheme is case-insensitive (RFC 9110 section 11.1): "bearer T" is the same token.
+        scheme, _, credentials = req.header("authorization").partition(" ")
+        bearer = credentials.strip() if scheme.lower() == "bearer" else ""
+        return hmac.compare_digest(bearer.encode("latin-1"), token) or \
             hmac.compare_digest(req.header("x-api-key").encode("latin-1"), token)
 
     def browser_check(self, req: HTTPRequest) -> List[Tuple[str, str]]:

@@ -191,6 +191,7 @@ def test_token_auth(lab):
         assert status == 401 and "unauthorized" in json.loads(body)["error"]
         assert s.call("GET", "/api/tags", headers={"Authorization": "Bearer wrong"})[0] == 401
         assert s.call("GET", "/api/tags", headers={"Authorization": "Bearer s3cret"})[0] == 200
+        assert s.call("GET", "/api/tags", headers={"Authorization": "bearer s3cret"})[0] == 200   # RFC 9110 11.1
     finally:
         s.stop()
 
