@@ -1,3 +1,4 @@
+import gc
 import os
 import sys
 
@@ -20,6 +21,17 @@ def _private_config_cache(tmp_path_factory):
         os.environ.pop("MESH_CACHE_DIR", None)
     else:
         os.environ["MESH_CACHE_DIR"] = old
+
+@pytest.fixture(autouse=True)
+def _finalise_leftovers():
+    """Whatever a test left to the garbage collector (an asyncio subprocess transport whose
+    event loop has closed) is finalised at the end of that test, where its warning names
+    the test, rather than at a random later allocation: on CPython 3.11 such a finaliser
+    running inside pytest's own ast.parse (the terminal summary imports a plugin late) made
+    the ast module's recursion bookkeeping raise SystemError and pytest end in INTERNALERROR."""
+    yield
+    gc.collect()
+
 
 needs_sshd = pytest.mark.skipif(not HAVE_SSHD, reason="OpenSSH sshd/ssh/ssh-keygen not installed "
                                 "(apt-get install openssh-server openssh-client)")
