@@ -3766,12 +3766,21 @@ def describe_ssh_failure(stderr: str, rc: Optional[int] = None) -> str:
 
 
 async def _kill(proc: "asyncio.subprocess.Process") -> None:
-    """End a child we started and reap it (no zombies, no orphans)."""
+    """End a child we started and reap it (no zombies, no orphans).  Its pipes are closed
+    too: an ssh that ran a session through a ControlMaster handed its stdio to the master,
+    which holds them until that session ends, and asyncio's wait() waits for the pipes as
+    well as the exit (base_subprocess: waiters wake on connection_lost)."""
     if proc.returncode is None:
         try:
             proc.kill()
         except ProcessLookupError:
             pass
+    transport = getattr(proc, "_transport", None)   # asyncio.subprocess.Process keeps it there
+    if transport is not None:
+        for fd in (0, 1, 2):
+            pipe = transport.get_pipe_transport(fd)
+            if pipe is not None:
+                pipe.close()
     try:
         await asyncio.wait_for(proc.wait(), 5)
     except asyncio.TimeoutError:  # pragma: no cover - a kill always lands
