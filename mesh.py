@@ -4159,6 +4159,7 @@ class SSHTransport(Transport):
         self.fwd = self.ctl + ".f"
         self.log = self.ctl + ".log"
         self.nodelay_mark = self.ctl + ".n"    # this master has had its first session (TCP_NODELAY)
+        self._session_reaper: Optional[asyncio.Future] = None
         # Made on first use, inside the event loop (Python 3.9 binds them when created).
         self._lock_obj: Optional[asyncio.Lock] = None
         self._slots_obj: Optional[asyncio.Semaphore] = None
@@ -4291,11 +4292,24 @@ class SSHTransport(Transport):
             if await asyncio.wait_for(opened(), self.connect_timeout):
                 with open(self.nodelay_mark, "w"):
                     pass
-        except (asyncio.TimeoutError, OSError):
-            pass
-        finally:
-            # The exec request is on its way and sshd reads in order: ending the session now
-            # (the channel is closed after the exec) does not undo it, and spares the node's shell.
+            else:
+                await _kill(proc)
+                return
+        except BaseException:
+            await _kill(proc)
+            if isinstance(sys.exc_info()[1], (asyncio.TimeoutError, OSError)):
+                return
+            raise
+        # The exec request is on its way and sshd reads in order, so we need not wait for the
+        # session to end - but it must end by itself: hanging it up would cut the node's shell
+        # off in the middle of its start-up files (a `pyenv rehash` killed there leaves a lock
+        # that every later shell on the node waits 60 s for).  It is reaped in the background.
+        self._session_reaper = asyncio.ensure_future(self._reap(proc))
+
+    async def _reap(self, proc: "asyncio.subprocess.Process") -> None:
+        try:
+            await asyncio.wait_for(proc.wait(), max(self.connect_timeout, 10.0))
+        except BaseException:
             await _kill(proc)
 
     async def _add_forward(self, fresh: bool = False) -> None:
@@ -4518,6 +4532,15 @@ class SSHTransport(Transport):
 
     async def close(self, *, stop_master: bool = False) -> None:
         await super().close()
+        if self._session_reaper is not None:
+            try:   # the TCP_NODELAY session's shell finishing its start-up files
+                await asyncio.wait_for(asyncio.shield(self._session_reaper), 5.0)
+            except BaseException:
+                self._session_reaper.cancel()
+                try:
+                    await self._session_reaper
+                except BaseException:
+                    pass
         if stop_master and self.started_master:
             try:
                 await run_command(self._base("-O", "exit", "--", self.name), timeout=5)
