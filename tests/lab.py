@@ -784,6 +784,15 @@ class SSHNodeProc:
         os.makedirs(self.dir, exist_ok=True)
         self.config = os.path.join(self.dir, "sshd_config")
         self.log = os.path.join(self.dir, "sshd.log")
+        # Sessions get a HOME of their own, so the node's shell does not run this machine's
+        # dotfiles (a developer's `pyenv init` in ~/.bashrc takes a lock in every shell).
+        # sshd takes only its first SetEnv line, so HOME joins the caller's one if there is one.
+        home = os.path.join(self.dir, "home")
+        os.makedirs(home, exist_ok=True)
+        if "SetEnv " in sshd_extra:
+            sshd_extra = sshd_extra.replace("SetEnv ", f"SetEnv HOME={home} ", 1)
+        else:
+            sshd_extra = f"SetEnv HOME={home}\n{sshd_extra}"
         with open(self.config, "w") as fh:
             fh.write(f"""ListenAddress 127.0.0.1:{self.port}
 HostKey {lab.hostkey}
