@@ -17,7 +17,7 @@ Command line::
     python3 mesh.py list                 # models x nodes; also ps, show, pull, rm, stop
     python3 mesh.py chat                 # talk to the pool
     python3 mesh.py connections --stop   # list (or end) mesh's own ssh masters
-    python3 mesh.py serve                # look like one Ollama on 127.0.0.1:11500
+    python3 mesh.py serve                # look like one Ollama on 127.0.0.1:11500 (dashboard: /mesh/)
     python3 mesh.py bench                # time to first token, tokens/s per node
 
 Library::
@@ -46,14 +46,18 @@ Sections, in dependency order (each begins with a banner comment)::
     wire formats (pure)    NDJSONDecoder; HTTP/1.1 framing: parse_request_head,
                            ChunkedDecoder, response_head, response_framing;
                            node replies: ReplyDechunker, ReplyScanner (end, bad lines)
+    operations (pure)      MetricFamily, MetricsRegistry (Prometheus text format),
+                           AccessRecord, format_access_line (access-log lines)
     routing (pure)         load_score, rank_nodes, closest_names (the original score);
                            Balancer, NodeRouteState, RouteRequest, prompt_prefixes,
                            count_busy_connections (routing by expected completion time)
     transport              the only code that spawns ssh or opens sockets to nodes; list_masters
     nodes                  SSHNode: health, load, inventory
-    orchestrator           MeshOrchestrator: the public async API; RawStream (bytes)
+    orchestrator           MeshOrchestrator: the public async API; RawStream (bytes);
+                           reload, apply_specs, watch_config, watch_health for serve
+    dashboard              DASHBOARD_HTML: the page GET /mesh/ serves
     HTTP front             ServerLimits, Router and one route table per API,
-                           Exchange, StreamRelay, MeshServer; `serve`, `bench`
+                           Exchange, StreamRelay, ServeOps, MeshServer; `serve`, `bench`
     command line           one function per command (run, list, ps, show, pull, rm, stop,
                            connections, generate, chat, test, nodes, bench, serve),
                            ChatSession, main()
@@ -87,11 +91,13 @@ __all__ = [
     "origin_allowed", "host_allowed", "DEFAULT_ORIGINS",
     "Balancer", "NodeRouteState", "RouteRequest", "prompt_prefixes", "context_fingerprint",
     "count_busy_connections", "ROUTING_POLICIES",
+    "MetricFamily", "MetricsRegistry", "AccessRecord", "format_access_line", "ServeOps",
 ]
 
 __version__ = "1.0.0"
 
 logger = logging.getLogger("mesh")
+access_logger = logging.getLogger("mesh.access")   # serve's access log: one line per request
 
 
 class _LazyModule:
@@ -124,6 +130,8 @@ FACTS_TTL = 60.0                     # serve re-reads a node's GPU/RAM/load fact
 INVENTORY_TTL = 30.0                 # how long /api/tags and /api/ps answers are trusted
 COOLDOWN_MIN, COOLDOWN_MAX = 1.0, 30.0
 EXEC_SESSION_CAP = 8                 # below sshd's default MaxSessions 10 for `ssh node curl`
+CONFIG_POLL_INTERVAL = 2.0           # serve: how often the SSH config's files are stat()ed for changes
+HEALTH_INTERVAL = 3.0                # serve: how often an idle healthy node is asked whether it answers
 
 
 # ---------------------------------------------------------------------------
@@ -1351,6 +1359,30 @@ class SSHConfig:
         self.files[parent] = None
         return [arg] if os.path.lexists(arg) else []
 
+    def watch_paths(self) -> List[str]:
+        """What to stat() to notice any change to this config: the file, every file it
+        Includes (at any depth, active or not), and the directory each Include pattern
+        looks in (so a new or deleted `config.d/*.conf` shows).  Files that don't exist
+        are listed too: their appearing is a change."""
+        seen: set = set()
+
+        def walk(path: str, depth: int) -> None:
+            if path in seen or depth > _MAX_INCLUDE_DEPTH:
+                return
+            seen.add(path)
+            try:
+                lines = self._lines(path)
+            except (ConfigError, OSError):
+                return
+            for line in lines or []:
+                if line.keyword == "include":
+                    for arg in line.args:
+                        for inc in self._include_paths(arg):
+                            walk(inc, depth + 1)
+
+        walk(self.path, 0)
+        return list(self.files)
+
     # -- resolving ---------------------------------------------------------
     def resolve(self, alias: str) -> HostInfo:
         """Effective settings for `alias`, as ssh -G computes them: one pass, then the
@@ -1991,6 +2023,18 @@ class NodeSpec:
                 raise bad("transport", f"one of {', '.join(_TRANSPORTS)}")
             kw["transport"] = settings["transport"]
         return cls(alias, info=info, **kw)
+
+    def destination(self) -> Tuple[Any, ...]:
+        """What decides which machine answers: ssh's resolved HostName, Port, User,
+        ProxyJump, ProxyCommand and HostKeyAlias, and the Ollama address there.
+        A master serves one destination; a different one needs a master of its own."""
+        info = self.info
+        ollama = (self.transport, self.ollama_host, self.ollama_port)
+        if info is None:
+            return ollama
+        o = info.options
+        return (info.hostname, info.port, info.user, o.get("proxyjump"), o.get("proxycommand"),
+                o.get("hostkeyalias")) + ollama
 
     def as_dict(self) -> Dict[str, Any]:
         info = self.info
@@ -3030,6 +3074,208 @@ def host_allowed(host_header: str, listen_host: str, *, hostname: Optional[str] 
     if host == (hostname if hostname is not None else socket.gethostname()).lower():
         return True
     return host.endswith((".localhost", ".local", ".internal"))
+
+# Operations formats (pure): Prometheus metrics, access-log lines.
+# ---------------------------------------------------------------------------
+
+# Seconds.  The Prometheus client libraries' default buckets, extended: a cold model
+# load or a long answer takes minutes.
+METRIC_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _prom_float(value: float) -> str:
+    """A sample value as the exposition format writes it (Go's ParseFloat reads it back)."""
+    if value != value:
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "+Inf" if value > 0 else "-Inf"
+    if float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(float(value))
+
+
+def _prom_label(value: str) -> str:
+    # the text format escapes exactly these three in label values
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class MetricFamily:
+    """One metric name with its HELP, TYPE and labelled samples, in Prometheus' text
+    exposition format 0.0.4 (prometheus.io/docs/instrumenting/exposition_formats).
+
+    kind: "counter", "gauge" or "histogram"; labels: the label names in order; a sample
+    is keyed by a tuple of label values of that length (ValueError otherwise).
+    Histogram buckets are upper bounds in the metric's unit; "+Inf" is added on output."""
+
+    def __init__(self, name: str, kind: str, help_text: str, labels: Sequence[str] = (),
+                 buckets: Sequence[float] = METRIC_BUCKETS) -> None:
+        if kind not in ("counter", "gauge", "histogram"):
+            raise ValueError(f"unknown metric type {kind!r}")
+        if not re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", name):
+            raise ValueError(f"bad metric name {name!r}")
+        self.name, self.kind, self.help, self.labels = name, kind, help_text, tuple(labels)
+        self.buckets = tuple(sorted(buckets))
+        self.samples: Dict[Tuple[str, ...], Any] = {}
+        if not self.labels and kind != "histogram":
+            self.samples[()] = 0.0
+
+    def _key(self, values: Sequence[Any]) -> Tuple[str, ...]:
+        key = tuple("" if v is None else str(v) for v in values)
+        if len(key) != len(self.labels):
+            raise ValueError(f"{self.name}: {len(self.labels)} label values expected, got {len(key)}")
+        return key
+
+    def inc(self, values: Sequence[Any] = (), amount: float = 1.0) -> None:
+        """Add `amount` (>= 0 for a counter) to one sample."""
+        if self.kind == "histogram" or (self.kind == "counter" and amount < 0):
+            raise ValueError(f"{self.name}: a {self.kind} cannot be increased by {amount}")
+        key = self._key(values)
+        self.samples[key] = self.samples.get(key, 0.0) + amount
+
+    def set(self, values: Sequence[Any], value: float) -> None:
+        """Set a gauge's sample."""
+        if self.kind != "gauge":
+            raise ValueError(f"{self.name}: only a gauge can be set")
+        self.samples[self._key(values)] = float(value)
+
+    def observe(self, values: Sequence[Any], value: float) -> None:
+        """Count one observation into a histogram's buckets, sum and count."""
+        if self.kind != "histogram":
+            raise ValueError(f"{self.name}: only a histogram observes")
+        key = self._key(values)
+        counts = self.samples.get(key)
+        if counts is None:
+            counts = self.samples[key] = [[0] * len(self.buckets), 0.0, 0]
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                counts[0][i] += 1
+        counts[1] += value
+        counts[2] += 1
+
+    def render(self) -> List[str]:
+        """The family's lines: HELP, TYPE, then samples sorted by label values; a
+        histogram's buckets are cumulative and end with le="+Inf" equal to _count."""
+        help_text = self.help.replace("\\", "\\\\").replace("\n", "\\n")
+        out = [f"# HELP {self.name} {help_text}", f"# TYPE {self.name} {self.kind}"]
+        for key in sorted(self.samples):
+            pairs = [f'{k}="{_prom_label(v)}"' for k, v in zip(self.labels, key)]
+            plain = "{" + ",".join(pairs) + "}" if pairs else ""
+            value = self.samples[key]
+            if self.kind != "histogram":
+                out.append(f"{self.name}{plain} {_prom_float(value)}")
+                continue
+            buckets, total, count = value
+            for bound, n in list(zip(self.buckets, buckets)) + [(float("inf"), count)]:
+                le = "{" + ",".join(pairs + [f'le="{_prom_float(bound)}"']) + "}"
+                out.append(f"{self.name}_bucket{le} {n}")
+            out.append(f"{self.name}_sum{plain} {_prom_float(total)}")
+            out.append(f"{self.name}_count{plain} {count}")
+        return out
+
+
+class MetricsRegistry:
+    """Metric families by name, rendered together as one /metrics page."""
+
+    def __init__(self) -> None:
+        self.families: Dict[str, MetricFamily] = {}
+
+    def add(self, name: str, kind: str, help_text: str, labels: Sequence[str] = (),
+            buckets: Sequence[float] = METRIC_BUCKETS) -> MetricFamily:
+        if name in self.families:
+            raise ValueError(f"metric {name} registered twice")
+        family = self.families[name] = MetricFamily(name, kind, help_text, labels, buckets)
+        return family
+
+    def render(self) -> str:
+        lines: List[str] = []
+        for family in self.families.values():
+            lines += family.render()
+        return "\n".join(lines) + "\n"
+
+
+ACCESS_LOG_FORMATS = ("plain", "json", "off")
+
+
+class AccessRecord:
+    """One request to `serve` as the access log and the metrics see it: who asked for
+    what, where it went and how long it took - never the prompt or any other body.
+
+    Times: `started` is time.time() (seconds since the epoch), `ttfb` and `duration`
+    are seconds after it (time to the first byte of the response head, to the end);
+    `first_token` is when the first streamed chunk went out; `tokens` is Ollama's
+    eval_count and `eval_duration` its eval_duration (nanoseconds) from the final chunk."""
+
+    __slots__ = ("started", "client", "method", "path", "model", "node", "status", "ttfb", "first_token",
+                 "tokens", "eval_duration", "duration", "error", "_t0")
+
+    def __init__(self, client: str, method: str, path: str, *, started: Optional[float] = None) -> None:
+        self.started = time.time() if started is None else started
+        self._t0 = time.monotonic()
+        self.client, self.method, self.path = client, method, path
+        self.model: Optional[str] = None
+        self.node: Optional[str] = None
+        self.status: Optional[int] = None
+        self.ttfb: Optional[float] = None
+        self.first_token: Optional[float] = None
+        self.tokens: Optional[int] = None
+        self.eval_duration: Optional[int] = None
+        self.duration: Optional[float] = None
+        self.error: Optional[str] = None
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self._t0
+
+    def tokens_per_second(self) -> Optional[float]:
+        """Ollama's own generation speed for this request (eval_count / eval_duration)."""
+        if self.tokens and self.eval_duration:
+            return self.tokens / (self.eval_duration / 1e9)
+        return None
+
+    def as_dict(self) -> Dict[str, Any]:
+        """The JSON access-log object and /mesh/status' `recent` entry (times in ms)."""
+        def ms(value: Optional[float]) -> Optional[float]:
+            return None if value is None else round(value * 1000, 1)
+        rate = self.tokens_per_second()
+        return {"time": _iso_time(self.started), "client": self.client, "method": self.method,
+                "path": self.path, "model": self.model, "node": self.node, "status": self.status,
+                "ttfb_ms": ms(self.ttfb), "ttft_ms": ms(self.first_token), "tokens": self.tokens,
+                "tokens_per_s": None if rate is None else round(rate, 1), "duration_ms": ms(self.duration),
+                "error": self.error}
+
+
+def _iso_time(epoch: float) -> str:
+    """RFC 3339 UTC with milliseconds: 2026-01-31T12:00:00.123Z."""
+    whole = int(epoch)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + ".%03dZ" % int((epoch - whole) * 1000)
+
+
+def _log_value(value: Any) -> str:
+    """A logfmt value: bare when it is safe to split on spaces, else a JSON string."""
+    if value is None:
+        return "-"
+    text = str(value)
+    if text and re.fullmatch(r"[\w.:/@+-]+", text):
+        return text
+    return json.dumps(text, ensure_ascii=True)
+
+
+def format_access_line(record: AccessRecord, fmt: str = "plain") -> str:
+    """One access-log line (no newline).  plain: time, client, method and path, status,
+    then key=value fields (logfmt; '-' when unknown), e.g.
+    `2026-01-31T12:00:00.123Z 127.0.0.1 POST /api/generate 200 model=llama3:latest node=a
+    ttfb_ms=12.5 tokens=42 duration_ms=830.2`; json: the object of AccessRecord.as_dict()."""
+    data = record.as_dict()
+    if fmt == "json":
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    if fmt != "plain":
+        raise ValueError(f"access log format must be one of {', '.join(ACCESS_LOG_FORMATS)}")
+    head = [data["time"], _log_value(data["client"]), _log_value(data["method"]), _log_value(data["path"]),
+            _log_value(data["status"])]
+    fields = [f"{k}={_log_value(data[k])}" for k in ("model", "node", "ttfb_ms", "tokens", "duration_ms")]
+    if data["error"]:
+        fields.append(f"error={_log_value(data['error'])}")
+    return " ".join(head + fields)
 
 
 # ---------------------------------------------------------------------------
@@ -4132,6 +4378,10 @@ class Transport:
             _, writer = self._idle.pop()
             writer.close()
 
+    async def retire(self) -> None:
+        """This way to the node is no longer configured: end it for good."""
+        await self.close(stop_master=True)
+
 
 class SSHTransport(Transport):
     """A node reached through its sshd, over one ControlMaster that mesh.py starts.
@@ -4146,14 +4396,17 @@ class SSHTransport(Transport):
 
     def __init__(self, name: str, host: str, port: int, *, config: Optional[str], ssh: str,
                  connect_timeout: float, control_persist: int, mode: str = "auto",
-                 ctl_dir: Optional[str] = None) -> None:
+                 ctl_dir: Optional[str] = None, destination: Sequence[Any] = ()) -> None:
         super().__init__(name, host, port, connect_timeout=connect_timeout)
         import hashlib
         self.config, self.ssh = config, _which(ssh)
         self.control_persist = control_persist
         self.pinned = mode if mode in ("forward", "stdio", "exec") else None
         self.mode = self.pinned or "forward"
-        ident = hashlib.sha1(f"{config or ''}\0{name}\0{host}:{port}".encode()).hexdigest()[:16]
+        # The socket's name covers what ssh resolves for the node (NodeSpec.destination):
+        # after a config edit the same alias gets a master of its own, never the old one.
+        key = "\0".join(map(str, (config or "", name, host, port, *destination)))
+        ident = hashlib.sha1(key.encode()).hexdigest()[:16]
         self.dir = ctl_dir or control_dir()
         self.ctl = os.path.join(self.dir, ident)
         self.fwd = self.ctl + ".f"
@@ -4578,6 +4831,7 @@ class SSHNode:
         self.loaded: Dict[str, Dict[str, Any]] = {}   # model key -> /api/ps entry
         self.inventory_at = 0.0
         self.failures = 0
+        self.retired = False       # no longer configured (MeshOrchestrator.apply_specs)
         self.down_since: Optional[float] = None
         self.served = 0
         self.unsupported: set = set()   # paths this node's Ollama answered with Go's plain 404
@@ -5085,18 +5339,14 @@ class MeshOrchestrator:
         self.liveness_interval = liveness_interval
         self.facts_ttl = facts_ttl   # re-read node facts (GPU, RAM, load) this often on refresh; None: on request
         self.default_model = default_model or os.environ.get("MESH_MODEL") or DEFAULT_MODEL
-        specs = load_node_specs(self.config_path, only=nodes, ssh=ssh, pass_config=bool(explicit))
-        self.nodes: List[SSHNode] = []
-        for spec in specs:
-            if spec.transport == "http":
-                transport: Transport = Transport(spec.name, spec.ollama_host, spec.ollama_port,
-                                                 connect_timeout=connect_timeout)
-            else:
-                transport = SSHTransport(spec.name, spec.ollama_host, spec.ollama_port,
-                                         config=self.config_path if explicit else None, ssh=ssh,
-                                         connect_timeout=connect_timeout, control_persist=control_persist,
-                                         mode=spec.transport)
-            self.nodes.append(SSHNode(spec, transport))
+        self._only = nodes
+        self._ssh_config = self.config_path if explicit else None
+        self._ssh, self._control_persist = ssh, control_persist
+        self._pass_config = bool(explicit)
+        self.probe_timeout = min(PROBE_TIMEOUT, max(1.0, connect_timeout))
+        self._config_stamp = self._stat_config()
+        specs = load_node_specs(self.config_path, only=nodes, ssh=ssh, pass_config=self._pass_config)
+        self.nodes: List[SSHNode] = [self._make_node(spec) for spec in specs]
         self._by_name = {n.name: n for n in self.nodes}
         # No Host in the SSH config: the local Ollama stands in (load_node_specs); its
         # failures then mean "nothing to use", which the user is told in those words.
@@ -5112,10 +5362,25 @@ class MeshOrchestrator:
         self._cond: Optional[asyncio.Condition] = None
         self._tasks: set = set()
         self._refreshing: Dict[str, Any] = {}
-        self.probe_timeout = min(PROBE_TIMEOUT, max(1.0, connect_timeout))
-        for node in self.nodes:
-            node.probe_timeout = self.probe_timeout
+        self._queued: Dict[int, Tuple[str, ...]] = {}    # simple policies: queued request -> nodes it may go to
+        self._retired: List[SSHNode] = []                # removed or changed nodes still finishing
+        self._reload_wanted: Optional[asyncio.Event] = None
+        self.reloads = {"ok": 0, "error": 0}
         self._closed = False
+
+    def _make_node(self, spec: NodeSpec) -> SSHNode:
+        if spec.transport == "http":
+            transport: Transport = Transport(spec.name, spec.ollama_host, spec.ollama_port,
+                                             connect_timeout=self.connect_timeout)
+        else:
+            transport = SSHTransport(spec.name, spec.ollama_host, spec.ollama_port,
+                                     config=self._ssh_config, ssh=self._ssh,
+                                     connect_timeout=self.connect_timeout,
+                                     control_persist=self._control_persist, mode=spec.transport,
+                                     destination=spec.destination())
+        node = SSHNode(spec, transport)
+        node.probe_timeout = self.probe_timeout
+        return node
 
     async def __aenter__(self) -> "MeshOrchestrator":
         return self
@@ -5149,6 +5414,7 @@ class MeshOrchestrator:
                 except BaseException:
                     pass
         await asyncio.gather(*(n.transport.close(stop_master=stop_masters) for n in self.nodes),
+                             *(n.transport.retire() for n in self._retired),
                              return_exceptions=True)
 
     def node(self, name: str) -> SSHNode:
@@ -5167,6 +5433,8 @@ class MeshOrchestrator:
         node.down_since = node.down_since or time.monotonic()
         if isinstance(node.transport, SSHTransport) and reason.startswith("ssh"):
             node.transport.master_lost()
+        if node.retired:
+            return  # out of the config: nobody needs it back
         if not self._closed and (node._probe_task is None or node._probe_task.done()):
             node._probe_task = self._spawn(self._reprobe(node))
 
@@ -5187,7 +5455,7 @@ class MeshOrchestrator:
     async def _reprobe(self, node: SSHNode) -> None:
         """Background: probe a node in cooldown with backoff until it answers again."""
         delay = COOLDOWN_MIN
-        while not node.healthy and not self._closed:
+        while not node.healthy and not self._closed and not node.retired:
             await asyncio.sleep(delay)
             try:
                 await node.transport.prepare()
@@ -5207,6 +5475,127 @@ class MeshOrchestrator:
             async with cond:
                 cond.notify_all()
         self._spawn(wake())
+
+    async def watch_health(self, interval: float = HEALTH_INTERVAL) -> None:
+        """Background, for `serve`: ask each healthy node every `interval` seconds what
+        it has (version, models, loaded models), so a node that dies while idle is seen
+        within about `interval` plus the probe timeout, and what is loaded stays current.
+        Nodes that are down already have their own re-probe with backoff."""
+        while not self._closed:
+            await asyncio.sleep(interval)
+            for node in list(self.nodes):
+                if node.healthy:
+                    self._refresh_task(node)
+
+    # -- the SSH config, re-read while running -------------------------------------
+    def _stat_config(self) -> Tuple[Any, ...]:
+        """A stamp of every file and Include directory the config reads: it differs
+        whenever one is edited, replaced, created or deleted."""
+        try:
+            paths = SSHConfig(self.config_path).watch_paths()
+        except (MeshError, OSError):
+            paths = [self.config_path]
+        stamp = []
+        for path in paths:
+            try:
+                st = os.stat(path)
+                stamp.append((path, st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                stamp.append((path, None, None, None))
+        return tuple(stamp)
+
+    def request_reload(self) -> None:
+        """Have watch_config() re-read the config now (serve's SIGHUP)."""
+        if self._reload_wanted is not None:
+            self._reload_wanted.set()
+
+    async def watch_config(self, interval: float = CONFIG_POLL_INTERVAL) -> None:
+        """Background, for `serve`: stat() the config and its Includes every `interval`
+        seconds and apply it again when anything changed (or request_reload() asked):
+        see apply_specs.  New and changed nodes are asked for their models at once.  A
+        config that does not parse changes nothing; the error is logged and counted in
+        self.reloads["error"]."""
+        self._reload_wanted = asyncio.Event()
+        while not self._closed:
+            try:
+                await asyncio.wait_for(self._reload_wanted.wait(), interval)
+            except asyncio.TimeoutError:
+                pass
+            asked = self._reload_wanted.is_set()
+            self._reload_wanted.clear()
+            stamp = self._stat_config()
+            if not asked and stamp == self._config_stamp:
+                continue
+            self._config_stamp = stamp
+            try:
+                report = self.reload()
+            except MeshError as exc:
+                self.reloads["error"] += 1
+                logger.warning("SSH config changed but was not applied (nodes unchanged): %s", exc)
+                continue
+            self.reloads["ok"] += 1
+            for name in report["added"] + report["changed"]:
+                self._refresh_task(self._by_name[name])
+
+    # -- configuration -------------------------------------------------------
+    def reload(self) -> Dict[str, List[str]]:
+        """Read the SSH config again and apply it (see apply_specs).  Raises
+        ConfigError for a config ssh would reject; the nodes stay as they were then."""
+        return self.apply_specs(load_node_specs(self.config_path, only=self._only, ssh=self._ssh,
+                                                pass_config=self._pass_config))
+
+    def apply_specs(self, specs: Sequence[NodeSpec]) -> Dict[str, List[str]]:
+        """Make `specs` the node list.  A node whose destination (NodeSpec.destination:
+        what ssh resolves - host, port, user, proxy) is unchanged keeps its master, its
+        health and inventory, and takes the new weights and limits; a changed one gets
+        a new node with a master of its own, so new requests go to the new machine;
+        the old master is retired (ssh -O exit) once its requests in flight are done.
+        A removed node takes no new requests; its running ones finish.
+        Returns {"added": [...], "changed": [...], "removed": [...]} (aliases)."""
+        old = dict(self._by_name)
+        nodes: List[SSHNode] = []
+        report: Dict[str, List[str]] = {"added": [], "changed": [], "removed": []}
+        for spec in specs:
+            node = old.pop(spec.name, None)
+            if node is not None and node.spec.destination() == spec.destination():
+                node.spec, node.display_name = spec, spec.display_name
+                node.weight, node.max_concurrent = spec.weight, spec.max_concurrent
+                nodes.append(node)
+                continue
+            nodes.append(self._make_node(spec))
+            if node is None:
+                report["added"].append(spec.name)
+            else:
+                report["changed"].append(spec.name)
+                self._retire(node)
+        for node in old.values():
+            report["removed"].append(node.name)
+            self._retire(node)
+        self.nodes = nodes
+        self._by_name = {n.name: n for n in nodes}
+        if any(report.values()):
+            logger.warning("configuration applied: %s",
+                           "; ".join(f"{k} {', '.join(v)}" for k, v in report.items() if v))
+        self._notify()
+        return report
+
+    def _retire(self, node: SSHNode) -> None:
+        node.retired = True
+        self._retired.append(node)
+        if self._refreshing.get(node.name) is not None:
+            del self._refreshing[node.name]   # the name's next refresh is the new node's
+
+        async def when_idle() -> None:
+            if self._cond is None:
+                self._cond = asyncio.Condition()
+            async with self._cond:
+                await self._cond.wait_for(lambda: node.active_requests <= 0)
+            await node.transport.retire()
+            self._retired.remove(node)
+        try:
+            self._spawn(when_idle())
+        except RuntimeError:  # no event loop (a synchronous caller): retired by close()
+            pass
 
     # -- inventory -----------------------------------------------------------
     @staticmethod
@@ -5502,15 +5891,29 @@ class MeshOrchestrator:
             return await self._acquire_planned(model, exclude, req)
         if self._cond is None:
             self._cond = asyncio.Condition()
-        while True:
-            candidates = self._candidates(model, pinned, exclude)
-            free = [n for n in candidates if n.active_requests < n.max_concurrent]
-            if free:
-                node = self._pick_simple(free, model)
-                node.active_requests += 1
-                return node
-            async with self._cond:
-                await self._cond.wait()
+        ticket = id(asyncio.current_task())
+        try:
+            while True:
+                candidates = self._candidates(model, pinned, exclude)
+                free = [n for n in candidates if n.active_requests < n.max_concurrent]
+                if free:
+                    node = self._pick_simple(free, model)
+                    node.active_requests += 1
+                    return node
+                self._queued[ticket] = tuple(n.name for n in candidates)
+                async with self._cond:
+                    await self._cond.wait()
+        finally:
+            self._queued.pop(ticket, None)
+
+    def queue_length(self, node: Optional[str] = None) -> int:
+        """Requests waiting in mesh.py for a node (planned ones, and under the simple
+        policies those for which every node they could go to is at max_concurrent); with
+        `node`, those of them this node could take."""
+        if node is None:
+            return len(self._queued) + len(self._waiting)
+        return (sum(1 for names in self._queued.values() if node in names)
+                + sum(1 for req in self._waiting if not req.candidates or node in req.candidates))
 
     def _pick_simple(self, free: List[SSHNode], model: Optional[str]) -> SSHNode:
         """The comparison policies: the original score, fewest in flight, or in turn."""
@@ -5998,6 +6401,195 @@ class MeshOrchestrator:
 
 
 # ---------------------------------------------------------------------------
+# Dashboard: the page GET /mesh/ serves.  One self-contained document (inline CSS
+# and JS, no external assets, works offline) that polls GET /mesh/status every 2 s.
+# The page itself holds no data and is served without the token; its script sends
+# the token as "Authorization: Bearer" (typed in once, or given as /mesh/#token=T -
+# a fragment never reaches the server) and keeps it in sessionStorage.
+# ---------------------------------------------------------------------------
+
+DASHBOARD_HTML = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>mesh</title>
+<style>
+:root { --bg: #fafafa; --fg: #1d1d1f; --card: #fff; --line: #ddd; --muted: #6e6e73; --ok: #1a7f37; --bad: #c62828; --warn: #9a6700; }
+@media (prefers-color-scheme: dark) { :root { --bg: #161618; --fg: #e8e8ea; --card: #212124; --line: #38383c; --muted: #9a9aa0; --ok: #3fb950; --bad: #f85149; --warn: #d29922; } }
+* { box-sizing: border-box; }
+body { margin: 0; padding: 12px; font: 14px/1.4 system-ui, -apple-system, "Segoe UI", sans-serif; background: var(--bg); color: var(--fg); }
+header { display: flex; flex-wrap: wrap; align-items: baseline; gap: 6px 16px; margin-bottom: 12px; }
+h1 { font-size: 20px; margin: 0; }
+h2 { font-size: 15px; margin: 20px 0 8px; }
+.muted { color: var(--muted); }
+.ok { color: var(--ok); } .bad { color: var(--bad); } .warn { color: var(--warn); }
+#nodes { display: grid; grid-template-columns: repeat(auto-fill, minmax(250px, 1fr)); gap: 10px; }
+.card { background: var(--card); border: 1px solid var(--line); border-left: 4px solid var(--ok); border-radius: 6px; padding: 10px; overflow-wrap: anywhere; }
+.card.down { border-left-color: var(--bad); }
+.card h3 { margin: 0 0 4px; font-size: 15px; display: flex; justify-content: space-between; gap: 8px; }
+.card dl { display: grid; grid-template-columns: auto 1fr; gap: 2px 10px; margin: 6px 0 0; }
+.card dt { color: var(--muted); } .card dd { margin: 0; }
+.wrap { overflow-x: auto; -webkit-overflow-scrolling: touch; }
+table { border-collapse: collapse; background: var(--card); min-width: 100%; }
+th, td { border: 1px solid var(--line); padding: 4px 8px; text-align: left; white-space: nowrap; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+#auth { display: none; background: var(--card); border: 1px solid var(--line); border-radius: 6px; padding: 12px; max-width: 420px; }
+#auth input { width: 100%; padding: 8px; font: inherit; margin: 6px 0; }
+#auth button { padding: 6px 14px; font: inherit; }
+@media (max-width: 480px) { body { padding: 8px; font-size: 13px; } }
+</style>
+</head>
+<body data-updates="0">
+<header><h1>mesh</h1><span id="summary" class="muted">loading...</span><span id="state" class="muted"></span></header>
+<form id="auth"><label for="token">This mesh needs its bearer token (serve --token). It is kept for this browser tab only and sent as an Authorization header.</label>
+<input id="token" type="password" autocomplete="current-password"><button>Show the pool</button> <span id="autherr" class="bad"></span></form>
+<main id="main">
+<section id="nodes"></section>
+<h2>Models &times; nodes</h2><div class="wrap"><table id="models"></table></div>
+<h2>Recent requests</h2><div class="wrap"><table id="recent"></table></div>
+</main>
+<script>
+"use strict";
+var POLL_MS = 2000, updates = 0, timer = null;
+var KEY = "mesh-token";
+(function takeTokenFromFragment() {
+  // http://HOST:PORT/mesh/#token=T: the fragment never reaches the server or its log
+  var m = /(?:^#|&)token=([^&]*)/.exec(location.hash);
+  if (m) { sessionStorage.setItem(KEY, decodeURIComponent(m[1])); history.replaceState(null, "", location.pathname); }
+})();
+function el(tag, attrs) {
+  var node = document.createElement(tag);
+  for (var k in (attrs || {})) { if (attrs[k] !== null && attrs[k] !== undefined) node.setAttribute(k, attrs[k]); }
+  for (var i = 2; i < arguments.length; i++) {
+    var c = arguments[i];
+    if (c === null || c === undefined) continue;
+    node.appendChild(typeof c === "object" ? c : document.createTextNode(String(c)));
+  }
+  return node;
+}
+function fmt(v, unit) { return v === null || v === undefined ? "-" : v + (unit || ""); }
+function gb(v) { return typeof v === "number" ? (v / 1e9).toFixed(1) : "-"; }
+function factRows(n) {
+  // the node's facts (read over ssh: nvidia-smi, /proc), as far as it could tell them
+  var f = n.facts || {}, rows = [];
+  if (f.gpu) rows.push(["GPU", f.gpu]);
+  if (f.vram_total) rows.push(["VRAM", gb(f.vram_used) + " / " + gb(f.vram_total) + " GB used"]);
+  if (f.ram_total) rows.push(["RAM", gb(f.ram_total) + " GB (" + gb(f.ram_available) + " GB free)"]);
+  if (typeof f.load_1m === "number") rows.push(["load", f.load_1m.toFixed(2) + (f.cpus ? " / " + f.cpus + " cpus" : "")]);
+  return rows;
+}
+function card(n) {
+  var up = n.healthy;
+  var badge = el("span", {"class": up ? "ok" : "bad"}, up ? "up" : "down");
+  var title = el("h3", null, el("span", null, n.name), badge);
+  var rows = [
+    ["in flight", n.in_flight + " / " + n.max_concurrent],
+    ["queued", fmt(n.queued)],
+    ["latency", fmt(n.latency_ms, " ms")],
+    ["speed", n.speed && n.speed.tokens_per_s !== null ? n.speed.tokens_per_s + " tok/s" : "-"],
+    ["first token", n.speed && n.speed.ttft_ms !== null ? n.speed.ttft_ms + " ms" : "-"],
+    ["loaded", (n.loaded || []).join(", ") || "-"],
+    ["served", fmt(n.served)],
+    ["Ollama", fmt(n.version)],
+    ["transport", fmt(n.transport)]
+  ].concat(factRows(n));
+  var dl = el("dl");
+  rows.forEach(function (r) { dl.appendChild(el("dt", null, r[0])); dl.appendChild(el("dd", null, r[1])); });
+  var c = el("div", {"class": up ? "card" : "card down", "data-node": n.name, "data-healthy": String(up)}, title);
+  if (n.display_name && n.display_name !== n.name) c.appendChild(el("div", {"class": "muted"}, n.display_name));
+  if (!up) c.appendChild(el("div", {"class": "bad reason"}, n.reason || "down"));
+  c.appendChild(dl);
+  return c;
+}
+function modelsTable(nodes) {
+  var names = {};
+  nodes.forEach(function (n) { (n.models || []).concat(n.loaded || []).forEach(function (m) { names[m] = 1; }); });
+  var head = el("tr", null, el("th", null, "model"));
+  nodes.forEach(function (n) { head.appendChild(el("th", {"class": n.healthy ? "" : "bad"}, n.name)); });
+  var rows = [el("thead", null, head)], body = el("tbody");
+  Object.keys(names).sort().forEach(function (m) {
+    var tr = el("tr", null, el("td", null, m));
+    nodes.forEach(function (n) {
+      var loaded = (n.loaded || []).indexOf(m) >= 0, has = (n.models || []).indexOf(m) >= 0;
+      tr.appendChild(el("td", {"class": loaded ? "ok" : "muted"}, loaded ? "loaded" : has ? "yes" : ""));
+    });
+    body.appendChild(tr);
+  });
+  if (!Object.keys(names).length) body.appendChild(el("tr", null, el("td", {"class": "muted"}, "no models known yet")));
+  rows.push(body);
+  return rows;
+}
+function recentTable(recent) {
+  var head = el("tr");
+  ["time", "model", "node", "status", "first token", "tokens/s", "tokens", "duration"].forEach(function (h) { head.appendChild(el("th", null, h)); });
+  var body = el("tbody");
+  recent.forEach(function (r) {
+    body.appendChild(el("tr", null, el("td", null, (r.time || "").slice(11, 19)), el("td", null, fmt(r.model)),
+      el("td", null, fmt(r.node)), el("td", {"class": r.status >= 400 || r.error ? "bad" : ""}, fmt(r.status)),
+      el("td", {"class": "num"}, fmt(r.ttft_ms, " ms")), el("td", {"class": "num"}, fmt(r.tokens_per_s)),
+      el("td", {"class": "num"}, fmt(r.tokens)), el("td", {"class": "num"}, fmt(r.duration_ms, " ms"))));
+  });
+  if (!recent.length) body.appendChild(el("tr", null, el("td", {"class": "muted", colspan: "8"}, "no requests yet")));
+  return [el("thead", null, head), body];
+}
+function fill(id, children) {
+  var node = document.getElementById(id);
+  while (node.firstChild) node.removeChild(node.firstChild);
+  children.forEach(function (c) { node.appendChild(c); });
+}
+function render(data) {
+  var nodes = data.nodes || [], up = nodes.filter(function (n) { return n.healthy; }).length;
+  var inflight = nodes.reduce(function (a, n) { return a + (n.in_flight || 0); }, 0);
+  document.getElementById("summary").textContent = up + " of " + nodes.length + " nodes up \u00b7 " +
+    inflight + " in flight \u00b7 " + (data.queue || 0) + " queued";
+  fill("nodes", nodes.map(card));
+  fill("models", modelsTable(nodes));
+  fill("recent", recentTable(data.recent || []));
+  updates += 1;
+  document.body.setAttribute("data-updates", String(updates));
+  document.getElementById("state").textContent = "updated " + new Date().toLocaleTimeString();
+  document.getElementById("state").className = "muted";
+}
+function showAuth(message) {
+  document.getElementById("auth").style.display = "block";
+  document.getElementById("main").style.display = "none";
+  document.getElementById("autherr").textContent = message || "";
+}
+function poll() {
+  clearTimeout(timer);
+  var token = sessionStorage.getItem(KEY), headers = {};
+  if (token) headers["Authorization"] = "Bearer " + token;
+  fetch("/mesh/status", {headers: headers, cache: "no-store"}).then(function (r) {
+    if (r.status === 401) { showAuth(token ? "That token was refused." : ""); return null; }
+    if (!r.ok) throw new Error("HTTP " + r.status);
+    return r.json();
+  }).then(function (data) {
+    if (!data) return;
+    document.getElementById("auth").style.display = "none";
+    document.getElementById("main").style.display = "";
+    render(data);
+    timer = setTimeout(poll, POLL_MS);
+  }).catch(function (e) {
+    var s = document.getElementById("state");
+    s.textContent = "serve not answering (" + e.message + "), retrying";
+    s.className = "bad";
+    timer = setTimeout(poll, POLL_MS);
+  });
+}
+document.getElementById("auth").addEventListener("submit", function (e) {
+  e.preventDefault();
+  sessionStorage.setItem(KEY, document.getElementById("token").value);
+  poll();
+});
+poll();
+</script>
+</body>
+</html>
+"""
+
+
+# ---------------------------------------------------------------------------
 # HTTP front: the whole mesh behind one Ollama-compatible address.
 #
 #   ServerLimits   every limit and timeout of the front, with its default
@@ -6388,15 +6980,43 @@ class AnthropicAPI(OpenAIAPI):
 
 
 class MeshOpsAPI(_API):
-    """mesh's own operations under /mesh/."""
+    """mesh's own operations: status, health, metrics and the dashboard."""
 
     routes = [
         Route("GET", "/mesh/status", "status"),
+        Route("GET", "/mesh/health", "health"),
+        Route("GET", "/metrics", "metrics"),
+        # The page holds no data (its script sends the token for /mesh/status), so a
+        # browser can load it and ask for the token.
+        Route("GET", "/mesh/", "dashboard", auth=False),
+        Route("GET", "/mesh", "dashboard", auth=False),
     ]
 
+    async def _fresh_enough(self) -> None:
+        # Model lists, but bounded: polled by the dashboard and load balancers, and one
+        # frozen node must not hold them.  watch_health keeps them current anyway.
+        await asyncio.wait({self.orch._spawn(self.orch.refresh())}, timeout=2.0)
+
     async def status(self, ex: "Exchange") -> None:
-        await self.orch.refresh()
-        await ex.send_json(200, {"nodes": [n.status() for n in self.orch.nodes]})
+        """{"nodes": [status of each, plus queued and speed], "queue", "recent"}."""
+        await self._fresh_enough()
+        await ex.send_json(200, self.server.ops.status())
+
+    async def health(self, ex: "Exchange") -> None:
+        """200 when at least one node answers, else 503 (for load balancers, systemd).
+        A node counts once it has answered since serve started and is not down now."""
+        await self._fresh_enough()
+        nodes = self.orch.nodes
+        healthy = [n.name for n in nodes if n.healthy and n.version is not None]
+        down = {n.name: n.reason or "not reached yet" for n in nodes if n.name not in healthy}
+        await ex.send_json(200 if healthy else 503,
+                           {"status": "ok" if healthy else "unavailable", "healthy": healthy, "down": down})
+
+    async def metrics(self, ex: "Exchange") -> None:
+        await ex.send(200, self.server.ops.render_metrics().encode("utf-8"), PROMETHEUS_CONTENT_TYPE)
+
+    async def dashboard(self, ex: "Exchange") -> None:
+        await ex.send(200, DASHBOARD_HTML.encode("utf-8"), "text/html; charset=utf-8")
 
 
 class _ClientReader:
@@ -6517,8 +7137,10 @@ class Exchange:
 
     request: the HTTPRequest; route: the matched Route (None for errors before
     routing).  For the access log: status (None until answered), model and node
-    (set by handlers), started / first_byte_at (time.monotonic()), bytes_out (body
-    bytes written)."""
+    (set by handlers), started / first_byte_at / first_token_at (time.monotonic();
+    the last is the first block of a relayed stream), bytes_out (body bytes written),
+    tokens / eval_duration (Ollama's eval_count / eval_duration in ns, from the
+    final object sent), error (what went wrong, if anything; never request text)."""
 
     def __init__(self, conn: "_Connection", request: HTTPRequest) -> None:
         self.conn = conn
@@ -6529,7 +7151,11 @@ class Exchange:
         self.node: Optional[str] = None
         self.started = time.monotonic()
         self.first_byte_at: Optional[float] = None
+        self.first_token_at: Optional[float] = None
         self.bytes_out = 0
+        self.tokens: Optional[int] = None
+        self.eval_duration: Optional[int] = None
+        self.error: Optional[str] = None
         self.body_read = not request.has_body
         self.keep_alive = request.keep_alive
         self._pending_head = b""
@@ -6615,8 +7241,14 @@ class Exchange:
         self.first_byte_at = time.monotonic()
         await self.conn.drain()
 
+    def _note(self, obj: Any) -> None:
+        # the final object of a generation carries Ollama's token count and timing
+        if isinstance(obj, dict) and obj.get("done") is True and isinstance(obj.get("eval_count"), int):
+            self.tokens, self.eval_duration = obj["eval_count"], obj.get("eval_duration")
+
     async def send_json(self, status: int, obj: Any, *, node: Optional[str] = None,
                         headers: Sequence[Tuple[str, str]] = ()) -> None:
+        self._note(obj)
         try:
             body = json.dumps(obj, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:   # a lone surrogate from a node: keep it as the \\udXXX escape it came as
@@ -6666,6 +7298,9 @@ class Exchange:
         await self.conn.drain()
 
     async def write_json_line(self, obj: Dict[str, Any]) -> None:
+        self._note(obj)
+        if "error" in obj and len(obj) == 1:
+            self.error = str(obj["error"])[:200]
         try:
             line = json.dumps(obj, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:   # a lone surrogate from a node
@@ -6709,6 +7344,7 @@ class StreamRelay:
             done, _ = await asyncio.wait({pump_task, watch}, return_when=asyncio.FIRST_COMPLETED)
             if pump_task not in done:
                 logger.info("client went away mid-stream; cancelling the node's request")
+                ex.error = "client went away"
                 pump_task.cancel()
                 try:
                     await pump_task
@@ -6732,15 +7368,18 @@ class StreamRelay:
             async for block in stream:
                 if not started:
                     started = True
+                    ex.first_token_at = time.monotonic()
                     await ex.start_stream(stream.content_type, node=stream.node, headers=headers, first=block)
                 elif ex.write_nowait(block):
                     await ex.drain_client()
         except MeshError as exc:
             if not started:
                 raise
+            ex.error = str(exc)[:200]
             ex.write_nowait(_error_event(stream, str(exc)))
         if not started:
             raise HTTPError(502, "node sent no data")
+        ex._note(stream.final)     # Ollama's statistics, for the access log and the metrics
         await ex.end_stream()
 
 
@@ -6832,22 +7471,150 @@ class _Connection:
             ex.keep_alive = False
 
 
+class ServeOps:
+    """What `serve` knows about its own traffic: the metrics behind GET /metrics, the
+    recent requests and per-node speed behind /mesh/status, and the access log.
+
+    access_log: "plain", "json" or "off" (format_access_line); lines go to the
+    "mesh.access" logger at INFO.  Label values stay few: `path` is the matched route's
+    pattern or "other", `model` is set only when a node answered."""
+
+    RECENT = 50
+
+    def __init__(self, orch: MeshOrchestrator, *, access_log: str = "plain") -> None:
+        import collections
+        self.orch = orch
+        self.access_log = access_log
+        self.recent: "collections.deque[Dict[str, Any]]" = collections.deque(maxlen=self.RECENT)
+        self.speed: Dict[str, Dict[str, Optional[float]]] = {}   # node -> EWMAs
+        r = self.registry = MetricsRegistry()
+        self.requests = r.add("mesh_requests_total", "counter",
+                              "HTTP requests answered, by route, model, node and status code.",
+                              ("path", "model", "node", "code"))
+        self.errors = r.add("mesh_request_errors_total", "counter",
+                            "Requests that failed: type client (4xx), server (5xx), stream (an error "
+                            "after the answer began) or disconnect (the client left first).",
+                            ("path", "model", "node", "type"))
+        self.ttft = r.add("mesh_time_to_first_token_seconds", "histogram",
+                          "Time from the request to the first streamed chunk, by model and node.",
+                          ("model", "node"))
+        self.duration = r.add("mesh_request_duration_seconds", "histogram",
+                              "Time from the request to its last byte, by model and node.", ("model", "node"))
+        self.tokens = r.add("mesh_tokens_generated_total", "counter",
+                            "Tokens generated (Ollama's eval_count), by model and node.", ("model", "node"))
+        self.in_flight = r.add("mesh_requests_in_flight", "gauge", "Requests running on each node.", ("node",))
+        self.queue = r.add("mesh_queue_length", "gauge",
+                           "Requests waiting in mesh.py because every node they could go to is full.")
+        self.node_queue = r.add("mesh_node_queue_length", "gauge",
+                                "Waiting requests this node could take once it has a free slot.", ("node",))
+        self.up = r.add("mesh_node_up", "gauge", "1 while the node answers, 0 while it is down.", ("node",))
+        self.max_concurrent = r.add("mesh_node_max_concurrent", "gauge",
+                                    "The node's max_concurrent setting.", ("node",))
+        self.reloads = r.add("mesh_config_reloads_total", "counter",
+                             "SSH config re-reads, by result (error: the config did not parse; nodes "
+                             "unchanged).", ("result",))
+
+    def finished(self, ex: "Exchange") -> None:
+        """MeshServer.request_finished: one request is over (answered or not)."""
+        now = time.monotonic()
+        peer = ex.conn.writer.get_extra_info("peername")
+        rec = AccessRecord(peer[0] if isinstance(peer, (tuple, list)) and peer else "-",
+                           ex.request.method, ex.request.path, started=time.time() - (now - ex.started))
+        rec.model, rec.node, rec.status, rec.error = ex.model, ex.node, ex.status, ex.error
+        rec.tokens, rec.eval_duration = ex.tokens, ex.eval_duration
+        if ex.first_byte_at is not None:
+            rec.ttfb = ex.first_byte_at - ex.started
+        if ex.first_token_at is not None:
+            rec.first_token = ex.first_token_at - ex.started
+        rec.duration = now - ex.started
+        self.record(rec, ex.route.pattern if ex.route else None)
+
+    def record(self, rec: AccessRecord, route: Optional[str] = None) -> None:
+        """Account for one finished request: metrics, recent list, access-log line.
+        `route` is the pattern of the route that answered it (None: none did)."""
+        if rec.duration is None:
+            rec.duration = rec.elapsed()
+        path = route or "other"
+        model = (rec.model or "") if rec.node else ""
+        node = rec.node or ""
+        code = str(rec.status or 499)   # 499: the client left before an answer (nginx's code)
+        self.requests.inc((path, model, node, code))
+        kind = None
+        if rec.status is None:
+            kind = "disconnect"
+        elif rec.status >= 500:
+            kind = "server"
+        elif rec.status >= 400:
+            kind = "client"
+        elif rec.error:
+            kind = "stream"
+        if kind:
+            self.errors.inc((path, model, node, kind))
+        if rec.node and rec.model:
+            self.duration.observe((model, node), rec.duration)
+            if rec.first_token is not None:
+                self.ttft.observe((model, node), rec.first_token)
+            if rec.tokens:
+                self.tokens.inc((model, node), rec.tokens)
+            if rec.status == 200 and not rec.error:
+                self._note_speed(rec)
+            self.recent.append(rec.as_dict())
+        if self.access_log != "off":
+            access_logger.info(format_access_line(rec, self.access_log))
+
+    def _note_speed(self, rec: AccessRecord) -> None:
+        speed = self.speed.setdefault(rec.node or "", {"tokens_per_s": None, "ttft_ms": None})
+        rate = rec.tokens_per_second()
+        if rate is not None:
+            speed["tokens_per_s"] = round(ewma(speed["tokens_per_s"], rate), 1)
+        if rec.first_token is not None:
+            speed["ttft_ms"] = round(ewma(speed["ttft_ms"], rec.first_token * 1000), 1)
+
+    def render_metrics(self) -> str:
+        """The /metrics page: the counters so far plus gauges read from the pool now."""
+        for family in (self.in_flight, self.node_queue, self.up, self.max_concurrent):
+            family.samples.clear()   # nodes removed from the config drop out
+        for node in self.orch.nodes:
+            self.in_flight.set((node.name,), node.active_requests)
+            self.node_queue.set((node.name,), self.orch.queue_length(node.name))
+            self.up.set((node.name,), 1 if node.healthy else 0)
+            self.max_concurrent.set((node.name,), node.max_concurrent)
+        self.queue.set((), self.orch.queue_length())
+        for result, count in self.orch.reloads.items():
+            self.reloads.samples[(result,)] = float(count)
+        return self.registry.render()
+
+    def status(self) -> Dict[str, Any]:
+        """/mesh/status: every node's status() plus queued and speed, the pool's queue,
+        and the recent requests (newest first)."""
+        nodes = []
+        for node in self.orch.nodes:
+            entry = node.status()
+            entry["queued"] = self.orch.queue_length(node.name)
+            entry["speed"] = self.speed.get(node.name)
+            nodes.append(entry)
+        return {"nodes": nodes, "queue": self.orch.queue_length(), "recent": list(reversed(self.recent)),
+                "mesh": __version__}
+
+
 class MeshServer:
     """Ollama's HTTP API (and mesh's operations) over asyncio streams, answered by
     a MeshOrchestrator.
 
     apis: the API classes whose route tables make up the server, in order.
     limits: a ServerLimits.  request_finished(ex) is called once per finished
-    request (the place for an access log)."""
+    request: it feeds `ops` (a ServeOps: metrics, recent requests, the access log in
+    the `access_log` format)."""
 
     apis: Sequence[type] = (OllamaAPI, OpenAIAPI, AnthropicAPI, MeshOpsAPI)
 
     def __init__(self, orch: MeshOrchestrator, *, token: Optional[str] = None,
                  limits: Optional[ServerLimits] = None, origins: Optional[str] = None,
-                 listen_host: str = "127.0.0.1") -> None:
+                 listen_host: str = "127.0.0.1", access_log: str = "plain") -> None:
         self.orch = orch
         self.token = token
         self.limits = limits or ServerLimits()
+        self.ops = ServeOps(orch, access_log=access_log)
         self.router = Router([api(self) for api in self.apis])
         self.origins = allowed_origins(origins)    # origins: extra ones, as OLLAMA_ORIGINS
         self.listen_host = listen_host
@@ -6941,6 +7708,7 @@ class MeshServer:
                 ex.keep_alive = False
                 raise HTTPError(500, f"internal error: {exc!r}") from None
         except HTTPError as exc:
+            ex.error = ex.error or str(exc)[:200]
             if ex.answered:
                 logger.info("error after the reply started: %s", exc)
                 ex.keep_alive = False
@@ -6963,8 +7731,7 @@ class MeshServer:
     def request_finished(self, ex: Exchange) -> None:
         """Called once per finished request, answered or not (status None when the
         client left first)."""
-        logger.debug("%s %s -> %s (%s, %.1f ms)", ex.request.method, ex.request.target, ex.status,
-                     ex.node or "-", (time.monotonic() - ex.started) * 1000)
+        self.ops.finished(ex)
 
 
 def _error_event(stream: RawStream, message: str) -> bytes:
@@ -7099,7 +7866,9 @@ async def cmd_serve(orch: MeshOrchestrator, args: Any) -> int:
     limits = ServerLimits(max_body=args.max_body, max_header_bytes=args.max_header_bytes,
                           header_timeout=args.header_timeout, body_timeout=args.body_timeout,
                           keepalive_timeout=args.keepalive_timeout, write_timeout=args.write_timeout)
-    front = MeshServer(orch, token=args.token, limits=limits, origins=args.origins, listen_host=host)
+    _setup_access_log(args.access_log, args.access_log_file)
+    front = MeshServer(orch, token=args.token, limits=limits, origins=args.origins, listen_host=host,
+                       access_log=args.access_log)
     server = Listener(front, host, port)
     try:
         server.open()
@@ -7108,15 +7877,19 @@ async def cmd_serve(orch: MeshOrchestrator, args: Any) -> int:
     server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig, action in ((signal.SIGTERM, stop.set), (signal.SIGINT, stop.set),
+                        (signal.SIGHUP, orch.request_reload)):
         try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, action)
+        except (NotImplementedError, RuntimeError, AttributeError):
             pass
     bound = server.sockets[0].getsockname()
     _print(f"mesh: serving {len(orch.nodes)} node(s) as Ollama on http://{bound[0]}:{bound[1]}"
            + (" (bearer token required)" if args.token else ""), file=sys.stderr)
+    _print(f"mesh: dashboard on http://{bound[0]}:{bound[1]}/mesh/, metrics on /metrics", file=sys.stderr)
     orch._spawn(orch.refresh())
+    orch._spawn(orch.watch_config(float(os.environ.get("MESH_CONFIG_POLL_INTERVAL") or CONFIG_POLL_INTERVAL)))
+    orch._spawn(orch.watch_health())
     await stop.wait()
     _print("mesh: shutting down: no new connections; waiting for running requests", file=sys.stderr)
     server.close()
@@ -7131,6 +7904,24 @@ async def cmd_serve(orch: MeshOrchestrator, args: Any) -> int:
         if pending:
             await asyncio.wait(pending, timeout=5)
     return 0
+
+
+def _setup_access_log(fmt: str, path: Optional[str]) -> None:
+    """serve's access log: its own handler, at any -v level (lines are the product,
+    not diagnostics); to stderr, or appended to `path`."""
+    if fmt not in ACCESS_LOG_FORMATS:
+        raise UsageError(f"access log format {fmt!r}: one of {', '.join(ACCESS_LOG_FORMATS)}")
+    if fmt == "off":
+        return
+    try:
+        handler: logging.Handler = (logging.FileHandler(path, encoding="utf-8") if path
+                                    else logging.StreamHandler(sys.stderr))
+    except OSError as exc:
+        raise UsageError(f"--access-log-file {path}: {exc.strerror or exc}") from None
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access_logger.handlers[:] = [handler]
+    access_logger.propagate = False
+    access_logger.setLevel(logging.INFO)
 
 
 async def cmd_bench(orch: MeshOrchestrator, args: Any) -> int:
@@ -8417,6 +9208,12 @@ def _build_parser() -> Any:
     lim.add_argument("--keepalive-timeout", type=seconds, default=ServerLimits.keepalive_timeout, metavar="S",
                      help=f"close an idle keep-alive connection after S seconds "
                           f"(default {ServerLimits.keepalive_timeout:g})")
+    p.add_argument("--access-log", choices=ACCESS_LOG_FORMATS, metavar="FORMAT",
+                   default=os.environ.get("MESH_ACCESS_LOG", "plain"),
+                   help="one line per request: plain (key=value), json, or off (default plain; "
+                        "env MESH_ACCESS_LOG); never prompt text")
+    p.add_argument("--access-log-file", metavar="PATH",
+                   help="append the access log to PATH instead of stderr")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", parents=[common], help="time to first token and tokens/s per node",

@@ -933,12 +933,16 @@ class SSHLab:
                 f"    UserKnownHostsFile {self.known_hosts}\n    StrictHostKeyChecking yes\n"
                 f"    # mesh: ollama_port={self.fakes[name].port} {self.settings[name]}\n\n")
 
-    def write_config(self) -> None:
-        with open(self.config_path, "w") as fh:
+    def write_config(self, *, leave_out: Any = ()) -> None:
+        """The config with one Host block per node (but those in `leave_out`), written
+        to a new file renamed over the old one, as editors save."""
+        with open(self.config_path + ".new", "w") as fh:
             fh.write("# written by tests/lab.py\n\n")
             for name in self.nodes:
-                fh.write(self.host_block(name))
+                if name not in leave_out:
+                    fh.write(self.host_block(name))
             fh.write(self.extra_config)
+        os.replace(self.config_path + ".new", self.config_path)
 
     def env(self, **extra: str) -> Dict[str, str]:
         env = dict(os.environ)

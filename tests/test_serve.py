@@ -1,6 +1,7 @@
 """`mesh.py serve`: the mesh behind one Ollama-compatible address (issue 6),
 driven over real sockets with urllib and raw HTTP."""
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -21,14 +22,21 @@ class Serve:
     def __init__(self, lab, *args, env=None):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, MESH, "--config", lab.config_path, "serve",
-                                      "--listen", f"127.0.0.1:{self.port}", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env or lab.env())
+        # stderr (the access log among it) goes to a file: a pipe nobody reads fills up and stalls serve
+        self.stderr_path = os.path.join(lab.dir, f"serve-{self.port}.err")
+        with open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen([sys.executable, MESH, "--config", lab.config_path, "serve",
+                                          "--listen", f"127.0.0.1:{self.port}", *args],
+                                         stdout=subprocess.PIPE, stderr=err, env=env or lab.env())
         wait_for(self.up, 20, "serve to listen")
+
+    def stderr(self):
+        with open(self.stderr_path, encoding="utf-8", errors="replace") as fh:
+            return fh.read()
 
     def up(self):
         if self.proc.poll() is not None:
-            raise AssertionError(self.proc.stderr.read().decode())
+            raise AssertionError(self.stderr())
         try:
             socket.create_connection(("127.0.0.1", self.port), 0.2).close()
             return True
