@@ -7780,9 +7780,13 @@ class Listener:
     every pending connection and retries many times a second - hundreds of thousands
     of lines while the process is out of descriptors.  Here the first failure logs
     one line, accepting pauses (polling every accept_retry seconds, as Go's
-    net/http backs off), and one more line says when connections are taken again."""
+    net/http backs off), and one more line says when connections are taken again.
+    Within starved_quiet seconds of that line a new shortage is not logged again:
+    while descriptors stay scarce, serve's own background work (health probes, the
+    config poll) frees one now and then, and each would make a pair of lines."""
 
     accept_retry = 0.25
+    starved_quiet = 60.0
 
     def __init__(self, server: "MeshServer", host: str, port: int, *, backlog: Optional[int] = None) -> None:
         self.server = server
@@ -7829,6 +7833,7 @@ class Listener:
         import errno
         loop = asyncio.get_running_loop()
         starved = False
+        logged_at: Optional[float] = None
         while True:
             try:
                 conn, _ = await loop.sock_accept(sock)
@@ -7837,10 +7842,10 @@ class Listener:
                     if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                         continue        # the client gave up before we took it
                     raise
-                if not starved:
+                if not starved and (logged_at is None or time.monotonic() - logged_at > self.starved_quiet):
                     logger.warning("cannot accept connections: %s; retrying every %g s until some close",
                                    exc.strerror, self.accept_retry)
-                    starved = True
+                    starved, logged_at = True, time.monotonic()
                 await asyncio.sleep(self.accept_retry)
                 continue
             if starved:
