@@ -5573,6 +5573,7 @@ class MeshOrchestrator:
             self._retire(node)
         self.nodes = nodes
         self._by_name = {n.name: n for n in nodes}
+        self.implicit_local = len(specs) == 1 and specs[0].info is None and specs[0].name == "local"
         if any(report.values()):
             logger.warning("configuration applied: %s",
                            "; ".join(f"{k} {', '.join(v)}" for k, v in report.items() if v))
