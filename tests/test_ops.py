@@ -634,3 +634,25 @@ def test_dashboard_in_headless_chromium(lab):
     finally:
         browser.close()
         s.stop()
+
+
+@needs_sshd
+def test_a_host_in_a_new_included_file_becomes_a_node(lab):
+    lab.add_node("a", [M])
+    lab.add_node("b", [M])
+    conf_d = os.path.join(lab.dir, "conf.d")
+    os.mkdir(conf_d)
+    lab.extra_config = f"Host *\n    Include {conf_d}/*.conf\n"      # after the Host blocks: under Host *
+    lab.write_config(leave_out={"b"})
+    s = Serve(lab, "--access-log", "off")
+    try:
+        assert _status_names(s) == ["a"]
+        with open(os.path.join(conf_d, "b.conf"), "w") as fh:     # a new file the Include glob matches
+            fh.write(lab.host_block("b"))
+        wait_for(lambda: _status_names(s) == ["a", "b"], 10, "b from the included file")
+        status, headers, _ = s.call("POST", "/api/generate", {"model": M, "prompt": "x"}, headers={"X-Mesh-Node": "b"})
+        assert status == 200 and headers["X-Mesh-Node"] == "b"
+        os.unlink(os.path.join(conf_d, "b.conf"))
+        wait_for(lambda: _status_names(s) == ["a"], 10, "b gone with its file")
+    finally:
+        s.stop()
