@@ -5573,6 +5573,9 @@ class MeshOrchestrator:
             self._retire(node)
         self.nodes = nodes
         self._by_name = {n.name: n for n in nodes}
+        # the balancer plans over exactly these nodes (a removed one gets no new requests)
+        self.router.nodes.clear()
+        self.router.nodes.update((n.name, n.route) for n in nodes)
         self.implicit_local = len(specs) == 1 and specs[0].info is None and specs[0].name == "local"
         if any(report.values()):
             logger.warning("configuration applied: %s",

@@ -396,7 +396,9 @@ class Load:
     def _client(self):
         while not self.stop.is_set():
             started = time.monotonic()
-            status, headers, body = self.serve.call("POST", "/api/generate", {"model": M, "prompt": "x"})
+            # a prompt of its own each time: many users, no conversation for routing to keep together
+            prompt = f"question {len(self.results)} from {threading.get_ident()}"
+            status, headers, body = self.serve.call("POST", "/api/generate", {"model": M, "prompt": prompt})
             lines = [json.loads(x) for x in body.decode().splitlines() if x.strip()]
             complete = status == 200 and lines and lines[-1].get("done") is True and not any("error" in x for x in lines)
             self.results.append((started, headers.get("X-Mesh-Node"), complete))
@@ -413,8 +415,10 @@ class Load:
 
 @needs_sshd
 def test_config_reload_under_load_adds_and_removes_nodes(lab):
+    # M is loaded everywhere: c is as good a choice as a and b the moment mesh knows it
+    # (with M to load first, routing rightly keeps to a and b while they have free slots)
     for name in ("a", "b", "c"):
-        lab.add_node(name, [M], token_delay=0.02)
+        lab.add_node(name, [M], loaded=[M], token_delay=0.02)
     lab.write_config(leave_out={"c"})            # c is a machine the config doesn't name yet
     s = Serve(lab, "--access-log", "off")
     load = Load(s)
