@@ -2,7 +2,8 @@
 """mesh.py - one pool of Ollama machines over nothing but SSH.
 
 Every node keeps Ollama on its own localhost:11434 and exposes only sshd.
-The nodes are the Host entries of your SSH config.  mesh.py reaches each
+The nodes are the Host entries of your SSH config that carry a ``# mesh:``
+line (``# mesh: on``); other hosts are never contacted.  mesh.py reaches each
 node's Ollama through one OpenSSH ControlMaster per node (a forward held by
 the master, else per-request ``ssh -W``, else ``ssh NODE curl``), routes each
 request to the least loaded node that has the model, fails over before the
@@ -12,6 +13,7 @@ Command line::
 
     python3 mesh.py test                 # check every node
     python3 mesh.py nodes --json         # what the SSH config says
+    python3 mesh.py nodes --all          # every Host, and why it is or is not a node
     python3 mesh.py generate "Hello"     # ask the pool
     python3 mesh.py run qwen2.5:7b       # chat, as `ollama run` (with a prompt: one answer)
     python3 mesh.py list                 # models x nodes; also ps, show, pull, rm, stop
@@ -28,11 +30,12 @@ Library::
         async for chunk in await mesh.generate("Hi", stream=True):
             print(chunk["response"], end="")
 
-Per-node settings ssh does not know live in comments inside the Host block::
+A node is marked, and its settings ssh does not know are given, in a comment
+inside its Host block::
 
     Host vengeance
         HostName 192.0.2.46
-        # mesh: name="Vengeance RTX 4090" weight=3 max_concurrent=16
+        # mesh: on name="Vengeance RTX 4090" weight=3 max_concurrent=16
 
 Standard library only; Python 3.9 or newer.
 
@@ -84,7 +87,7 @@ __all__ = [
     "MeshOrchestrator",
     "ServerLimits", "Route", "Router", "Exchange", "StreamRelay", "MeshServer", "Listener", "main",
     "ChatSession", "closest_names", "parse_node_facts", "fits_in_memory", "FACTS_COMMAND", "list_masters",
-    "stop_master",
+    "stop_master", "node_verdict", "SSH_OPTIONS", "ssh_quote", "control_dir",
     "ReplyDechunker", "ReplyScanner", "RawStream", "listen_backlog", "terminal_text",
     "UnsupportedPathError", "api_family", "error_body", "is_unsupported_reply", "openai_model",
     "openai_model_list", "merge_ps", "keep_alive_seconds", "is_unload_request", "allowed_origins",
@@ -1141,6 +1144,7 @@ class HostInfo:
         self.alias = alias
         self.options: Dict[str, Any] = {}      # lowercase keyword -> first value (or list)
         self.mesh: Dict[str, str] = {}         # '# mesh:' settings, first value wins
+        self.marked = False                    # a '# mesh:' line in a Host block of its own (not Host *)
         self.unresolved = False                # only ssh can tell (Match exec, DNS); ask ssh -G
         self.canonical_host: Optional[str] = None   # HostName as ssh shows it (expanded, canonical)
 
@@ -1219,7 +1223,7 @@ def _home_dir() -> str:
 
 class _Walk:
     """The state of one pass of ssh over the config for one host."""
-    __slots__ = ("info", "host", "original", "final", "active", "want_final", "ignore", "where")
+    __slots__ = ("info", "host", "original", "final", "active", "want_final", "ignore", "where", "catch_all")
 
     def __init__(self, info: HostInfo, host: str, original: str, final: bool,
                  where: Dict[str, str]) -> None:
@@ -1228,6 +1232,7 @@ class _Walk:
         self.want_final = False
         self.ignore: Optional[str] = info.options.get("ignoreunknown")
         self.where = where                       # keyword -> 'FILE:LINE' of the value in use
+        self.catch_all = True                    # in `Host *`, `Match all` or before any Host
 
 
 class SSHConfig:
@@ -1515,9 +1520,13 @@ class SSHConfig:
         """process_config_line_depth() for one line, in ssh's order of checks."""
         kw, info = line.keyword, walk.info
         if kw == "#mesh":
-            if walk.active and line.mesh:
-                for key, value in line.mesh.items():
+            if walk.active:
+                for key, value in (line.mesh or {}).items():
                     info.mesh.setdefault(key, value)
+                # Under `Host *` (or before any Host) a '# mesh:' line gives every node
+                # defaults; it does not make every host - github.com too - a node.
+                if not walk.catch_all:
+                    info.marked = True
             return
         if kw == "#error":
             raise ConfigError(f"{line.where}: {line.error}")
@@ -1539,6 +1548,7 @@ class SSHConfig:
             raise ConfigError(f"{line.where}: {line.error}")
         if kw == "host":
             walk.active = False
+            walk.catch_all = all(a == "*" for a in line.args)
             if line.names is not None:
                 walk.active = not never and walk.host in line.names
                 return
@@ -1557,6 +1567,7 @@ class SSHConfig:
         if kw == "match":
             result = self._match(line, walk)
             walk.active = False if never else result
+            walk.catch_all = [_lower(a) for a in line.args] == ["all"]
             return
         if kw == "include":
             self._include(line, walk, depth, never)
@@ -1569,13 +1580,14 @@ class SSHConfig:
         for arg in line.args:
             if not arg:
                 raise ConfigError(f"{line.where}: keyword include empty argument")
-            was_active = walk.active
+            was_active, was_catch_all = walk.active, walk.catch_all
             for inc in self._include_paths(arg):
                 try:
                     self._read_file(inc, walk, depth + 1, never=never or not was_active, include=line)
                 except PermissionError as exc:
                     raise ConfigError(f"{line.where}: Can't open user config file {inc}: {exc.strerror}") from None
                 walk.active = was_active  # a Match inside an Include does not leak out of it
+                walk.catch_all = was_catch_all
 
     def _store(self, line: _Line, walk: _Walk) -> None:
         """First value wins, as ssh sets an option only while it is unset; IdentityFile
@@ -1985,6 +1997,7 @@ class NodeSpec:
         self.transport = transport
         self.info = info
         self.num_parallel = num_parallel   # Ollama's OLLAMA_NUM_PARALLEL there, if the user says
+        self.fallback = False     # the local Ollama standing in because no Host is marked
 
     @classmethod
     def from_settings(cls, alias: str, settings: Dict[str, str], info: Optional[HostInfo] = None,
@@ -2055,26 +2068,51 @@ def _mesh_enabled(settings: Dict[str, str]) -> bool:
     return settings.get("enabled", "yes").lower() not in ("no", "false", "off", "0")
 
 
+MARK_HINT = "add a '# mesh: on' line to its Host block"
+
+
+def node_verdict(info: HostInfo) -> Optional[str]:
+    """None when the alias is a node, else why not (for `nodes --all`).
+
+    A Host block is a node only when it carries a `# mesh:` line of its own
+    (`# mesh: on` or any mesh setting); `# mesh: off` keeps it out, first value
+    winning as in ssh_config(5).  Hosts nobody marked are never contacted."""
+    if not info.marked:
+        return f"not marked ({MARK_HINT})"
+    if not _mesh_enabled(info.mesh):
+        return "'# mesh: off'"
+    return None
+
+
 def load_node_specs(config_path: str, *, only: Optional[Sequence[str]] = None,
                     ollama_host_env: Optional[str] = None, ssh: Optional[str] = "ssh",
                     pass_config: bool = True) -> List[NodeSpec]:
-    """Nodes from the SSH config: every concrete alias whose mesh settings don't say
-    `off`.  With no node at all, the local Ollama as the pseudo-node `local`.
-    ssh/pass_config: the local ssh that referees the config (read_config_hosts)."""
+    """Nodes from the SSH config: the concrete aliases `node_verdict` accepts.  When
+    none is marked (or there is no config), the local Ollama (OLLAMA_HOST, else
+    127.0.0.1:11434) as the one node `local`, its NodeSpec.fallback true.
+    ssh/pass_config: the local ssh that referees the config (read_config_hosts).
+    Raises ConfigError for a config ssh would reject, UsageError for `only` names
+    that are not nodes."""
     specs: List[NodeSpec] = []
+    hosts: List[HostInfo] = []
     if os.path.exists(config_path) or config_path != default_config_path():
-        for info in read_config_hosts(config_path, ssh=ssh, pass_config=pass_config):
-            if _mesh_enabled(info.mesh):
+        hosts = read_config_hosts(config_path, ssh=ssh, pass_config=pass_config)
+        for info in hosts:
+            if node_verdict(info) is None:
                 specs.append(NodeSpec.from_settings(info.alias, info.mesh, info, where=config_path))
     if not specs:
         host, port = parse_host_port(ollama_host_env if ollama_host_env is not None
                                      else os.environ.get("OLLAMA_HOST", ""), DEFAULT_OLLAMA_PORT)
         specs = [NodeSpec("local", display_name=f"local Ollama ({host}:{port})",
                           ollama_host=host, ollama_port=port, transport="http")]
+        specs[0].fallback = True
     if only:
         names = {s.name for s in specs}
         unknown = [n for n in only if n not in names]
         if unknown:
+            why = {h.alias: node_verdict(h) for h in hosts}.get(unknown[0])
+            if why:
+                raise UsageError(f"{unknown[0]!r} is not a node: {why}")
             raise UsageError(f"unknown node {unknown[0]!r} (configured: {', '.join(sorted(names))})")
         specs = [s for s in specs if s.name in set(only)]
     return specs
@@ -3892,32 +3930,91 @@ class Balancer:
 # Transport: the only place that spawns ssh or opens sockets to nodes.
 # ---------------------------------------------------------------------------
 
+# Options mesh.py gives every ssh call that connects.  They come first on the command
+# line, so they win over the user's config (ssh takes the first value); everything
+# else there (ProxyJump, keys, host key checking) stays as the user set it.
+#   ClearAllForwardings  the user's LocalForward/RemoteForward are not opened by mesh
+#   RemoteCommand, RequestTTY, SessionType, StdinNull  made for interactive use; they
+#                        break `ssh NODE curl` (an empty request body, no command, a tty);
+#                        `-W` and `-N` set their own session type, which comes first
+#   LogLevel=INFO        ssh's default: its messages name why it failed, and the
+#                        master's log tells a refused forward; QUIET/ERROR hide both
+#   PermitLocalCommand, ForwardAgent, ForwardX11  nothing mesh asked for
+# setup-ssh-mesh.sh checks nodes with the same list (a test keeps them equal).
+SSH_OPTIONS = ("BatchMode=yes", "ClearAllForwardings=yes", "RemoteCommand=none", "RequestTTY=no",
+               "SessionType=default", "StdinNull=no", "LogLevel=INFO", "PermitLocalCommand=no", "ForwardAgent=no", "ForwardX11=no")
+
+
+def ssh_quote(path: str) -> str:
+    """A path as one ssh_config argument that ssh does not %-expand: spaces and
+    quotes survive ssh's argv_split, '%' is doubled (ssh_config(5) TOKENS)."""
+    return '"' + path.replace("%", "%%").replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _private_dir(path: str, *, create: bool) -> Optional[str]:
+    """Why `path` is not a directory provably ours (None when it is): not a symlink,
+    a directory, owned by us, mode 0700.  With `create` it is made (0700) when
+    missing.  The mode of a directory we did not just create is never changed."""
+    import stat
+    if create:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            return f"cannot create it ({exc.strerror})"
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        return f"cannot use it ({exc.strerror})"
+    if stat.S_ISLNK(st.st_mode):
+        return "it is a symlink"
+    if not stat.S_ISDIR(st.st_mode):
+        return "it is not a directory"
+    if st.st_uid != os.getuid():
+        return f"it is owned by uid {st.st_uid}, not by you"
+    if st.st_mode & 0o077:
+        return f"its mode is {stat.S_IMODE(st.st_mode):04o}, not 0700"
+    return None
+
+
 def control_dir() -> str:
-    """A short private directory for control sockets (0700, ours).
+    """A short directory for control sockets that is provably ours (see _private_dir),
+    checked on every call.  MESH_CONTROL_DIR (which may be shared, like /tmp) gets a
+    private subdirectory `mesh-UID`; else $XDG_RUNTIME_DIR/mesh, ~/.ssh/mesh, or
+    /tmp/mesh-UID, the first that is ours.  Raises MeshError naming the directory.
 
     A master binds ControlPath plus 17 characters, and a UNIX socket path may hold
     about 104 bytes (90 safely), so the directory must stay short."""
+    uid = os.getuid()
     env = os.environ.get("MESH_CONTROL_DIR")
-    candidates = [env] if env else []
+    if env:
+        base = os.path.abspath(os.path.expanduser(env))
+        if not os.path.isdir(base):
+            try:
+                os.makedirs(base, 0o700)
+            except OSError as exc:
+                raise MeshError(f"MESH_CONTROL_DIR={env}: cannot create it ({exc.strerror})") from None
+        path = os.path.join(base, f"mesh-{uid}")
+        why = _private_dir(path, create=True)
+        if why:
+            raise MeshError(f"MESH_CONTROL_DIR: {path} is not safe for SSH control sockets: {why}")
+        return path
+    candidates = []
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime:
         candidates.append(os.path.join(runtime, "mesh"))
-    candidates += [os.path.join(_home_dir(), ".ssh", "mesh"), f"/tmp/mesh-{os.getuid()}"]
+    candidates += [os.path.join(_home_dir(), ".ssh", "mesh"), f"/tmp/mesh-{uid}"]
+    reasons = []
     for path in candidates:
-        if len(path) > 60 and path != env:
+        if len(path) > 60:
             continue
-        try:
-            os.makedirs(path, mode=0o700, exist_ok=True)
-            st = os.lstat(path)
-        except OSError:
-            continue
-        import stat
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-            continue
-        if st.st_mode & 0o077:
-            os.chmod(path, 0o700)
-        return path
-    raise MeshError("no private directory for SSH control sockets (set MESH_CONTROL_DIR to a short path)")
+        why = _private_dir(path, create=os.path.isdir(os.path.dirname(path)))
+        if why is None:
+            return path
+        reasons.append(f"{path}: {why}")
+    raise MeshError("no private directory for SSH control sockets (" + "; ".join(reasons)
+                    + "); set MESH_CONTROL_DIR to a short directory of yours")
 
 
 def list_masters(directory: str) -> List[Dict[str, Any]]:
@@ -3972,7 +4069,7 @@ async def stop_master(path: str, *, ssh: str = "ssh", timeout: float = 10.0) -> 
     beside it (forward socket, log, CTL.json, the TCP_NODELAY marker).  -F none: no user
     config can redirect it."""
     try:
-        await run_command([_which(ssh), "-F", "none", "-o", f"ControlPath={path}", "-O", "exit", "mesh-master"],
+        await run_command([_which(ssh), "-F", "none", "-o", f"ControlPath={ssh_quote(path)}", "-O", "exit", "mesh-master"],
                           timeout=timeout)
     except (asyncio.TimeoutError, OSError):
         pass
@@ -3984,6 +4081,9 @@ async def stop_master(path: str, *, ssh: str = "ssh", timeout: float = 10.0) -> 
 
 
 _SSH_FAILURES = (
+    # before "Permission denied" and "Connection closed": ssh says those too, after this
+    ("Too many authentication failures", "too many authentication failures (ssh offered more keys than "
+     "the server allows; give the node its key with IdentityFile and IdentitiesOnly yes)"),
     ("Permission denied", "authentication failed (permission denied)"),
     ("Host key verification failed", "host key verification failed (unknown or changed host key)"),
     ("REMOTE HOST IDENTIFICATION HAS CHANGED", "host key changed"),
@@ -4396,7 +4496,7 @@ class SSHTransport(Transport):
 
     def __init__(self, name: str, host: str, port: int, *, config: Optional[str], ssh: str,
                  connect_timeout: float, control_persist: int, mode: str = "auto",
-                 ctl_dir: Optional[str] = None, destination: Sequence[Any] = ()) -> None:
+                 ctl_dir: Any = None, destination: Sequence[Any] = ()) -> None:
         super().__init__(name, host, port, connect_timeout=connect_timeout)
         import hashlib
         self.config, self.ssh = config, _which(ssh)
@@ -4406,18 +4506,49 @@ class SSHTransport(Transport):
         # The socket's name covers what ssh resolves for the node (NodeSpec.destination):
         # after a config edit the same alias gets a master of its own, never the old one.
         key = "\0".join(map(str, (config or "", name, host, port, *destination)))
-        ident = hashlib.sha1(key.encode()).hexdigest()[:16]
-        self.dir = ctl_dir or control_dir()
-        self.ctl = os.path.join(self.dir, ident)
-        self.fwd = self.ctl + ".f"
-        self.log = self.ctl + ".log"
-        self.nodelay_mark = self.ctl + ".n"    # this master has had its first session (TCP_NODELAY)
+        self.ident = hashlib.sha1(key.encode()).hexdigest()[:16]
+        self._dir_source = ctl_dir      # a path, a callable giving one, or None: control_dir()
+        self._dir: Optional[str] = None
         self._session_reaper: Optional[asyncio.Future] = None
         # Made on first use, inside the event loop (Python 3.9 binds them when created).
         self._lock_obj: Optional[asyncio.Lock] = None
         self._slots_obj: Optional[asyncio.Semaphore] = None
         self._master_ok = False
         self.started_master = False
+
+    # The directory is looked up (and checked) on first use, not when the node is
+    # configured: `nodes` and an unused node never touch it.
+    @property
+    def dir(self) -> str:
+        if self._dir is None:
+            source = self._dir_source
+            self._dir = source() if callable(source) else (source or control_dir())
+        return self._dir
+
+    @property
+    def ctl(self) -> str:
+        return os.path.join(self.dir, self.ident)
+
+    @property
+    def fwd(self) -> str:
+        return self.ctl + ".f"
+
+    @property
+    def log(self) -> str:
+        return self.ctl + ".log"
+
+    @property
+    def nodelay_mark(self) -> str:
+        return self.ctl + ".n"    # this master has had its first session (TCP_NODELAY)
+
+    def _ours(self, path: str) -> bool:
+        """A socket we may use: a socket (not a symlink) owned by us."""
+        import stat
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False
+        return stat.S_ISSOCK(st.st_mode) and st.st_uid == os.getuid()
 
     @property
     def _lock(self) -> "asyncio.Lock":
@@ -4433,21 +4564,27 @@ class SSHTransport(Transport):
 
     # -- ssh command lines ---------------------------------------------------
     def _base(self, *extra: str) -> List[str]:
+        """An ssh call that connects (the master, `-W`, `ssh NODE curl`)."""
         argv = [self.ssh]
         if self.config:
             argv += ["-F", self.config]
-        # Our options come first on the command line, so they win over the user's config
-        # (ssh takes the first value): multiplexing is ours, and a RemoteCommand or
-        # RequestTTY meant for interactive use must not break `-W` or `ssh NODE curl`.
-        argv += ["-o", "BatchMode=yes", "-o", f"ControlPath={self.ctl}",
-                 "-o", f"ConnectTimeout={max(1, int(round(self.connect_timeout)))}",
-                 "-o", "RemoteCommand=none", "-o", "RequestTTY=no"]
+        for option in SSH_OPTIONS:
+            argv += ["-o", option]
+        argv += ["-o", f"ControlPath={ssh_quote(self.ctl)}",
+                 "-o", f"ConnectTimeout={max(1, int(round(self.connect_timeout)))}"]
         argv += list(extra)
         return argv
 
+    def _mux(self, op: str, *extra: str) -> List[str]:
+        """`ssh -O op` to our master.  `-F none`: a mux client sends the LocalForward and
+        RemoteForward lines of the config it reads to the master, and ClearAllForwardings
+        would clear our own -L too; the master needs nothing else of the config."""
+        return [self.ssh, "-F", "none", "-o", "LogLevel=INFO", "-o", f"ControlPath={ssh_quote(self.ctl)}",
+                "-O", op, *extra, "--", self.name]
+
     async def _check_master(self) -> bool:
         try:
-            rc, _, _ = await run_command(self._base("-O", "check", "--", self.name), timeout=self.connect_timeout)
+            rc, _, _ = await run_command(self._mux("check"), timeout=self.connect_timeout)
         except asyncio.TimeoutError:
             return False
         return rc == 0
@@ -4462,7 +4599,7 @@ class SSHTransport(Transport):
             fresh = False
             # A master left by an earlier command is reused; a connect to its socket tells
             # whether it is there without starting a process (`ssh -O check` costs ~5 ms).
-            if not (os.path.exists(self.ctl) and self._master_answers()):
+            if not (self._ours(self.ctl) and self._master_answers()):
                 await self._start_master()
                 fresh = True
             await self._nodelay_session()
@@ -4489,9 +4626,12 @@ class SSHTransport(Transport):
                 os.unlink(stale)  # a master killed by SIGKILL leaves its socket behind
             except FileNotFoundError:
                 pass
+        try:  # a fresh file of ours: ssh -E appends to whatever the name points at
+            os.unlink(self.log)
+        except FileNotFoundError:
+            pass
         try:
-            with open(self.log, "w"):
-                pass
+            os.close(os.open(self.log, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600))
         except OSError:
             pass
         # -N: the master runs no session of its own (with -f and ControlPersist a command
@@ -4566,11 +4706,11 @@ class SSHTransport(Transport):
             await _kill(proc)
 
     async def _add_forward(self, fresh: bool = False) -> None:
-        spec = f"{self.fwd}:{self.host}:{self.port}"
+        spec = f"{self.fwd.replace('%', '%%')}:{self.host}:{self.port}"   # ssh %-expands -L paths
         if fresh:
             await self._request_forward(spec)  # a new master holds no forward yet
             return
-        if os.path.exists(self.fwd):
+        if self._ours(self.fwd):
             try:  # a master left by an earlier command may still hold a working forward
                 reader, writer = await asyncio.open_unix_connection(self.fwd, limit=1 << 20)
                 self._idle.append((reader, writer))   # the check's connection serves the first request
@@ -4579,7 +4719,7 @@ class SSHTransport(Transport):
                 pass
         # The master may still list a forward whose socket file is gone: cancel it first,
         # or it answers "forward exists" and nothing listens.
-        await run_command(self._base("-O", "cancel", "-L", spec, "--", self.name), timeout=self.connect_timeout)
+        await run_command(self._mux("cancel", "-L", spec), timeout=self.connect_timeout)
         await self._request_forward(spec)
 
     async def _request_forward(self, spec: str) -> None:
@@ -4587,12 +4727,12 @@ class SSHTransport(Transport):
             os.unlink(self.fwd)
         except FileNotFoundError:
             pass
-        argv = self._base("-O", "forward", "-L", spec, "--", self.name)
+        argv = self._mux("forward", "-L", spec)
         try:
             rc, _, err = await run_command(argv, timeout=self.connect_timeout)
         except asyncio.TimeoutError:
             rc, err = 255, "timed out"
-        if rc != 0 or not os.path.exists(self.fwd):
+        if rc != 0 or not self._ours(self.fwd):
             logger.info("%s: no forward through the master (%s); using ssh -W per request",
                         self.name, err.strip() or rc)
             if not self.pinned:
@@ -4783,6 +4923,12 @@ class SSHTransport(Transport):
             raise NodeError(self.name, describe_ssh_failure(err, rc))
         return out.decode("utf-8", "replace")
 
+    async def retire(self) -> None:
+        """End our master for this destination, whoever started it (it serves a
+        destination the config no longer names)."""
+        self.started_master = self.started_master or self._ours(self.ctl)
+        await self.close(stop_master=True)
+
     async def close(self, *, stop_master: bool = False) -> None:
         await super().close()
         if self._session_reaper is not None:
@@ -4796,7 +4942,7 @@ class SSHTransport(Transport):
                     pass
         if stop_master and self.started_master:
             try:
-                await run_command(self._base("-O", "exit", "--", self.name), timeout=5)
+                await run_command(self._mux("exit"), timeout=5)
             except (asyncio.TimeoutError, OSError):
                 pass
             for path in (self.fwd, self.log, self.nodelay_mark):
@@ -4843,6 +4989,8 @@ class SSHNode:
         self.recent_done: List[float] = []   # when our recent requests ended (see _read_loads)
         self.route = NodeRouteState(spec.name, weight=spec.weight, max_concurrent=spec.max_concurrent,
                                     num_parallel=spec.num_parallel)
+
+        self.retired = False       # no longer configured (MeshOrchestrator.apply_specs)
 
     def __repr__(self) -> str:
         return f"<SSHNode {self.name} active={self.active_requests} healthy={self.healthy}>"
@@ -5340,17 +5488,19 @@ class MeshOrchestrator:
         self.facts_ttl = facts_ttl   # re-read node facts (GPU, RAM, load) this often on refresh; None: on request
         self.default_model = default_model or os.environ.get("MESH_MODEL") or DEFAULT_MODEL
         self._only = nodes
-        self._ssh_config = self.config_path if explicit else None
+        self.ssh_config = self.config_path if explicit else None   # passed to ssh as -F
+        self._ssh_config = self.ssh_config
         self._ssh, self._control_persist = ssh, control_persist
         self._pass_config = bool(explicit)
         self.probe_timeout = min(PROBE_TIMEOUT, max(1.0, connect_timeout))
         self._config_stamp = self._stat_config()
+        self._ctl_dir: Optional[str] = None
         specs = load_node_specs(self.config_path, only=nodes, ssh=ssh, pass_config=self._pass_config)
         self.nodes: List[SSHNode] = [self._make_node(spec) for spec in specs]
         self._by_name = {n.name: n for n in self.nodes}
         # No Host in the SSH config: the local Ollama stands in (load_node_specs); its
         # failures then mean "nothing to use", which the user is told in those words.
-        self.implicit_local = len(specs) == 1 and specs[0].info is None and specs[0].name == "local"
+        self.implicit_local = any(spec.fallback for spec in specs)
         self.router = Balancer()
         for n in self.nodes:
             self.router.nodes[n.name] = n.route
@@ -5368,6 +5518,12 @@ class MeshOrchestrator:
         self.reloads = {"ok": 0, "error": 0}
         self._closed = False
 
+    def _control_dir(self) -> str:
+        """The control directory, found and checked once per orchestrator, on first use."""
+        if self._ctl_dir is None:
+            self._ctl_dir = control_dir()
+        return self._ctl_dir
+
     def _make_node(self, spec: NodeSpec) -> SSHNode:
         if spec.transport == "http":
             transport: Transport = Transport(spec.name, spec.ollama_host, spec.ollama_port,
@@ -5377,7 +5533,7 @@ class MeshOrchestrator:
                                      config=self._ssh_config, ssh=self._ssh,
                                      connect_timeout=self.connect_timeout,
                                      control_persist=self._control_persist, mode=spec.transport,
-                                     destination=spec.destination())
+                                     ctl_dir=self._control_dir, destination=spec.destination())
         node = SSHNode(spec, transport)
         node.probe_timeout = self.probe_timeout
         return node
@@ -5576,7 +5732,7 @@ class MeshOrchestrator:
         # the balancer plans over exactly these nodes (a removed one gets no new requests)
         self.router.nodes.clear()
         self.router.nodes.update((n.name, n.route) for n in nodes)
-        self.implicit_local = len(specs) == 1 and specs[0].info is None and specs[0].name == "local"
+        self.implicit_local = any(spec.fallback for spec in specs)
         if any(report.values()):
             logger.warning("configuration applied: %s",
                            "; ".join(f"{k} {', '.join(v)}" for k, v in report.items() if v))
@@ -5699,7 +5855,7 @@ class MeshOrchestrator:
     def connections(self) -> List[Dict[str, Any]]:
         """The ssh masters mesh keeps in its control directory, for every config and
         node (list_masters): [{node, since, transport, socket, alive, ollama, config}]."""
-        return list_masters(control_dir())
+        return list_masters(self._control_dir())
 
     async def stop_connections(self, node: Optional[str] = None) -> List[Dict[str, Any]]:
         """End mesh's masters (all, or the ones for ssh alias `node`); returns those ended."""
@@ -5881,11 +6037,12 @@ class MeshOrchestrator:
             return NoNodeAvailableError(message)
         local = self.nodes[0]
         where = self.config_path
-        what = "has no Host entries" if os.path.exists(where) else "does not exist"
+        what = "has no Host marked '# mesh: on'" if os.path.exists(where) else "does not exist"
         return NoNodeAvailableError(
             f"no nodes: {where} {what}, and no Ollama answers on this machine "
             f"({local.transport.host}:{local.transport.port}: {local.reason or 'not answering'}). "
-            f"Add a node: a Host block in {where} (see ssh_config.example, or run setup-ssh-mesh.sh), "
+            f"Add a node: a Host block with a '# mesh: on' line in {where} (see ssh_config.example, "
+            "or run setup-ssh-mesh.sh), "
             "or start Ollama here (OLLAMA_HOST says where it listens)")
 
     async def _acquire(self, model: Optional[str], pinned: Optional[str], exclude: set,
@@ -8024,12 +8181,12 @@ def _print(text: str = "", *, end: str = "\n", file: Any = None) -> None:
     stream.flush()
 
 
-async def _ssh_g(node: SSHNode, config: Optional[str], ssh: str = "ssh") -> Dict[str, Any]:
-    """Ask ssh itself (ssh -G) for a node whose settings a `Match exec` decides."""
-    argv = [ssh] + (["-F", config] if config else []) + ["-G", "-T", "--", node.name]
+async def _ssh_g(alias: str, config: Optional[str], ssh: str = "ssh") -> Dict[str, Any]:
+    """Ask ssh itself (ssh -G) for a host whose settings a `Match exec` decides."""
+    argv = [ssh] + (["-F", config] if config else []) + ["-G", "-T", "--", alias]
     rc, out, err = await run_command(argv, timeout=30)
     if rc != 0:
-        raise ConfigError(f"{node.name}: ssh -G failed: {describe_ssh_failure(err, rc)}")
+        raise ConfigError(f"{alias}: ssh -G failed: {describe_ssh_failure(err, rc)}")
     values: Dict[str, Any] = {"identityfile": []}
     for line in out.decode("utf-8", "replace").splitlines():
         key, _, value = line.partition(" ")
@@ -8040,19 +8197,40 @@ async def _ssh_g(node: SSHNode, config: Optional[str], ssh: str = "ssh") -> Dict
     return values
 
 
+def _all_hosts(orch: MeshOrchestrator) -> List[Tuple[NodeSpec, Optional[str]]]:
+    """Every concrete alias of the config with why it is not a node (None: it is);
+    the local fallback node last when no Host is marked."""
+    out: List[Tuple[NodeSpec, Optional[str]]] = []
+    if os.path.exists(orch.config_path):
+        for info in SSHConfig.load(orch.config_path).aliases():
+            out.append((NodeSpec.from_settings(info.alias, info.mesh, info, where=orch.config_path),
+                        node_verdict(info)))
+    out += [(n.spec, None) for n in orch.nodes if n.spec.fallback]
+    return out
+
+
 async def cmd_nodes(orch: MeshOrchestrator, args: Any) -> int:
     rows = []
-    for node in orch.nodes:
-        row = node.spec.as_dict()
+    ssh_cfg = orch.ssh_config
+    if getattr(args, "all", False):
+        specs = _all_hosts(orch)
+    else:
+        specs = [(n.spec, None) for n in orch.nodes]
+    for spec, why_not in specs:
+        row = spec.as_dict()
         if row["unresolved"]:
-            ssh_cfg = getattr(node.transport, "config", None)
-            row.update(await _ssh_g(node, ssh_cfg))
+            row.update(await _ssh_g(spec.name, ssh_cfg))
+        if getattr(args, "all", False):
+            row.update(node=why_not is None, reason=why_not)
         rows.append(row)
     if args.json:
         _print(json.dumps(rows, indent=2))
         return 0
     width = max(len(r["name"]) for r in rows)
     for r in rows:
+        if "node" in r and not r["node"]:
+            _print(f"{r['name']:<{width}}  -  {r['reason']}")
+            continue
         target = f"{r['user']}@{r['hostname']}:{r['port']}" if r["user"] else f"{r['hostname']}:{r['port']}"
         extra = []
         if r["display_name"] != r["name"]:
@@ -9072,10 +9250,12 @@ def _build_parser() -> Any:
 
     parser = Parser(prog="mesh.py", parents=[common],
                     description="One pool of Ollama machines over nothing but SSH. Nodes are the Host "
-                                "entries of your SSH config; each node's Ollama stays on its own localhost.",
+                                "entries of your SSH config with a '# mesh: on' line; each node's Ollama "
+                                "stays on its own localhost.",
                     epilog="Exit codes: 0 success, 1 node/model failure, 2 usage error. "
                            "Per-node settings: '# mesh: name=\"...\" weight=N max_concurrent=N "
-                           "ollama_port=N' inside a Host block; '# mesh: off' keeps a host out.")
+                           "ollama_port=N' inside a Host block (any '# mesh:' line makes the host a node); "
+                           "'# mesh: off' keeps a host out.")
     parser.add_argument("--version", action="version", version=f"mesh.py {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = False  # no command: main prints the short help
@@ -9091,8 +9271,11 @@ def _build_parser() -> Any:
     p.set_defaults(func=cmd_test)
 
     p = sub.add_parser("nodes", parents=[common], help="list the configured nodes (no network)",
-                       description="The nodes the SSH config defines and their mesh settings.")
+                       description="The nodes the SSH config defines and their mesh settings. A Host "
+                                   "block is a node when it has a '# mesh:' line ('# mesh: on').")
     p.add_argument("--json", action="store_true", help="print a JSON array")
+    p.add_argument("--all", action="store_true",
+                   help="every Host alias of the config, with \"node\": true|false and the reason")
     p.set_defaults(func=cmd_nodes)
 
     def model_opts(p: Any, system: bool = True) -> None:
@@ -9276,6 +9459,10 @@ async def _run(args: Any) -> int:
     if args.func is cmd_serve:
         kwargs["facts_ttl"] = FACTS_TTL   # /mesh/status and the dashboard show them, kept fresh
     orch = MeshOrchestrator(config=getattr(args, "config", None), nodes=nodes, **kwargs)
+    if any(n.spec.fallback for n in orch.nodes):
+        where = orch.config_path if os.path.exists(orch.config_path) else f"{orch.config_path} (missing)"
+        _print(f"mesh: no Host in {where} is marked as a node; using the {orch.nodes[0].display_name} "
+               f"as node 'local' (to make a host a node, {MARK_HINT})", file=sys.stderr)
     try:
         return await args.func(orch, args)
     finally:
@@ -9299,7 +9486,7 @@ def _short_help(parser: Any) -> str:
     width = max(len(a.dest) for a in sub._choices_actions)
     lines = ["usage: mesh.py COMMAND [options]   (mesh.py COMMAND --help for more)", "",
              "One pool of Ollama machines over nothing but SSH; the nodes are the Host entries "
-             "of your SSH config.", "", "commands:"]
+             "of your SSH config marked '# mesh: on'.", "", "commands:"]
     lines += [f"  {a.dest:<{width}}  {a.help}" for a in sub._choices_actions]
     return "\n".join(lines) + "\n"
 

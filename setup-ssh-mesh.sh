@@ -31,13 +31,14 @@ Options:
 What it does, in order:
   1. creates the key with ssh-keygen -t ed25519 if the file does not exist
      (an existing key is never overwritten and never asked about);
-  2. writes one Host block per node between the lines
+  2. writes one Host block per node (its key with IdentitiesOnly yes, and the
+     '# mesh: on' line that makes it a mesh node) between the lines
      "# >>> mesh nodes (setup-ssh-mesh.sh) >>>" and "# <<< mesh nodes <<<"
      of the config (created 0600 when missing; other entries are untouched;
      a node already in the region is updated in place);
   3. installs the public key on each node over ssh (you may be asked for the
      node's password, as ssh normally asks);
-  4. checks each node with `ssh -o BatchMode=yes ALIAS true`, then runs
+  4. checks each node with ssh and exactly the options mesh.py uses, then runs
      `python3 mesh.py --nodes ... test` when mesh.py sits beside this script
      (reported only: Ollama may not be installed yet).
 
@@ -142,6 +143,11 @@ done
 
 SSH_F=()
 if [ "$CONFIG_GIVEN" -eq 1 ]; then SSH_F=(-F "$CONFIG"); fi
+# The options mesh.py gives every ssh call (mesh.py's SSH_OPTIONS; a test keeps them
+# equal), so "ready" here means ready for mesh.py.  No ControlPath: no master here.
+MESH_SSH_OPTS=(-o BatchMode=yes -o ClearAllForwardings=yes -o RemoteCommand=none -o RequestTTY=no
+  -o SessionType=default -o StdinNull=no -o LogLevel=INFO -o PermitLocalCommand=no -o ForwardAgent=no -o ForwardX11=no
+  -o ConnectTimeout=10 -o ControlPath=none)
 HOSTKEY_OPTS=()
 if [ "$ACCEPT_NEW" -eq 1 ]; then HOSTKEY_OPTS=(-o StrictHostKeyChecking=accept-new); fi
 
@@ -202,8 +208,9 @@ while [ $i -lt ${#ALIASES[@]} ]; do
     [ -z "${USERS[$i]}" ] || printf '    User %s\n' "${USERS[$i]}"
     [ -z "${PORTS[$i]}" ] || printf '    Port %s\n' "${PORTS[$i]}"
     printf '    IdentityFile %s\n' "$KEY_IN_CONFIG"
+    printf '    IdentitiesOnly yes\n'
     printf '    ServerAliveInterval 60\n'
-    [ -z "${SETTINGS[$i]}" ] || printf '    # mesh: %s\n' "${SETTINGS[$i]}"
+    if [ -z "${SETTINGS[$i]}" ]; then printf '    # mesh: on\n'; else printf '    # mesh: on %s\n' "${SETTINGS[$i]}"; fi
   } >> "$blocks"
   i=$((i + 1))
 done
@@ -312,11 +319,13 @@ while [ $i -lt ${#ALIASES[@]} ]; do
     say "$a: FAILED: $KEY.pub is not a public key"; FAILED+=("$a"); i=$((i + 1)); continue
   fi
   # Already working with the mesh key? Then nothing to install.
-  if ssh ${SSH_F[@]+"${SSH_F[@]}"} ${HOSTKEY_OPTS[@]+"${HOSTKEY_OPTS[@]}"} -o BatchMode=yes \
-      -o IdentitiesOnly=yes -o ConnectTimeout=10 -o ControlPath=none -- "$a" true </dev/null >/dev/null 2>&1; then
+  if ssh ${SSH_F[@]+"${SSH_F[@]}"} ${HOSTKEY_OPTS[@]+"${HOSTKEY_OPTS[@]}"} "${MESH_SSH_OPTS[@]}" \
+      -- "$a" true </dev/null >/dev/null 2>&1; then
     say "$a: key already installed"
+  # Installing may need the user's other keys (agent) or a password: the block's
+  # IdentitiesOnly is lifted for this one call.
   elif out=$(ssh ${SSH_F[@]+"${SSH_F[@]}"} ${HOSTKEY_OPTS[@]+"${HOSTKEY_OPTS[@]}"} -o ConnectTimeout=15 \
-      -o ControlPath=none -o NumberOfPasswordPrompts=3 -- "$a" "$(remote_install)" 2>"$TMPD/err"); then
+      -o ControlPath=none -o IdentitiesOnly=no -o NumberOfPasswordPrompts=3 -- "$a" "$(remote_install)" 2>"$TMPD/err"); then
     say "$a: key ${out:-installed}"
   else
     say "$a: FAILED to install the key: $(grep -v '^Warning: Permanently added' "$TMPD/err" | tail -n 1)"
@@ -327,7 +336,7 @@ done
 
 # ---- 4. check ------------------------------------------------------------------------
 if [ "$DRY" -eq 1 ]; then
-  say "would check each node: ssh -o BatchMode=yes ALIAS true"
+  say "would check each node: ssh ${MESH_SSH_OPTS[*]} ALIAS true"
   say "dry run: nothing was changed"
   exit 0
 fi
@@ -335,8 +344,8 @@ OK_NODES=()
 i=0
 while [ $i -lt ${#ALIASES[@]} ]; do
   a=${ALIASES[$i]}
-  if ssh ${SSH_F[@]+"${SSH_F[@]}"} ${HOSTKEY_OPTS[@]+"${HOSTKEY_OPTS[@]}"} -o BatchMode=yes -o IdentitiesOnly=yes \
-      -o ConnectTimeout=10 -o ControlPath=none -- "$a" true </dev/null 2>"$TMPD/err"; then
+  if ssh ${SSH_F[@]+"${SSH_F[@]}"} ${HOSTKEY_OPTS[@]+"${HOSTKEY_OPTS[@]}"} "${MESH_SSH_OPTS[@]}" \
+      -- "$a" true </dev/null 2>"$TMPD/err"; then
     say "check $a: ok (key login works)"
     OK_NODES+=("$a")
   else

@@ -931,7 +931,7 @@ class SSHLab:
         return (f"Host {name}\n    HostName 127.0.0.1\n    Port {node.port}\n    User {_user()}\n"
                 f"    IdentityFile {self.userkey}\n    IdentitiesOnly yes\n"
                 f"    UserKnownHostsFile {self.known_hosts}\n    StrictHostKeyChecking yes\n"
-                f"    # mesh: ollama_port={self.fakes[name].port} {self.settings[name]}\n\n")
+                f"    # mesh: on ollama_port={self.fakes[name].port} {self.settings[name]}\n\n")
 
     def write_config(self, *, leave_out: Any = ()) -> None:
         """The config with one Host block per node (but those in `leave_out`), written
@@ -976,12 +976,26 @@ class SSHLab:
             out.append(f"{pid}: {cmd}")
         return out
 
+    def control_sockets(self) -> List[str]:
+        """Control sockets under the control dir (mesh keeps them in a private subdirectory)."""
+        out = []
+        for where, _, files in os.walk(self.control_dir):
+            out += [os.path.join(where, f) for f in files if "." not in f]
+        return out
+
+    def master_pids(self) -> List[int]:
+        """The pids of the live masters, as the masters themselves say (ssh -O check)."""
+        pids = []
+        for path in self.control_sockets():
+            p = subprocess.run([SSH, "-F", "none", "-o", f"ControlPath={path}", "-O", "check", "dummy"],
+                               capture_output=True, timeout=10, text=True)
+            if p.returncode == 0 and "pid=" in p.stderr:
+                pids.append(int(p.stderr.split("pid=")[1].split(")")[0]))
+        return pids
+
     def stop_masters(self) -> None:
-        for entry in os.listdir(self.control_dir):
-            path = os.path.join(self.control_dir, entry)
-            if "." in entry:
-                continue
-            subprocess.run([SSH, "-o", f"ControlPath={path}", "-O", "exit", "dummy"],
+        for path in self.control_sockets():
+            subprocess.run([SSH, "-F", "none", "-o", f"ControlPath={path}", "-O", "exit", "dummy"],
                            capture_output=True, timeout=10)
         for pid in _pids_matching(self.control_dir):
             try:

@@ -381,9 +381,11 @@ def test_no_config_and_no_local_ollama_says_so(lab, tmp_path):
     env = lab.env(OLLAMA_HOST=f"127.0.0.1:{lab_free_port()}")
     p = subprocess.run([sys.executable, MESH, "--config", str(cfg), "generate", "hi"], capture_output=True, env=env)
     assert p.returncode == 1
-    err = one_line_error(p)
-    assert f"no nodes: {cfg} has no Host entries, and no Ollama answers on this machine" in err
-    assert "connection refused" in err and "Add a node: a Host block in" in err
+    note, err = p.stderr.decode().splitlines()          # the no-marked-Host note, then the error
+    assert note.startswith(f"mesh: no Host in {cfg} is marked as a node") and "# mesh: on" in note
+    assert err.startswith("mesh: error: ") and "Traceback" not in err
+    assert f"no nodes: {cfg} has no Host marked '# mesh: on', and no Ollama answers on this machine" in err
+    assert "connection refused" in err and "Add a node: a Host block with a '# mesh: on' line in" in err
 
 
 def test_bench_exits_1_when_a_node_could_not_be_measured(lab):
@@ -466,5 +468,5 @@ def test_connections_lists_and_stops_meshs_own_masters(lab):
     assert p.returncode == 1 and b"no ssh master for alpha" in p.stderr
     assert lab.run("connections", "--stop").returncode == 0
     wait_for(lambda: lab.ssh_processes(include_masters=True) == [], 10, "every master to end")
-    assert os.listdir(lab.control_dir) == []
+    assert lab.control_sockets() == [] and [f for _, _, fs in os.walk(lab.control_dir) for f in fs] == []
     assert lab.run("generate", "hi").returncode == 0       # the next command starts a new master

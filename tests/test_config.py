@@ -112,7 +112,7 @@ def test_match_exec_is_asked_of_ssh(tmp_path):
     if not HAVE_SSH:
         pytest.skip("ssh not installed")
     cfg = tmp_path / "config"
-    cfg.write_text("Host n1 n2\n  HostName 10.9.9.9\nMatch originalhost n1 exec true\n  User byexec\n  Port 2400\n")
+    cfg.write_text("Host n1 n2\n  HostName 10.9.9.9\n  # mesh: on\nMatch originalhost n1 exec true\n  User byexec\n  Port 2400\n")
     p = subprocess.run([sys.executable, mesh.__file__, "--config", str(cfg), "nodes", "--json"],
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr

@@ -302,8 +302,8 @@ def test_forwarding_refused_falls_back_to_curl(mesh_env):
 def test_control_dir_is_private(tmp_path, monkeypatch):
     target = tmp_path / "ctl"
     monkeypatch.setenv("MESH_CONTROL_DIR", str(target))
-    assert mesh.control_dir() == str(target)
-    assert oct(os.stat(target).st_mode & 0o777) == "0o700"
+    assert mesh.control_dir() == str(target / f"mesh-{os.getuid()}")
+    assert oct(os.stat(target / f"mesh-{os.getuid()}").st_mode & 0o777) == "0o700"
 
 
 @pytest.mark.parametrize("transport", ["forward", "stdio", "exec"])

@@ -67,7 +67,7 @@ def far_node(mesh_env):
             fh.write(f"{net}.2 {key}\n")
         lab.extra_config = (f"Host far\n    HostName {net}.2\n    User {_user()}\n    IdentityFile {lab.userkey}\n"
                             f"    IdentitiesOnly yes\n    UserKnownHostsFile {lab.known_hosts}\n"
-                            "    StrictHostKeyChecking yes\n")
+                            "    StrictHostKeyChecking yes\n    # mesh: on\n")
         lab.add_node("near", ["m:1"])
 
         class Far:

@@ -122,7 +122,7 @@ def test_first_run_installs_key_and_second_changes_nothing(env):
     assert text.endswith("\n" + x.user_part)                       # user's entries untouched
     assert text.startswith("# >>> mesh nodes (setup-ssh-mesh.sh) >>>\nHost n1\n")
     # HOME is not the passwd home here, so ssh would not find "~/..": the absolute path is written
-    assert f"    IdentityFile {x.key}\n    ServerAliveInterval 60\n" in text
+    assert f"    IdentityFile {x.key}\n    IdentitiesOnly yes\n    ServerAliveInterval 60\n    # mesh: on\n" in text
     assert oct(os.stat(x.config).st_mode & 0o777) == "0o600"
     before = (open(x.config, "rb").read(), open(x.key, "rb").read(), os.stat(x.config).st_mtime_ns)
 
@@ -169,10 +169,10 @@ def test_changed_node_updated_in_place_and_failures_do_not_stop_others(env):
     text = open(x.config).read()
     region = text.split("# <<< mesh nodes <<<")[0]
     assert region.index("Host n1") < region.index("Host n2") < region.index("Host dead")   # in place, new at end
-    assert '    # mesh: name="Vengeance RTX 4090" weight=3\n' in region
+    assert '    # mesh: on name="Vengeance RTX 4090" weight=3\n' in region
     rows = json.loads(subprocess.run([sys.executable, MESH, "--config", x.config, "nodes", "--json"],
                                      capture_output=True, text=True, env=x.env).stdout)
-    assert [r["name"] for r in rows] == ["n1", "n2", "dead", "github.com"]
+    assert [r["name"] for r in rows] == ["n1", "n2", "dead"]          # github.com is not marked
     assert rows[0]["display_name"] == "Vengeance RTX 4090" and rows[0]["weight"] == 3
 
 
@@ -211,6 +211,6 @@ def test_nodes_file_comments_and_quoted_hash(tmp_path):
     p = subprocess.run(["bash", SCRIPT, "--dry-run", "--config", str(tmp_path / "cfg"), "--key", str(tmp_path / "k"),
                         "--nodes-file", str(nodes)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
-    assert '    # mesh: name="RunPod #1" weight=2\n' in p.stdout
+    assert '    # mesh: on name="RunPod #1" weight=2\n' in p.stdout
     assert "Host v6\n    HostName ::1\n    Port 2200\n" in p.stdout
     assert not (tmp_path / "cfg").exists() and not (tmp_path / "k").exists()
