@@ -3934,15 +3934,17 @@ class Balancer:
 # line, so they win over the user's config (ssh takes the first value); everything
 # else there (ProxyJump, keys, host key checking) stays as the user set it.
 #   ClearAllForwardings  the user's LocalForward/RemoteForward are not opened by mesh
-#   RemoteCommand, RequestTTY, SessionType, StdinNull  made for interactive use; they
-#                        break `ssh NODE curl` (an empty request body, no command, a tty);
-#                        `-W` and `-N` set their own session type, which comes first
+#   RemoteCommand, RequestTTY, StdinNull  made for interactive use; they break `-W`
+#                        and `ssh NODE curl` (an empty request body, a shell, a tty);
+#                        calls that run a command add SessionType=default (SESSION_OPTION:
+#                        ssh refuses it beside -N)
 #   LogLevel=INFO        ssh's default: its messages name why it failed, and the
 #                        master's log tells a refused forward; QUIET/ERROR hide both
 #   PermitLocalCommand, ForwardAgent, ForwardX11  nothing mesh asked for
 # setup-ssh-mesh.sh checks nodes with the same list (a test keeps them equal).
+SESSION_OPTION = "SessionType=default"
 SSH_OPTIONS = ("BatchMode=yes", "ClearAllForwardings=yes", "RemoteCommand=none", "RequestTTY=no",
-               "SessionType=default", "StdinNull=no", "LogLevel=INFO", "PermitLocalCommand=no", "ForwardAgent=no", "ForwardX11=no")
+               "StdinNull=no", "LogLevel=INFO", "PermitLocalCommand=no", "ForwardAgent=no", "ForwardX11=no")
 
 
 def ssh_quote(path: str) -> str:
@@ -4669,7 +4671,7 @@ class SSHTransport(Transport):
             return
         # -tt: on a pty, closing the session hangs up the node's shell at once (SIGHUP)
         # instead of letting it run its .bashrc for nothing.
-        argv = self._base("-o", "ControlMaster=no", "-v", "-tt", "--", self.name, "exit 0")
+        argv = self._base("-o", SESSION_OPTION, "-o", "ControlMaster=no", "-v", "-tt", "--", self.name, "exit 0")
         try:
             proc = await spawn(argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL)
         except OSError:
@@ -4835,7 +4837,8 @@ class SSHTransport(Transport):
         remote.append(url)
         await self._exec_slots.acquire()
         try:
-            argv = self._base("-o", "ControlMaster=no", "-T", "--", self.name, " ".join(map(shlex.quote, remote)))
+            argv = self._base("-o", SESSION_OPTION, "-o", "ControlMaster=no", "-T", "--", self.name,
+                              " ".join(map(shlex.quote, remote)))
             proc = await spawn(argv, stdin=asyncio.subprocess.PIPE)
         except BaseException:
             self._exec_slots.release()
@@ -4917,7 +4920,8 @@ class SSHTransport(Transport):
         """`command` run by sh on the node, as a session of the master (no new connection)."""
         import shlex
         await self.prepare()
-        argv = self._base("-o", "ControlMaster=no", "-T", "--", self.name, "sh -c " + shlex.quote(command))
+        argv = self._base("-o", SESSION_OPTION, "-o", "ControlMaster=no", "-T", "--", self.name,
+                          "sh -c " + shlex.quote(command))
         rc, out, err = await run_command(argv, timeout=timeout)
         if rc == 255:
             raise NodeError(self.name, describe_ssh_failure(err, rc))

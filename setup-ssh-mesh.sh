@@ -146,8 +146,8 @@ if [ "$CONFIG_GIVEN" -eq 1 ]; then SSH_F=(-F "$CONFIG"); fi
 # The options mesh.py gives every ssh call (mesh.py's SSH_OPTIONS; a test keeps them
 # equal), so "ready" here means ready for mesh.py.  No ControlPath: no master here.
 MESH_SSH_OPTS=(-o BatchMode=yes -o ClearAllForwardings=yes -o RemoteCommand=none -o RequestTTY=no
-  -o SessionType=default -o StdinNull=no -o LogLevel=INFO -o PermitLocalCommand=no -o ForwardAgent=no -o ForwardX11=no
-  -o ConnectTimeout=10 -o ControlPath=none)
+  -o StdinNull=no -o LogLevel=INFO -o PermitLocalCommand=no -o ForwardAgent=no -o ForwardX11=no
+  -o SessionType=default -o ConnectTimeout=10 -o ControlPath=none)
 HOSTKEY_OPTS=()
 if [ "$ACCEPT_NEW" -eq 1 ]; then HOSTKEY_OPTS=(-o StrictHostKeyChecking=accept-new); fi
 

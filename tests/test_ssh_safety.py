@@ -147,7 +147,8 @@ def test_setup_script_checks_nodes_with_meshs_own_options():
     script = open(os.path.join(os.path.dirname(MESH), "setup-ssh-mesh.sh")).read()
     line = script.split("MESH_SSH_OPTS=(", 1)[1].split(")", 1)[0].split()
     opts = {line[i + 1] for i in range(0, len(line), 2) if line[i] == "-o"}
-    assert {o for o in opts if not o.startswith(("ConnectTimeout=", "ControlPath="))} == set(mesh.SSH_OPTIONS)
+    assert {o for o in opts if not o.startswith(("ConnectTimeout=", "ControlPath="))} == \
+        set(mesh.SSH_OPTIONS) | {mesh.SESSION_OPTION}             # the check runs a command: `true`
     assert "IdentitiesOnly=yes" not in script                # the blocks carry it, the check adds nothing
 
 
