@@ -123,7 +123,7 @@ def test_sshd_side_of_the_master_has_tcp_nodelay(lab):
     assert p.returncode == 0, p.stderr
     assert sshd_nodelay(lab, "a") == [1]
     p = lab.run("nodes", "--json")
-    ctl_dir = env["MESH_CONTROL_DIR"]
+    ctl_dir = os.path.join(env["MESH_CONTROL_DIR"], f"mesh-{os.getuid()}")   # mesh's private subdirectory
     before = set(os.listdir(ctl_dir))
     subprocess.run([SSH, "-F", lab.config_path, "-o", "BatchMode=yes", "-o", "ControlMaster=yes",
                     "-o", "ControlPersist=60", "-o", "ControlPath=" + os.path.join(ctl_dir, "probe"),
