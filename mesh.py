@@ -5840,6 +5840,26 @@ class MeshOrchestrator:
             if not done:
                 return  # grace is over; the slow nodes finish in the background
 
+    async def recheck(self, model: Optional[str] = None, node: Optional[str] = None) -> None:
+        """When no healthy node could take `model` (or the pinned `node` is down), probe
+        the down nodes that may have it now and wait for their answers (each at most
+        connect_timeout + 3 probe timeouts); otherwise return at once.
+
+        For a caller whose event loop sat idle between requests - the chat, blocked in
+        readline at its prompt: the background re-probe of a down node only runs while
+        the loop does, so without this a restarted node would stay down for the whole
+        session.  Raises nothing; what the probes found is in each node's health."""
+        key = model_key(model) if model else None
+        if node:
+            maybe = [self.node(node)]
+        else:
+            maybe = [n for n in self.nodes if key is None or key in n.models or not n.inventory_at]
+        if any(n.healthy for n in maybe):
+            return
+        down = [n for n in maybe if not n.retired]
+        if down:
+            await asyncio.wait({self._refresh_task(n) for n in down})
+
     async def tags(self) -> List[Dict[str, Any]]:
         """The union of models across healthy nodes, each once."""
         await self.refresh()
@@ -8762,6 +8782,8 @@ class ChatSession:
         final: Dict[str, Any] = {}
         stream = None
         try:
+            # the loop stood still at the prompt: a node that went down is asked again now
+            await self.orch.recheck(self.model, self.node)
             stream = await self.orch.chat(messages, model=self.model, node=self.node, stream=True,
                                           options=self.options or None, **extra)
             async for chunk in stream:

@@ -188,6 +188,27 @@ def test_node_killed_mid_answer_keeps_the_session_and_verbose_names_the_node(lab
         term.close()
 
 
+def test_a_node_back_up_answers_the_next_turn(lab):
+    # While the chat waits at its prompt nothing else runs; the node that went down must
+    # still be asked again on the next turn (it used to stay down for the whole session).
+    lab.add_node("alpha", ["llama3"], tokens=["hi."])
+    term = Terminal(lab, "run", "llama3")
+    try:
+        term.expect(">>> ")
+        term.type("one\r")
+        assert "hi." in term.expect(">>> ").decode()
+        lab.nodes["alpha"].kill()
+        term.type("two\r")
+        assert "mesh: error:" in term.expect(">>> ").decode()
+        lab.nodes["alpha"].start()
+        term.type("three\r")
+        assert "hi." in term.expect(">>> ").decode()
+        term.type("/bye\r")
+        assert term.exit_code() == 0
+    finally:
+        term.close()
+
+
 def test_misspelt_model_fails_before_the_first_prompt(lab):
     lab.add_node("alpha", ["llama3", "qwen2.5:7b"])
     term = Terminal(lab, "run", "lama3")
