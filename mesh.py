@@ -126,6 +126,7 @@ DEFAULT_MAX_CONCURRENT = 16
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_FIRST_BYTE_TIMEOUT = 600.0   # a cold load of a large model takes minutes
 DEFAULT_IDLE_TIMEOUT = 120.0
+DEFAULT_RETRIES = 1                  # other nodes a request may go to after its node went silent with it
 DEFAULT_CONTROL_PERSIST = 300        # seconds an idle master stays for the next command
 LIVENESS_INTERVAL = 5.0              # while waiting for a first byte, ask the node this often
 PROBE_TIMEOUT = 5.0                  # a /api/version probe answers within this or the node is sick
@@ -159,16 +160,20 @@ class ConfigError(MeshError):
 
 class NodeError(MeshError):
     """One node failed a request.  `retryable` is true when nothing was relayed yet
-    and another node may answer; `status` is Ollama's HTTP status when there was one."""
+    and another node may answer; `status` is Ollama's HTTP status when there was one.
+    `timed_out` is true when the request had reached the node and the node went
+    silent (it stopped answering its liveness probe): it may still be working on it,
+    so another node gets the request at most MeshOrchestrator.retries times."""
 
     def __init__(self, node: str, message: str, *, status: Optional[int] = None,
-                 retryable: bool = True, mark_down: bool = True) -> None:
+                 retryable: bool = True, mark_down: bool = True, timed_out: bool = False) -> None:
         super().__init__(f"{node}: {message}")
         self.node = node
         self.reason = message
         self.status = status
         self.retryable = retryable
         self.mark_down = mark_down
+        self.timed_out = timed_out
 
 
 class _ClientError(NodeError):
@@ -5047,9 +5052,12 @@ class SSHNode:
 
     # -- one HTTP exchange, with the first-byte watch --------------------------
     async def open(self, path: str, body: Optional[bytes], *, first_byte_timeout: Optional[float],
-                   liveness_interval: Optional[float] = None, method: Optional[str] = None) -> _Exchange:
+                   liveness_interval: Optional[float] = None, method: Optional[str] = None,
+                   patient: bool = False) -> _Exchange:
         """Send a request and wait for the reply's head.  Any failure here is a
-        NodeError with retryable=True: nothing has been relayed yet."""
+        NodeError with retryable=True: nothing has been relayed yet.  patient=True
+        (generations): past first_byte_timeout the node is waited for as long as it
+        answers its liveness probe (see _await_head)."""
         for attempt in range(3):
             try:
                 ex = await self.transport.start(path, body, method=method)
@@ -5058,7 +5066,7 @@ class SSHNode:
             except (ConnectionError, OSError) as exc:
                 raise NodeError(self.name, f"cannot reach Ollama: {exc}") from None
             try:
-                await self._await_head(ex, first_byte_timeout, liveness_interval)
+                await self._await_head(ex, first_byte_timeout, liveness_interval, patient=patient)
                 return ex
             except _EmptyReply:
                 if ex.reused:
@@ -5080,44 +5088,57 @@ class SSHNode:
         raise NodeError(self.name, "connection closed without a reply")
 
     async def _await_head(self, ex: _Exchange, first_byte_timeout: Optional[float],
-                          liveness_interval: Optional[float]) -> None:
+                          liveness_interval: Optional[float], *, patient: bool = False) -> None:
         """Wait for the first byte, but keep asking the node (its /api/version through
         the same master) whether it is still there: a dead node fails fast, a node
-        busy loading a model gets the whole first_byte_timeout.  The head is read in
-        this task; one timer (re-armed every liveness interval) does the watching, so
-        a quick reply costs no extra task or timer per read."""
+        busy loading a model gets the whole first_byte_timeout.  patient=True: at
+        first_byte_timeout the node is asked once more, and if it answers the wait goes
+        on for as long as it keeps answering - a long generation (stream=false: its
+        first byte is its last) on a node that is alive is not a failure, and re-running
+        it elsewhere would only cost a second generation.  The head is read in this
+        task; one timer (re-armed every liveness interval) does the watching, so a
+        quick reply costs no extra task or timer per read."""
         loop = asyncio.get_running_loop()
         started = loop.time()
-        deadline = None if first_byte_timeout is None else started + first_byte_timeout
+        deadline: List[Optional[float]] = [None if first_byte_timeout is None else started + first_byte_timeout]
         interval = liveness_interval or LIVENESS_INTERVAL
         probe: List[Any] = [None]
         handle: List[Any] = [None]
+        overdue = [False]
 
         def fail(message: str) -> None:
             ex.reader.set_exception(_HeadDeadline(message))
 
         def tick() -> None:
             now = loop.time()
-            if deadline is not None and now >= deadline:
-                fail(f"no reply within first_byte_timeout={first_byte_timeout:g}s")
-                return
+            if deadline[0] is not None and now >= deadline[0]:
+                if not patient:
+                    fail(f"no reply within first_byte_timeout={first_byte_timeout:g}s")
+                    return
+                # From here on the node's liveness decides: the probe below (or the
+                # one in flight) must answer, and so must every later one.
+                deadline[0], overdue[0] = None, True
             if probe[0] is None or probe[0].done():
                 async def ask() -> None:
                     error = await self.liveness()
                     if error:
                         fail(f"stopped answering while waiting for a reply ({error})")
+                    elif overdue[0]:
+                        overdue[0] = False
+                        logger.info("%s: no reply within first_byte_timeout=%gs, but the node answers: "
+                                    "waiting on while it does", self.name, first_byte_timeout)
                 probe[0] = asyncio.ensure_future(ask())
             arm(now)
 
         def arm(now: float) -> None:
-            at = now + interval if deadline is None else min(now + interval, deadline)
+            at = now + interval if deadline[0] is None else min(now + interval, deadline[0])
             handle[0] = loop.call_at(at, tick)
 
         arm(started)
         try:
             await ex.read_head()
         except _HeadDeadline as exc:
-            raise NodeError(self.name, str(exc)) from None
+            raise NodeError(self.name, str(exc), timed_out=True) from None
         finally:
             handle[0].cancel()
             if probe[0] is not None and not probe[0].done():
@@ -5466,6 +5487,11 @@ class MeshOrchestrator:
     routing: "mesh" (default, or MESH_ROUTING):
     by expected completion time (see Balancer); "score", "least-connections",
     "round-robin": the simple policies, kept for comparison (tests/bench_routing.py).
+    retries: how many other nodes a request may go to after a node went silent with
+    it (the request had reached the node, which then stopped answering its liveness
+    probe: the node may still be generating).  Failures where the node never took the
+    request (ssh can't connect, channel refused, 5xx, busy, model missing) fail over
+    to every other candidate as before; a node that keeps answering is waited for.
     """
 
     def __init__(self, config: Optional[str] = None, nodes: Optional[Sequence[str]] = None, *,
@@ -5475,7 +5501,8 @@ class MeshOrchestrator:
                  control_persist: int = DEFAULT_CONTROL_PERSIST,
                  liveness_interval: float = LIVENESS_INTERVAL,
                  ssh: str = "ssh", default_model: Optional[str] = None,
-                 facts_ttl: Optional[float] = None, routing: Optional[str] = None) -> None:
+                 facts_ttl: Optional[float] = None, routing: Optional[str] = None,
+                 retries: int = DEFAULT_RETRIES) -> None:
         explicit = config or os.environ.get("MESH_SSH_CONFIG") or None
         self.routing = routing or os.environ.get("MESH_ROUTING") or "mesh"
         if self.routing not in ROUTING_POLICIES:
@@ -5489,6 +5516,9 @@ class MeshOrchestrator:
         self.first_byte_timeout = first_byte_timeout
         self.idle_timeout = idle_timeout
         self.liveness_interval = liveness_interval
+        if retries < 0:
+            raise UsageError(f"retries={retries}: must be 0 or more")
+        self.retries = retries
         self.facts_ttl = facts_ttl   # re-read node facts (GPU, RAM, load) this often on refresh; None: on request
         self.default_model = default_model or os.environ.get("MESH_MODEL") or DEFAULT_MODEL
         self._only = nodes
@@ -6274,6 +6304,7 @@ class MeshOrchestrator:
         tried: set = set(too_old) if not pinned else set()
         failures: List[str] = []
         not_found: List[str] = []
+        silent = 0          # nodes that went silent with this request (NodeError.timed_out)
         rechecked = False
         while True:
             try:
@@ -6331,6 +6362,15 @@ class MeshOrchestrator:
                     self._mark_down(chosen, exc.reason)
                 if pinned:
                     raise
+                if exc.timed_out:
+                    # The node had the request and went silent: it may be generating still.
+                    # One prompt is not run on node after node (retries, --retries).
+                    silent += 1
+                    if silent > self.retries:
+                        message = f"{exc.reason}; not sent to another node (retries={self.retries})"
+                        if len(failures) > 1:
+                            message += "; before: " + "; ".join(failures[:-1])
+                        raise NodeError(exc.node, message, timed_out=True) from None
                 logger.info("%s failed before the first byte; trying another node: %s", chosen.name, exc.reason)
 
     async def _attempt(self, node: SSHNode, path: str, body: bytes, streaming: bool,
@@ -6339,7 +6379,7 @@ class MeshOrchestrator:
         stream=False).  The node's slot is released on failure, else when the stream closes."""
         try:
             ex = await node.open(path, body, first_byte_timeout=self.first_byte_timeout,
-                                 liveness_interval=self.liveness_interval)
+                                 liveness_interval=self.liveness_interval, patient=True)
         except BaseException:
             self._release(node, req)
             raise
@@ -6996,11 +7036,13 @@ class OllamaAPI(_API):
         if path in ("/api/generate", "/api/chat") and is_unload_request(path, payload):
             await self.unload(ex, path, payload, pinned)
             return
+        # The node's work is watched from the start: a client that leaves while a model
+        # loads, or before a stream=false answer is whole, ends the node's request too.
         if not streaming:
-            result = await self.orch.request(path, payload, node=pinned, stream=False)
+            result = await ex.unless_client_leaves(self.orch.request(path, payload, node=pinned, stream=False))
             await ex.send_json(200, result, node=result.pop("node", None))
             return
-        stream = await self.orch.open_stream(path, payload, node=pinned, stream=True)
+        stream = await ex.unless_client_leaves(self.orch.open_stream(path, payload, node=pinned, stream=True))
         await self.server.relay(ex).run(stream)
 
     async def unload(self, ex: "Exchange", path: str, payload: Dict[str, Any], pinned: Optional[str]) -> None:
@@ -7136,7 +7178,9 @@ class OpenAIAPI(_API):
             raise HTTPError(400, "model is required")
         ex.model = str(payload["model"])
         pinned = self.pinned(ex)
-        reply = await self.orch.open_stream(ex.request.path, payload, node=pinned, stream=True, body=body)
+        # Watched from the start: a reply with "stream": false comes whole, only at the end.
+        reply = await ex.unless_client_leaves(
+            self.orch.open_stream(ex.request.path, payload, node=pinned, stream=True, body=body))
         await self.server.relay(ex).run(reply)
 
     async def models(self, ex: "Exchange") -> None:
@@ -7502,6 +7546,38 @@ class Exchange:
         """Return when the client closes its side (used to cancel a node's request)."""
         await self.conn.reader.until_eof()
 
+    async def unless_client_leaves(self, work: Any, *, what: str = "before the reply") -> Any:
+        """Await `work` (a coroutine: the node's part of this request) while watching the
+        client.  A client that closes its connection first cancels `work` - and with it
+        the node's request: its channel or ssh child is closed, which makes the node's
+        Ollama stop generating, as Ollama's own server stops when its client leaves (Go's
+        net/http ends the request's context) - and ConnectionResetError is raised.
+        What `work` returns or raises otherwise is passed on."""
+        task = asyncio.ensure_future(work)
+        watch = asyncio.ensure_future(self.client_gone())
+        handed = False
+        try:
+            done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if task not in done:
+                logger.info("client went away %s; cancelling the node's request", what)
+                self.error = "client went away"
+                raise ConnectionResetError("client disconnected")
+            result = task.result()
+            handed = True
+            return result
+        finally:
+            for job in (task, watch):
+                if not job.done():
+                    job.cancel()
+                try:
+                    await job
+                except BaseException:
+                    pass
+            if not handed and not task.cancelled() and task.exception() is None:
+                closer = getattr(task.result(), "aclose", None)   # a stream nobody will read
+                if closer is not None:
+                    await closer()
+
 
 _WRITE_HIGH_WATER = 256 * 1024   # bytes queued for a client before the relay waits for it
 
@@ -7522,27 +7598,9 @@ class StreamRelay:
     async def run(self, stream: "Any") -> None:
         if isinstance(stream, _Stream):
             stream = stream._raw          # a dict stream not yet read: relay its bytes
-        ex = self.ex
-        pump_task = asyncio.ensure_future(self._pump(stream))
-        watch = asyncio.ensure_future(ex.client_gone())
         try:
-            done, _ = await asyncio.wait({pump_task, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if pump_task not in done:
-                logger.info("client went away mid-stream; cancelling the node's request")
-                ex.error = "client went away"
-                pump_task.cancel()
-                try:
-                    await pump_task
-                except BaseException:
-                    pass
-                raise ConnectionResetError("client disconnected")
-            pump_task.result()
+            await self.ex.unless_client_leaves(self._pump(stream), what="mid-stream")
         finally:
-            watch.cancel()
-            try:
-                await watch
-            except BaseException:
-                pass
             await stream.aclose()
 
     async def _pump(self, stream: "RawStream") -> None:
@@ -9246,6 +9304,11 @@ def _build_parser() -> Any:
             raise argparse.ArgumentTypeError("must be > 0")
         return value
 
+    def count(text: str) -> int:
+        if not re.fullmatch(r"\d+", text.strip()):
+            raise argparse.ArgumentTypeError(f"not a whole number >= 0: {text!r}")
+        return int(text)
+
     def size(text: str) -> int:
         m = re.fullmatch(r"(\d+)\s*([KMG]?)(?:i?B)?", text.strip(), re.I)
         if not m:
@@ -9268,7 +9331,11 @@ def _build_parser() -> Any:
     g.add_argument("--connect-timeout", type=seconds, metavar="S", default=argparse.SUPPRESS,
                    help=f"ssh connect and master start (default {DEFAULT_CONNECT_TIMEOUT:g})")
     g.add_argument("--first-byte-timeout", type=seconds, metavar="S", default=argparse.SUPPRESS,
-                   help=f"wait for a reply to start; covers cold model loads (default {DEFAULT_FIRST_BYTE_TIMEOUT:g})")
+                   help="wait for a reply to start; past it a generation waits on only while its node "
+                        f"answers liveness probes (default {DEFAULT_FIRST_BYTE_TIMEOUT:g})")
+    g.add_argument("--retries", type=count, metavar="N", default=argparse.SUPPRESS,
+                   help="other nodes a request may go to after its node went silent with it "
+                        f"(default {DEFAULT_RETRIES})")
     g.add_argument("--idle-timeout", type=seconds, metavar="S", default=argparse.SUPPRESS,
                    help=f"silence allowed between chunks (default {DEFAULT_IDLE_TIMEOUT:g})")
     g.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
@@ -9475,7 +9542,7 @@ async def _run(args: Any) -> int:
         if not nodes:
             raise UsageError("--nodes needs at least one node name (ssh aliases, comma-separated)")
     kwargs: Dict[str, Any] = {}
-    for key in ("connect_timeout", "first_byte_timeout", "idle_timeout"):
+    for key in ("connect_timeout", "first_byte_timeout", "idle_timeout", "retries"):
         if getattr(args, key, None) is not None:
             kwargs[key] = getattr(args, key)
     if os.environ.get("MESH_LIVENESS_INTERVAL"):

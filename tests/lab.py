@@ -70,6 +70,8 @@ class FakeOllama:
     `lacks`: paths (or prefixes ending in "/") this Ollama is too old to have; they
     get Go's plain-text `404 page not found`, as a real old Ollama answers.
     `old=True` is an Ollama from before /api/embed and the /v1 endpoints.
+    `delay` is the silent part of a generation (a model load; for stream=false all of
+    it): a client that leaves during it ends it (`cancelled` counts those).
     `sim` (tests/ollama_sim.py's SimOllama): generate and chat take the time a real
     server would (speeds, parallel slots, prompt cache, model loads) and report its
     figures; /api/ps lists what the simulation has loaded."""
@@ -95,6 +97,7 @@ class FakeOllama:
         self.active = 0
         self.max_active = 0
         self.disconnects = 0
+        self.cancelled = 0                # generations ended early because the client left (_think)
         self.connections: set = set()
         self._lock = threading.Lock()
         self.release = threading.Event()  # lets a "hang" end
@@ -399,6 +402,29 @@ class _OllamaShapes:
         if self.fake.token_delay:
             time.sleep(self.fake.token_delay)
 
+    def _think(self, seconds: float) -> None:
+        """A generation's silent part (a model load, or all of a stream=false answer):
+        `seconds` long, unless the client leaves first - then it ends, as Ollama's Go
+        server cancels a request whose connection closed (fake.cancelled counts them)."""
+        import select
+        end = time.monotonic() + seconds
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            readable, _, _ = select.select([self.connection], [], [], left)
+            if readable:
+                try:
+                    gone = self.connection.recv(1, socket.MSG_PEEK) == b""
+                except OSError:
+                    gone = True
+                if gone:
+                    with self.fake._lock:
+                        self.fake.cancelled += 1
+                    raise ConnectionResetError("client went away")
+                time.sleep(max(0.0, end - time.monotonic()))   # a pipelined request: not our business
+                return
+
     def _hold(self) -> None:
         """Before a stream's last event: wait while the test holds the node mid-answer."""
         self.fake.finish_stream.wait(30)
@@ -509,7 +535,7 @@ class _OllamaShapes:
             self._json(404, {"error": f'model "{model}" not found, try pulling it first'})
             return
         if fake.delay:
-            time.sleep(fake.delay)
+            self._think(fake.delay)
         if empty:   # a preload: the model is loaded, nothing generated
             if not fake.is_loaded(model):
                 fake.loaded.append(model)
@@ -608,7 +634,7 @@ class _OllamaShapes:
             self._openai_error(404, f'model "{model}" not found, try pulling it first')
             return
         if fake.delay:
-            time.sleep(fake.delay)
+            self._think(fake.delay)
         prompt = str(messages[-1].get("content", ""))
         tools = body.get("tools") or []
         calls = [{"id": "call_fake0", "index": 0, "type": "function",
@@ -740,6 +766,8 @@ class _OllamaShapes:
                                                         "message": f'model "{model}" not found, try pulling it first'},
                              "request_id": "req_fake"})
             return
+        if fake.delay:
+            self._think(fake.delay)
         usage = {"input_tokens": 3, "output_tokens": len(fake.tokens)}
         message = {"id": "msg_fake", "type": "message", "role": "assistant", "model": model,
                    "content": [{"type": "text", "text": self._text()}], "stop_reason": "end_turn",

@@ -179,15 +179,89 @@ def test_slow_model_load_gets_the_full_first_byte_time(mesh_env):
 
 
 def test_first_byte_and_idle_timeouts(lab):
+    # Past first_byte_timeout a node that answers its liveness probe is waited for
+    # (issue 12): the long generation is not a failure and runs once.
     fake = lab.add_node("solo", ["m:1"], delay=3)
-    p = lab.run("--first-byte-timeout", "1", "generate", "--model", "m:1", "x")
-    assert p.returncode == 1 and "no reply within first_byte_timeout=1s" in p.stderr.decode()
+    p = lab.run("--first-byte-timeout", "1", "generate", "--model", "m:1", "x",
+                env=lab.env(MESH_LIVENESS_INTERVAL="0.5"))
+    assert p.returncode == 0 and p.stdout.decode() == "Hello from solo.\n", p.stderr.decode()
+    assert len(fake.bodies("/api/generate")) == 1
     fake.delay = 0
     fake.token_delay = 3
     p = lab.run("--idle-timeout", "1", "generate", "--model", "m:1", "x")
     assert p.returncode == 1 and "no data for idle_timeout=1s" in p.stderr.decode()
     assert p.stdout.decode() == "Hello"
     assert lab.ssh_processes() == []
+
+
+def prefer(m, names):
+    """Make the router try `names` in this order."""
+    for rank, node in enumerate(sorted(m.nodes, key=lambda n: names.index(n.name))):
+        node.avg_latency = float(rank)
+        node.route.model("m:1").gen_tps = 1000.0 / (1 + 10 * rank)
+        node.route.loaded["m:1"] = 0.0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_long_generation_on_a_live_node_runs_once(mesh_env, stream):
+    """A stream=false answer (its first byte is its last) or a slow model load longer
+    than first_byte_timeout, on a node that keeps answering: waited for, not re-run."""
+    lab = mesh_env
+    a, b = two_nodes(lab, delay=3)
+
+    async def go():
+        async with mesh.MeshOrchestrator(config=lab.config_path, **dict(FAST, first_byte_timeout=1)) as m:
+            await m.refresh()
+            prefer(m, ["a", "b"])
+            r = await m.generate("x", model="m:1", stream=stream)
+            if stream:
+                r = [c async for c in r][-1]
+            return r, m.node("a").healthy
+
+    r, healthy = run(go())
+    assert r["node"] == "a" and healthy
+    assert len(a.bodies("/api/generate")) == 1 and b.bodies("/api/generate") == []
+
+
+@pytest.mark.parametrize("retries, answered", [(None, False), (2, True)])
+def test_silent_node_is_retried_once_unless_asked(mesh_env, retries, answered):
+    """A node that goes silent with a request (its liveness probe stops answering) is
+    replaced by one other node; a second silent node ends the request, unless the
+    user allowed more (retries)."""
+    lab = mesh_env
+    a, b = two_nodes(lab)
+    c = lab.add_node("c", ["m:1"])
+    extra = {} if retries is None else {"retries": retries}
+
+    async def go():
+        async with mesh.MeshOrchestrator(config=lab.config_path, **dict(FAST, connect_timeout=1), **extra) as m:
+            await m.refresh()
+            a.mode = b.mode = "hang"
+            prefer(m, ["a", "b", "c"])
+            try:
+                return await m.generate("x", model="m:1")
+            except mesh.MeshError as exc:
+                return exc
+
+    try:
+        r = run(go())
+    finally:
+        a.release.set()
+        b.release.set()
+    assert len(a.bodies("/api/generate")) == 1 and len(b.bodies("/api/generate")) == 1
+    if answered:
+        assert r["node"] == "c"
+    else:
+        assert isinstance(r, mesh.NodeError) and "stopped answering" in str(r) and "retries=1" in str(r), r
+        assert c.bodies("/api/generate") == []
+
+
+def test_retries_option(lab):
+    lab.add_node("solo", ["m:1"])
+    p = lab.run("--retries", "x", "generate", "--model", "m:1", "hi")
+    assert p.returncode == 2 and "--retries" in p.stderr.decode() and "Traceback" not in p.stderr.decode()
+    p = lab.run("--retries", "0", "generate", "--model", "m:1", "hi")
+    assert p.returncode == 0 and p.stdout.decode() == "Hello from solo.\n"
 
 
 def test_test_command_finishes_on_time_with_a_frozen_node(lab):

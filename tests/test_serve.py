@@ -191,6 +191,31 @@ def test_client_disconnect_cancels_node_request(lab):
         s.stop()
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/api/generate", {"model": "m:1", "prompt": "x", "stream": False}),
+    ("/api/chat", {"model": "m:1", "messages": [{"role": "user", "content": "x"}], "stream": False}),
+    ("/api/generate", {"model": "m:1", "prompt": "x"}),          # streamed, still loading the model
+    ("/v1/chat/completions", {"model": "m:1", "messages": [{"role": "user", "content": "x"}]}),
+    ("/v1/messages", {"model": "m:1", "max_tokens": 9, "messages": [{"role": "user", "content": "x"}]}),
+])
+def test_client_leaving_before_the_reply_cancels_the_generation(lab, path, body):
+    """stream=false (the Python client's default): the answer comes whole at the end, so
+    the client is watched while the node works; leaving ends the node's generation."""
+    fake = lab.add_node("slow", ["m:1"], delay=60)
+    s = Serve(lab)
+    try:
+        sock = raw_request(s.port, body, path=path)
+        wait_for(lambda: fake.active == 1, 20, "the node to start generating")
+        sock.close()
+        wait_for(lambda: fake.cancelled == 1, 10, "the node's generation to be cancelled")
+        wait_for(lambda: json.loads(s.call("GET", "/mesh/status")[2])["nodes"][0]["in_flight"] == 0, 10,
+                 "in_flight 0")
+        assert len(fake.bodies(path)) == 1        # not sent anywhere again
+        wait_for(lambda: lab.ssh_processes() == [], 15, "no ssh session left")
+    finally:
+        s.stop()
+
+
 def test_token_auth(lab):
     lab.add_node("a", ["m:1"])
     s = Serve(lab, "--token", "s3cret")
