@@ -8920,6 +8920,22 @@ def _answer_stats(final: Dict[str, Any], ttft: Optional[float], elapsed: float) 
     return "".join(f"{k + ':':<22}{v}\n" for k, v in rows if v is not None)
 
 
+# What is drawn in place on the terminal right now (the chat's spinner, live lines):
+# each has wipe().  A log line written over one would be mangled (a spinner frame before
+# it, or a live line's redraw moving up over it), so the CLI's log handler wipes them first.
+_DRAWN: List[Any] = []
+
+
+class _TerminalLogHandler(logging.StreamHandler):
+    """The CLI's log handler: wipes what is drawn in place before each line, so the log
+    line stands alone and the drawing comes back below it at its next update."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for drawing in list(_DRAWN):
+            drawing.wipe()
+        super().emit(record)
+
+
 class _Spinner:
     """A turning mark while the first token is awaited; only ever made for a terminal."""
 
@@ -8929,6 +8945,7 @@ class _Spinner:
         self.stream = stream
         self.drawn = False
         self._task = asyncio.ensure_future(self._spin())
+        _DRAWN.append(self)
 
     async def _spin(self) -> None:
         i = 0
@@ -8943,6 +8960,12 @@ class _Spinner:
         """Stop and wipe the mark at once, before the first token is written."""
         if not self._task.done():
             self._task.cancel()
+        if self in _DRAWN:
+            _DRAWN.remove(self)
+        self.wipe()
+
+    def wipe(self) -> None:
+        """Take the mark off the line (it comes back at the next turn while spinning)."""
         if self.drawn:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
@@ -8980,6 +9003,8 @@ class _LiveLines:
         self.stream.write("".join(out))
         self.stream.flush()
         self._drawn = len(self.lines)
+        if self not in _DRAWN:
+            _DRAWN.append(self)
 
     def clear(self) -> None:
         """Take the lines off the screen (what is printed next takes their place)."""
@@ -8987,6 +9012,10 @@ class _LiveLines:
             self.stream.write("\x1b[%dF\x1b[J" % self._drawn)
             self.stream.flush()
         self._drawn = 0
+        if self in _DRAWN:
+            _DRAWN.remove(self)
+
+    wipe = clear   # before a log line; the next draw puts the lines back below it
 
 
 class _Pending:
@@ -9512,7 +9541,7 @@ def _build_parser() -> Any:
 
 
 def _setup_logging(verbosity: int) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _TerminalLogHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("mesh: %(message)s"))
     logger.handlers[:] = [handler]
     logger.propagate = False

@@ -1,6 +1,7 @@
 """The chat REPL (`run MODEL`, `chat`) on a real terminal (a pty), through real sshd nodes."""
 import json
 import os
+import re
 import select
 import signal
 import sys
@@ -192,14 +193,17 @@ def test_a_node_back_up_answers_the_next_turn(lab):
     # While the chat waits at its prompt nothing else runs; the node that went down must
     # still be asked again on the next turn (it used to stay down for the whole session).
     lab.add_node("alpha", ["llama3"], tokens=["hi."])
-    term = Terminal(lab, "run", "llama3")
+    term = Terminal(lab, "-v", "run", "llama3")
     try:
         term.expect(">>> ")
         term.type("one\r")
         assert "hi." in term.expect(">>> ").decode()
         lab.nodes["alpha"].kill()
         term.type("two\r")
-        assert "mesh: error:" in term.expect(">>> ").decode()
+        failed = term.expect(">>> ").decode()
+        assert "mesh: alpha: marked down" in failed and "mesh: error:" in failed
+        # -v's log lines stand alone: the spinner is wiped before them, not left in front
+        assert not re.search(f"[{mesh._Spinner.FRAMES}] *mesh:", failed), failed
         lab.nodes["alpha"].start()
         term.type("three\r")
         assert "hi." in term.expect(">>> ").decode()
