@@ -2802,6 +2802,7 @@ class ReplyScanner:
         self.lines = 0               # NDJSON lines passed on
         self.extra = 0               # bytes the node sent after the end (ignored)
         self.last = b""              # the last line passed on (NDJSON)
+        self.usage = b""             # SSE: the data of the last event with "usage" (token counts)
         self._tail = b""
         self._max_line = max_line
 
@@ -2832,7 +2833,15 @@ class ReplyScanner:
 
     def final_obj(self) -> Optional[Dict[str, Any]]:
         """The final line decoded (its statistics: eval_count, eval_duration, ...), or None."""
-        line = self.final if self.final is not None else (self.last if not self.sse else None)
+        return self._obj(self.final if self.final is not None else (self.last if not self.sse else None))
+
+    def usage_obj(self) -> Optional[Dict[str, Any]]:
+        """SSE: the last event that carried "usage" (OpenAI's chunk with usage, Anthropic's
+        message_delta, the Responses API's response.completed) decoded, or None."""
+        return self._obj(self.usage)
+
+    @staticmethod
+    def _obj(line: Optional[bytes]) -> Optional[Dict[str, Any]]:
         if not line:
             return None
         try:
@@ -2843,14 +2852,20 @@ class ReplyScanner:
 
     def _sse(self, block: bytes) -> bytes:
         m = _SSE_END.search(block)
-        if m is None:
-            return block
-        end = block.find(b"\n\n", m.end())
-        end = len(block) if end < 0 else end + 2
-        self.done = True
-        self.extra += len(block) - end + len(self._tail)
-        self._tail = b""
-        return block[:end]
+        if m is not None:
+            end = block.find(b"\n\n", m.end())
+            end = len(block) if end < 0 else end + 2
+            self.done = True
+            self.extra += len(block) - end + len(self._tail)
+            self._tail = b""
+            block = block[:end]
+        at = block.rfind(b'"usage"')
+        if at >= 0:   # the token counts come in one of the last events
+            start = block.rfind(b"data:", 0, at)
+            stop = block.find(b"\n", at)
+            if start >= 0:
+                self.usage = block[start + 5:len(block) if stop < 0 else stop].strip()
+        return block
 
     def _ndjson(self, block: bytes) -> bytes:
         n = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
@@ -5313,6 +5328,11 @@ class RawStream:
     def final(self) -> Optional[Dict[str, Any]]:
         return self._scan.final_obj() if self._ended else None
 
+    @property
+    def usage(self) -> Optional[Dict[str, Any]]:
+        """After the end of an SSE reply: its last event with token counts ("usage"), or None."""
+        return self._scan.usage_obj() if self._ended else None
+
     def __aiter__(self) -> "RawStream":
         return self
 
@@ -7472,8 +7492,19 @@ class Exchange:
 
     def _note(self, obj: Any) -> None:
         # the final object of a generation carries Ollama's token count and timing
-        if isinstance(obj, dict) and obj.get("done") is True and isinstance(obj.get("eval_count"), int):
+        if not isinstance(obj, dict):
+            return
+        if obj.get("done") is True and isinstance(obj.get("eval_count"), int):
             self.tokens, self.eval_duration = obj["eval_count"], obj.get("eval_duration")
+            return
+        # OpenAI's usage.completion_tokens; Anthropic's and the Responses API's output_tokens
+        # (the latter inside response.completed's "response")
+        inner = obj.get("response")
+        usage = obj.get("usage") or (inner.get("usage") if isinstance(inner, dict) else None)
+        if isinstance(usage, dict):
+            count = usage.get("completion_tokens", usage.get("output_tokens"))
+            if isinstance(count, int) and count > 0:
+                self.tokens = count
 
     async def send_json(self, status: int, obj: Any, *, node: Optional[str] = None,
                         headers: Sequence[Tuple[str, str]] = ()) -> None:
@@ -7622,7 +7653,7 @@ class StreamRelay:
             ex.write_nowait(_error_event(stream, str(exc)))
         if not started:
             raise HTTPError(502, "node sent no data")
-        ex._note(stream.final)     # Ollama's statistics, for the access log and the metrics
+        ex._note(stream.final or stream.usage)   # the token counts, for the access log and the metrics
         await ex.end_stream()
 
 
@@ -7744,7 +7775,7 @@ class ServeOps:
         self.duration = r.add("mesh_request_duration_seconds", "histogram",
                               "Time from the request to its last byte, by model and node.", ("model", "node"))
         self.tokens = r.add("mesh_tokens_generated_total", "counter",
-                            "Tokens generated (Ollama's eval_count), by model and node.", ("model", "node"))
+                            "Tokens generated (Ollama's eval_count; OpenAI's/Anthropic's usage), by model and node.", ("model", "node"))
         self.in_flight = r.add("mesh_requests_in_flight", "gauge", "Requests running on each node.", ("node",))
         self.queue = r.add("mesh_queue_length", "gauge",
                            "Requests waiting in mesh.py because every node they could go to is full.")

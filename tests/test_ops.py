@@ -316,6 +316,29 @@ def test_access_log_has_one_line_per_request_and_no_prompt(lab, fmt):
 
 
 @needs_sshd
+def test_openai_and_anthropic_replies_count_their_tokens(lab):
+    lab.add_node("a", [M])       # the stand-in answers with 4 tokens and reports them in "usage"
+    log = os.path.join(lab.dir, "access.log")
+    s = Serve(lab, "--access-log", "json", "--access-log-file", log)
+    msgs = [{"role": "user", "content": "x"}]
+    calls = [("/v1/chat/completions", {"model": M, "messages": msgs, "stream": True,
+                                       "stream_options": {"include_usage": True}}),
+             ("/v1/chat/completions", {"model": M, "messages": msgs}),
+             ("/v1/messages", {"model": M, "max_tokens": 50, "messages": msgs, "stream": True}),
+             ("/v1/responses", {"model": M, "input": "x", "stream": True})]
+    try:
+        for path, body in calls:
+            assert s.call("POST", path, body)[0] == 200
+        wait_for(lambda: os.path.exists(log) and open(log).read().count("\n") >= len(calls), 10, "log lines")
+        fams = _metrics(s)
+    finally:
+        s.stop()
+    rows = [json.loads(line) for line in open(log).read().splitlines()]
+    assert [(r["path"], r["tokens"]) for r in rows[:len(calls)]] == [(path, 4) for path, _ in calls]
+    assert value(fams, "mesh_tokens_generated_total", model=M, node="a") == 16
+
+
+@needs_sshd
 def test_metrics_count_requests_and_show_in_flight_and_queue(lab):
     lab.add_node("a", [M], token_delay=0.3, settings="max_concurrent=1")
     lab.add_node("b", [M], token_delay=0.01)

@@ -280,6 +280,24 @@ def test_reply_scanner_sse_event_by_event(pieces, passed):
     assert b"".join(sc.feed(p) for p in pieces) + sc.finish() == passed
 
 
+@pytest.mark.parametrize("stream, usage", [
+    (b'data: {"choices":[{"delta":{"content":"\\"usage\\""}}]}\n\n'            # the word in the text
+     b'data: {"choices":[],"usage":{"completion_tokens":4}}\n\ndata: [DONE]\n\n',
+     {"choices": [], "usage": {"completion_tokens": 4}}),                          # OpenAI, include_usage
+    (b'event: message_start\ndata: {"usage":{"output_tokens":0}}\n\n'
+     b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":7}}\n\n'
+     b'event: message_stop\ndata: {"type":"message_stop"}\n\n',
+     {"type": "message_delta", "usage": {"output_tokens": 7}}),                    # Anthropic
+    (b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n', None),   # no usage asked for
+])
+def test_reply_scanner_keeps_the_sse_token_counts(stream, usage):
+    sc = mesh.ReplyScanner(sse=True)
+    for i in range(0, len(stream), 7):     # in pieces that cut events anywhere
+        sc.feed(stream[i:i + 7])
+    sc.finish()
+    assert sc.done and sc.usage_obj() == usage and sc.final_obj() is None
+
+
 @pytest.mark.parametrize("text, one_line, shown", [
     ("plain\ttext\n", False, "plain\ttext\n"),
     ("\x1b]0;owned\x07title", False, "\\x1b]0;owned\\x07title"),
