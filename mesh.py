@@ -9155,6 +9155,13 @@ def _processor(entry: Dict[str, Any]) -> str:
     return f"{100 - gpu}%/{gpu}% CPU/GPU"
 
 
+def _require_a_node(orch: MeshOrchestrator, down: Dict[str, Optional[str]]) -> None:
+    """Every node is down: one error that says so (with no node configured, how to add
+    one), instead of an empty table and a line per node."""
+    if len(down) == len(orch.nodes):
+        raise orch._no_nodes("no node answered: " + "; ".join(f"{n}: {r}" for n, r in down.items()))
+
+
 def _warn_down(down: Dict[str, Optional[str]]) -> None:
     for name, reason in down.items():
         _print(f"mesh: {name} is down ({reason}); its models are not listed", file=sys.stderr)
@@ -9199,10 +9206,9 @@ async def cmd_connections(orch: MeshOrchestrator, args: Any) -> int:
 async def cmd_list(orch: MeshOrchestrator, args: Any) -> int:
     """`ollama list` over the pool: each model once, with the nodes that have it."""
     inventory = await orch.models()
+    _require_a_node(orch, inventory["down"])
     if not args.json:
         _warn_down(inventory["down"])
-    if len(inventory["down"]) == len(orch.nodes):
-        raise orch._no_nodes("no node answered: " + "; ".join(f"{n}: {r}" for n, r in inventory["down"].items()))
     if args.json:
         _print(json.dumps(inventory, indent=2))
         return 0
@@ -9215,11 +9221,12 @@ async def cmd_list(orch: MeshOrchestrator, args: Any) -> int:
 async def cmd_ps(orch: MeshOrchestrator, args: Any) -> int:
     """`ollama ps` over the pool: what is loaded where, how much of it in VRAM, until when."""
     loaded = await orch.ps()
-    facts = await orch.node_facts()
     down = {n.name: n.reason for n in orch.nodes if not n.healthy}
+    _require_a_node(orch, down)
+    facts = await orch.node_facts()
     if args.json:
         _print(json.dumps({"models": loaded, "nodes": [n.status() for n in orch.nodes]}, indent=2))
-        return 0 if len(down) < len(orch.nodes) else 1
+        return 0
     rows = [(m.get("name", ""), m["node"], _human_size(m.get("size")), _processor(m),
              _relative(_parse_time(m.get("expires_at")))) for m in loaded]
     _print(_table(("NAME", "NODE", "SIZE", "PROCESSOR", "UNTIL"), rows))
@@ -9233,7 +9240,7 @@ async def cmd_ps(orch: MeshOrchestrator, args: Any) -> int:
              f"{f['load_1m']:.2f}" if "load_1m" in f else "-") for n, f in told.items()]))
     for name, reason in down.items():
         _print(f"mesh: {name} is down ({reason})", file=sys.stderr)
-    return 0 if len(down) < len(orch.nodes) else 1
+    return 0
 
 
 _SHOW_SECTIONS = ("modelfile", "parameters", "template", "system", "license")

@@ -375,11 +375,13 @@ def test_words_after_an_option_and_missing_arguments_as_ollama_users_type_them(l
     p = lab.run("-v")   # global options but no command: the short help, as with no arguments
     assert p.returncode == 0 and p.stdout.startswith(b"usage: mesh.py COMMAND"), p.stderr.decode()
 
-def test_no_config_and_no_local_ollama_says_so(lab, tmp_path):
+@pytest.mark.parametrize("command", [["generate", "hi"], ["list"], ["ps"]])
+def test_no_config_and_no_local_ollama_says_so(lab, tmp_path, command):
     cfg = tmp_path / "empty_config"
     cfg.write_text("Host *\n    ServerAliveInterval 60\n")
     env = lab.env(OLLAMA_HOST=f"127.0.0.1:{lab_free_port()}")
-    p = subprocess.run([sys.executable, MESH, "--config", str(cfg), "generate", "hi"], capture_output=True, env=env)
+    p = subprocess.run([sys.executable, MESH, "--config", str(cfg), *command], capture_output=True, env=env)
+    assert p.stdout == b""    # no empty table
     assert p.returncode == 1
     note, err = p.stderr.decode().splitlines()          # the no-marked-Host note, then the error
     assert note.startswith(f"mesh: no Host in {cfg} is marked as a node") and "# mesh: on" in note
