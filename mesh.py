@@ -2133,7 +2133,7 @@ def parse_host_port(text: str, default_port: int, default_host: str = "127.0.0.1
 
     As a client address (OLLAMA_HOST), 0.0.0.0 means this machine, as Ollama's own
     client reads it; as a listen address it means every interface, and port 0 any port."""
-    text = text.strip()
+    given = text = text.strip()
     text = re.sub(r"^[a-zA-Z]+://", "", text).rstrip("/")
     if not text:
         return default_host, default_port
@@ -2141,12 +2141,12 @@ def parse_host_port(text: str, default_port: int, default_host: str = "127.0.0.1
         text = ":" + text   # a bare number is a port (`--listen 11652`), as `ollama serve` reads OLLAMA_HOST
     m = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?|([^:]*)(?::(\d+))?", text)
     if not m:
-        raise UsageError(f"bad address {text!r} (expected HOST:PORT)")
+        raise UsageError(f"bad address {given!r} (expected HOST:PORT)")
     host = m.group(1) or m.group(3) or default_host
     port_s = m.group(2) or m.group(4)
     port = int(port_s) if port_s else default_port
     if not (0 if listen else 1) <= port <= 65535:
-        raise UsageError(f"bad port in {text!r}")
+        raise UsageError(f"bad port in {given!r} (1-65535)" if not listen else f"bad port in {given!r} (0-65535)")
     if host in ("0.0.0.0", "::") and not listen:
         host = "127.0.0.1" if host == "0.0.0.0" else "::1"
     return host, port

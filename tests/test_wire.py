@@ -1,4 +1,6 @@
 """Pure parts: NDJSON framing, HTTP heads, error shapes, names and addresses."""
+import re
+
 import pytest
 
 import mesh
@@ -98,9 +100,14 @@ def test_listen_address(text, expected):
     assert mesh.parse_host_port(text, 11500, listen=True) == expected
 
 
-def test_parse_host_port_rejects_bad_port():
-    with pytest.raises(mesh.UsageError):
-        mesh.parse_host_port("h:70000", 11434)
+@pytest.mark.parametrize("text, listen, message", [
+    ("h:70000", False, "bad port in 'h:70000' (1-65535)"),
+    ("99999", True, "bad port in '99999' (0-65535)"),        # what was typed, not ':99999'
+    ("http://a:b:c", True, "bad address 'http://a:b:c' (expected HOST:PORT)"),
+])
+def test_parse_host_port_rejects_bad_port(text, listen, message):
+    with pytest.raises(mesh.UsageError, match=re.escape(message)):
+        mesh.parse_host_port(text, 11434, listen=listen)
 
 
 @pytest.mark.parametrize("text, expected", [
