@@ -8484,6 +8484,43 @@ async def cmd_generate(orch: MeshOrchestrator, args: Any) -> int:
     return 0
 
 
+# The types of Ollama's options (api.Options and its Runner, older names included):
+# `/set parameter` converts to them as Ollama's api.FormatParams does, because the
+# server rejects a value of the wrong JSON type on every later request.
+_OPTION_TYPES: Dict[str, type] = dict(
+    {n: int for n in ("num_keep", "seed", "num_predict", "top_k", "repeat_last_n", "num_ctx", "num_batch",
+                      "num_gpu", "main_gpu", "num_thread", "mirostat", "num_gqa")},
+    **{n: float for n in ("temperature", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
+                          "frequency_penalty", "tfs_z", "mirostat_tau", "mirostat_eta")},
+    **{n: bool for n in ("penalize_newline", "use_mmap", "use_mlock", "low_vram", "f16_kv", "numa",
+                         "vocab_only")},
+    stop=list)
+
+
+def _chat_parameter(name: str, words: Sequence[str]) -> Any:
+    """The value of `/set parameter NAME WORDS...` as Ollama's api.FormatParams gives it:
+    int, float or bool by the option's type (the first word), `stop` a list of the words
+    (one stop sequence each).  An option mesh does not know keeps the JSON value of the
+    words, else the text (a newer Ollama may know it).  Raises ValueError with Ollama's
+    message ("invalid float value [abc]")."""
+    kind = _OPTION_TYPES.get(name)
+    text = " ".join(words)
+    if kind is list:
+        return list(words)
+    if kind is None:
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+    try:
+        if kind is bool:
+            # strconv.ParseBool's spellings
+            return {"1": True, "t": True, "true": True, "0": False, "f": False, "false": False}[words[0].lower()]
+        return kind(words[0])
+    except (KeyError, ValueError):
+        raise ValueError(f"invalid {kind.__name__} value [{text}]") from None
+
+
 def _parse_options(items: Optional[List[str]]) -> Optional[Dict[str, Any]]:
     if not items:
         return None
@@ -8773,9 +8810,10 @@ class ChatSession:
                 return
             name, value = rest[1], " ".join(rest[2:])
             try:
-                self.options[name] = json.loads(value)
-            except ValueError:
-                self.options[name] = value
+                self.options[name] = _chat_parameter(name, rest[2:])
+            except ValueError as exc:
+                self._say(f"Couldn't set parameter: {json.dumps(str(exc))}")
+                return
             self._say(f"Set parameter '{name}' to '{value}'")
         elif what == "system":
             system = text.split(None, 2)[2] if len(rest) > 1 else ""

@@ -107,6 +107,10 @@ def test_commands_paste_multiline_and_ctrl_c(lab, tmp_path):
         assert "/set" in term.expect(">>> ").decode()
         term.type("/set parameter temperature 0.25\r")
         term.expect("Set parameter 'temperature' to '0.25'")
+        term.type("/set parameter temperature warm\r")          # Ollama would reject it on every turn
+        term.expect('Couldn\'t set parameter: "invalid float value [warm]"')
+        term.type("/set parameter stop <|end|> ###\r")           # one stop sequence per word, as a list
+        term.expect("Set parameter 'stop' to '<|end|> ###'")
         term.type("/set system You are terse.\r")
         term.expect("Set system message.")
         term.type("/nonsense\r")
@@ -121,7 +125,7 @@ def test_commands_paste_multiline_and_ctrl_c(lab, tmp_path):
         first = chats(fake)[-1]
         assert first["messages"] == [{"role": "system", "content": "You are terse."},
                                      {"role": "user", "content": "line one\nline two\nline three"}]
-        assert first["options"] == {"temperature": 0.25}
+        assert first["options"] == {"temperature": 0.25, "stop": ["<|end|>", "###"]}
 
         term.type('"""\rfirst\rsecond"""\r')
         term.expect("Hello from alpha.")

@@ -305,6 +305,22 @@ def test_reply_scanner_keeps_the_sse_token_counts(stream, usage):
     assert sc.done and sc.usage_obj() == usage and sc.final_obj() is None
 
 
+@pytest.mark.parametrize("name, words, value", [
+    ("temperature", ["0.25"], 0.25), ("num_ctx", ["4096"], 4096), ("use_mmap", ["false"], False),
+    ("stop", ["<|end|>", "###"], ["<|end|>", "###"]), ("stop", ["one"], ["one"]),   # always a list
+    ("temperature", ["warm"], "invalid float value [warm]"), ("num_ctx", ["4k"], "invalid int value [4k]"),
+    ("use_mmap", ["yes"], "invalid bool value [yes]"),
+    ("some_new_option", ["3"], 3), ("some_new_option", ["a", "b"], "a b"),   # unknown: passed on
+])
+def test_chat_parameter_types_as_ollama_formats_them(name, words, value):
+    if isinstance(value, str) and value.startswith("invalid"):
+        with pytest.raises(ValueError, match=re.escape(value)):
+            mesh._chat_parameter(name, words)
+    else:
+        got = mesh._chat_parameter(name, words)
+        assert got == value and type(got) is type(value)
+
+
 @pytest.mark.parametrize("text, one_line, shown", [
     ("plain\ttext\n", False, "plain\ttext\n"),
     ("\x1b]0;owned\x07title", False, "\\x1b]0;owned\\x07title"),
