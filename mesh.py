@@ -8530,9 +8530,11 @@ def _parse_options(items: Optional[List[str]]) -> Optional[Dict[str, Any]]:
         if not sep or not key:
             raise UsageError(f"bad --option {item!r} (expected KEY=VALUE, e.g. temperature=0.2)")
         try:
-            out[key] = json.loads(value)
-        except ValueError:
-            out[key] = value
+            parsed = _chat_parameter(key, [value])
+        except ValueError as exc:
+            raise UsageError(f"bad --option {item!r}: {exc}") from None
+        # stop is a list: --option stop=A --option stop=B gives both
+        out[key] = out.get(key, []) + parsed if isinstance(parsed, list) and key == "stop" else parsed
     return out
 
 

@@ -331,3 +331,10 @@ def test_chat_parameter_types_as_ollama_formats_them(name, words, value):
 ])
 def test_terminal_text(text, one_line, shown):
     assert mesh.terminal_text(text, one_line=one_line) == shown
+
+
+def test_option_flags_take_ollamas_types_too():
+    assert mesh._parse_options(["stop=a", "stop=b", "temperature=0.1", "seed=7"]) == {
+        "stop": ["a", "b"], "temperature": 0.1, "seed": 7}
+    with pytest.raises(mesh.UsageError, match=re.escape("bad --option 'temperature=warm': invalid float value")):
+        mesh._parse_options(["temperature=warm"])
