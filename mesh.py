@@ -9731,9 +9731,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.func is cmd_generate:
             args.prompt_text = _read_prompt(_one_prompt(args.prompt))
         elif args.func is cmd_run:
-            interactive = sys.stdin is not None and sys.stdin.isatty()
-            args.prompt_text = (_read_prompt(" ".join(args.prompt)) if args.prompt
-                                else None if interactive or sys.stdin is None else _read_prompt("-"))
+            if sys.stdin is None or sys.stdin.isatty():
+                args.prompt_text = _read_prompt(" ".join(args.prompt)) if args.prompt else None
+            else:
+                # as `ollama run`: what is piped in comes first, then the PROMPT words
+                # (`cat notes.txt | mesh.py run llama3 "sum this up"`)
+                piped = sys.stdin.buffer.read().decode("utf-8", "surrogateescape")
+                args.prompt_text = _read_prompt(" ".join(([piped] if piped else []) + list(args.prompt)))
         return asyncio.run(_run(args))
     except MeshError as exc:
         sys.stderr.write(f"mesh: error: {terminal_text(str(exc), one_line=True)}\n")

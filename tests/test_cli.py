@@ -349,6 +349,8 @@ def test_run_generate_hint_short_help(lab):
     assert lab.fakes["alpha"].bodies("/api/generate")[-1]["prompt"] == "why is the sky blue"
     p = lab.run("run", "llama3", input=b"from a pipe\n")
     assert p.returncode == 0 and lab.fakes["alpha"].bodies("/api/generate")[-1]["prompt"] == "from a pipe\n"
+    p = lab.run("run", "llama3", "sum", "this", "up", input=b"notes\n")     # both, as ollama run joins them
+    assert p.returncode == 0 and lab.fakes["alpha"].bodies("/api/generate")[-1]["prompt"] == "notes\n sum this up"
     p = lab.run("generate", "llama3", "why is the sky blue")
     assert p.returncode == 2 and 'mesh.py run llama3 "why is the sky blue"' in one_line_error(p)
     p = subprocess.run([sys.executable, MESH], capture_output=True)
