@@ -5744,6 +5744,9 @@ class MeshOrchestrator:
                 logger.warning("SSH config changed but was not applied (nodes unchanged): %s", exc)
                 continue
             self.reloads["ok"] += 1
+            if asked and not any(report.values()):
+                # a SIGHUP gets an answer even when there was nothing to do
+                logger.warning("SSH config re-read: no change (%d node(s))", len(self.nodes))
             for name in report["added"] + report["changed"]:
                 self._refresh_task(self._by_name[name])
 

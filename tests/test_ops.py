@@ -507,6 +507,8 @@ def test_sighup_rereads_the_config(lab):
         s.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: _status_names(s) == ["a", "b"], 10, "b after SIGHUP")
         assert s.proc.poll() is None
+        s.proc.send_signal(signal.SIGHUP)          # nothing changed: it still says it looked
+        wait_for(lambda: "SSH config re-read: no change (2 node(s))" in s.stderr(), 10, "the SIGHUP answered")
     finally:
         s.stop()
 
