@@ -5978,13 +5978,20 @@ class MeshOrchestrator:
                    progress: Optional[Any] = None) -> Dict[str, Optional[str]]:
         """Pull `model` onto the named nodes (default: all), all at once.  progress(node,
         line) is called with each of Ollama's progress lines ({status, digest, total,
-        completed}).  A failure on one node does not stop the others.  Returns
+        completed}), and with {"error": why} when that node fails (at once, while the
+        others go on).  A failure on one node does not stop the others.  Returns
         {node: None on success, else why it failed}."""
         targets = self._targets(nodes)
         await self.refresh(force=True)
         body = json.dumps({"model": model, "stream": True}).encode("utf-8")
 
         async def one(node: SSHNode) -> Optional[str]:
+            why = await pull_one(node)
+            if why is not None and progress is not None:
+                progress(node.name, {"error": why})
+            return why
+
+        async def pull_one(node: SSHNode) -> Optional[str]:
             if not node.healthy:
                 return f"down: {node.reason}"
             last: Dict[str, Any] = {}
@@ -9327,6 +9334,8 @@ def _format_show(info: Dict[str, Any]) -> str:
 
 
 def _pull_line(node: str, width: int, obj: Dict[str, Any]) -> str:
+    if "error" in obj:
+        return f"{node:<{width}}  error: {obj['error']}"
     status = str(obj.get("status") or "")
     total, done = obj.get("total"), obj.get("completed") or 0
     if isinstance(total, (int, float)) and total > 0:

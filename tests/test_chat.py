@@ -231,14 +231,18 @@ def test_misspelt_model_fails_before_the_first_prompt(lab):
 
 
 def test_pull_draws_bars_on_a_terminal(lab):
-    lab.add_node("alpha", ["llama3"], token_delay=0.2)
-    lab.add_node("beta", ["llama3"], token_delay=0.2)
+    lab.add_node("alpha", ["llama3"], token_delay=0.5)
+    lab.add_node("beta", ["llama3"], token_delay=0.5)
+    lab.fakes["beta"].pull_error = "pull model manifest: file does not exist"
     term = Terminal(lab, "pull", "phi3:mini")
     try:
-        assert term.exit_code() == 0
+        assert term.exit_code() == 1
         out = bytes(term.seen).decode()
         assert "pulling 8eeb52dfb3bb" in out and "▕" in out and "100%" in out
-        assert out.endswith("alpha  success\r\nbeta   success\r\n") and "\x1b[" in out
+        # beta's failure is drawn as it happens, while alpha's bar goes on
+        assert out.index("beta   error: pull model manifest") < out.index("100%")
+        assert out.endswith("alpha  success\r\nbeta   error: pull model manifest: file does not exist\r\n")
+        assert "\x1b[" in out
     finally:
         term.close()
 
