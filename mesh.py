@@ -6780,7 +6780,7 @@ function recentTable(recent) {
   ["time", "model", "node", "status", "first token", "tokens/s", "tokens", "duration"].forEach(function (h) { head.appendChild(el("th", null, h)); });
   var body = el("tbody");
   recent.forEach(function (r) {
-    body.appendChild(el("tr", null, el("td", null, (r.time || "").slice(11, 19)), el("td", null, fmt(r.model)),
+    body.appendChild(el("tr", null, el("td", null, r.time ? new Date(r.time).toLocaleTimeString() : "-"), el("td", null, fmt(r.model)),
       el("td", null, fmt(r.node)), el("td", {"class": r.status >= 400 || r.error ? "bad" : ""}, fmt(r.status)),
       el("td", {"class": "num"}, fmt(r.ttft_ms, " ms")), el("td", {"class": "num"}, fmt(r.tokens_per_s)),
       el("td", {"class": "num"}, fmt(r.tokens)), el("td", {"class": "num"}, fmt(r.duration_ms, " ms"))));

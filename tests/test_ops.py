@@ -539,7 +539,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 class Browser:
-    def __init__(self):
+    def __init__(self, env=None):
         import fcntl
         self.profile = tempfile.mkdtemp(prefix="mesh-chromium-")
         to_r, to_w = os.pipe()
@@ -554,7 +554,8 @@ class Browser:
             [sys.executable, "-c", launcher, str(hi_r), str(hi_w), CHROMIUM, "--headless", "--no-sandbox",
              "--disable-gpu", "--remote-debugging-pipe", f"--user-data-dir={self.profile}", "--no-first-run",
              "--no-default-browser-check", "about:blank"],
-            pass_fds=(hi_r, hi_w), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            pass_fds=(hi_r, hi_w), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            env=env)
         os.close(hi_r)
         os.close(hi_w)
         self.out = os.fdopen(to_w, "wb", buffering=0)
@@ -624,7 +625,7 @@ def test_dashboard_in_headless_chromium(lab):
     lab.add_node("b", [M])
     lab.add_node("c", [M])
     s = Serve(lab, "--token", "s3cret", "--access-log", "off")
-    browser = Browser()
+    browser = Browser(env=dict(os.environ, TZ="Asia/Tokyo"))   # a viewer far from UTC
     try:
         auth = {"Authorization": "Bearer s3cret"}
         assert s.call("POST", "/api/generate", {"model": M, "prompt": "x"}, headers=auth)[0] == 200
@@ -639,6 +640,10 @@ def test_dashboard_in_headless_chromium(lab):
         wait_for(lambda: "GB free" in browser.eval(page, "document.querySelector('[data-node=a]').innerText"),
                  20, "node a's RAM on its card")
         assert browser.eval(page, "document.querySelectorAll('#recent tbody tr td').length") >= 8
+        # the request's time in the viewer's time zone, like the "updated" clock (it was UTC)
+        stamp = json.loads(s.call("GET", "/mesh/status", headers=auth)[2])["recent"][0]["time"]
+        assert browser.eval(page, "document.querySelector('#recent tbody td').textContent === "
+                                  f"new Date({json.dumps(stamp)}).toLocaleTimeString()")
         assert browser.eval(page, "location.hash") == ""             # the token left the address bar
 
         lab.nodes["c"].kill()
