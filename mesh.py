@@ -134,6 +134,7 @@ FACTS_TTL = 60.0                     # serve re-reads a node's GPU/RAM/load fact
 INVENTORY_TTL = 30.0                 # how long /api/tags and /api/ps answers are trusted
 COOLDOWN_MIN, COOLDOWN_MAX = 1.0, 30.0
 EXEC_SESSION_CAP = 8                 # below sshd's default MaxSessions 10 for `ssh node curl`
+MAX_MASTER_STARTS = 64               # ssh masters connecting at once (many dead nodes: no fork storm)
 CONFIG_POLL_INTERVAL = 2.0           # serve: how often the SSH config's files are stat()ed for changes
 HEALTH_INTERVAL = 3.0                # serve: how often an idle healthy node is asked whether it answers
 
@@ -4140,9 +4141,15 @@ async def _kill(proc: "asyncio.subprocess.Process") -> None:
     well as the exit (base_subprocess: waiters wake on connection_lost)."""
     if proc.returncode is None:
         try:
-            proc.kill()
-        except ProcessLookupError:
-            pass
+            # The child's whole process group (spawn made one): ssh and its ProxyCommand.
+            # A master that got as far as going to the background (ssh -f) has left the
+            # group by then (daemon(3) starts a session), so a live master is never hit.
+            os.killpg(proc.pid, _SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            try:
+                proc.kill()
+            except ProcessLookupError:
+                pass
     transport = getattr(proc, "_transport", None)   # asyncio.subprocess.Process keeps it there
     if transport is not None:
         for fd in (0, 1, 2):
@@ -4153,6 +4160,34 @@ async def _kill(proc: "asyncio.subprocess.Process") -> None:
         await asyncio.wait_for(proc.wait(), 5)
     except asyncio.TimeoutError:  # pragma: no cover - a kill always lands
         logger.warning("ssh child %s did not exit after SIGKILL", proc.pid)
+
+
+_SIGKILL = 9   # signal.SIGKILL on every POSIX system; saves importing signal here
+
+
+class _StartGate:
+    """At most `limit` ssh masters connecting at once, first come first served; shared
+    by the nodes of one orchestrator.  With hundreds of nodes, many of them dead, a
+    start for each at once is a fork storm that slows the live ones too (and every
+    ssh waits out its ConnectTimeout on a dead one).  `peak` is the most seen at once."""
+
+    def __init__(self, limit: int = MAX_MASTER_STARTS) -> None:
+        self.limit = limit
+        self.starting = 0
+        self.peak = 0
+        self._sem: Optional[asyncio.Semaphore] = None   # made inside the event loop
+
+    async def __aenter__(self) -> None:
+        if self._sem is None:
+            self._sem = asyncio.Semaphore(self.limit)
+        await self._sem.acquire()
+        self.starting += 1
+        self.peak = max(self.peak, self.starting)
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.starting -= 1
+        assert self._sem is not None
+        self._sem.release()
 
 
 def _which(program: str) -> str:
@@ -4170,12 +4205,27 @@ _WHICH: Dict[str, str] = {}
 
 async def spawn(argv: Sequence[str], *, stdin: Any, stdout: Any = None, stderr: Any = None
                 ) -> "asyncio.subprocess.Process":
-    """Start a child without a shell.  close_fds=False lets CPython use posix_spawn;
-    it passes nothing extra, since Python creates every descriptor non-inheritable."""
+    """Start a child without a shell.  close_fds=False passes nothing extra, since
+    Python creates every descriptor non-inheritable.  Each child leads a session (and
+    process group) of its own, so that _kill ends it together with what it started -
+    ssh's ProxyCommand, which a kill of ssh alone leaves running - and a Ctrl-C meant
+    for mesh.py reaches mesh.py, which ends its children itself."""
     pipe = asyncio.subprocess.PIPE
-    return await asyncio.create_subprocess_exec(
+    starting = asyncio.ensure_future(asyncio.create_subprocess_exec(
         *argv, stdin=stdin, stdout=pipe if stdout is None else stdout,
-        stderr=pipe if stderr is None else stderr, close_fds=False, limit=1 << 20)
+        stderr=pipe if stderr is None else stderr, close_fds=False, limit=1 << 20,
+        start_new_session=True))
+    try:
+        return await asyncio.shield(starting)
+    except asyncio.CancelledError:
+        # Cancelled while the child was being made: asyncio would kill only the child
+        # itself, so let it finish starting and end its whole group here.
+        try:
+            proc = await starting
+        except BaseException:
+            raise asyncio.CancelledError() from None
+        await _kill(proc)
+        raise
 
 
 async def run_command(argv: Sequence[str], *, timeout: float, stdin: Optional[bytes] = None
@@ -4518,8 +4568,10 @@ class SSHTransport(Transport):
 
     def __init__(self, name: str, host: str, port: int, *, config: Optional[str], ssh: str,
                  connect_timeout: float, control_persist: int, mode: str = "auto",
-                 ctl_dir: Any = None, destination: Sequence[Any] = ()) -> None:
+                 ctl_dir: Any = None, destination: Sequence[Any] = (),
+                 start_gate: Optional[_StartGate] = None) -> None:
         super().__init__(name, host, port, connect_timeout=connect_timeout)
+        self.start_gate = start_gate or _StartGate()
         import hashlib
         self.config, self.ssh = config, _which(ssh)
         self.control_persist = control_persist
@@ -4663,7 +4715,8 @@ class SSHTransport(Transport):
                           "-o", "ClearAllForwardings=yes", "-o", "StreamLocalBindUnlink=yes",
                           "-E", self.log, "-f", "-N", "--", self.name)
         try:
-            rc, _, err = await run_command(argv, timeout=self.connect_timeout + 5)
+            async with self.start_gate:
+                rc, _, err = await run_command(argv, timeout=self.connect_timeout + 5)
         except asyncio.TimeoutError:
             raise NodeError(self.name, f"ssh: no connection within {self.connect_timeout:g}s "
                                        "(connect timeout)") from None
@@ -5512,6 +5565,7 @@ class MeshOrchestrator:
     probe: the node may still be generating).  Failures where the node never took the
     request (ssh can't connect, channel refused, 5xx, busy, model missing) fail over
     to every other candidate as before; a node that keeps answering is waited for.
+    max_starts: ssh masters connecting at once (default 64); the others wait their turn.
     """
 
     def __init__(self, config: Optional[str] = None, nodes: Optional[Sequence[str]] = None, *,
@@ -5522,7 +5576,7 @@ class MeshOrchestrator:
                  liveness_interval: float = LIVENESS_INTERVAL,
                  ssh: str = "ssh", default_model: Optional[str] = None,
                  facts_ttl: Optional[float] = None, routing: Optional[str] = None,
-                 retries: int = DEFAULT_RETRIES) -> None:
+                 retries: int = DEFAULT_RETRIES, max_starts: int = MAX_MASTER_STARTS) -> None:
         explicit = config or os.environ.get("MESH_SSH_CONFIG") or None
         self.routing = routing or os.environ.get("MESH_ROUTING") or "mesh"
         if self.routing not in ROUTING_POLICIES:
@@ -5539,6 +5593,7 @@ class MeshOrchestrator:
         if retries < 0:
             raise UsageError(f"retries={retries}: must be 0 or more")
         self.retries = retries
+        self.start_gate = _StartGate(max_starts)   # ssh masters connecting at once, for all nodes
         self.facts_ttl = facts_ttl   # re-read node facts (GPU, RAM, load) this often on refresh; None: on request
         self.default_model = default_model or os.environ.get("MESH_MODEL") or DEFAULT_MODEL
         self._only = nodes
@@ -5587,7 +5642,8 @@ class MeshOrchestrator:
                                      config=self._ssh_config, ssh=self._ssh,
                                      connect_timeout=self.connect_timeout,
                                      control_persist=self._control_persist, mode=spec.transport,
-                                     ctl_dir=self._control_dir, destination=spec.destination())
+                                     ctl_dir=self._control_dir, destination=spec.destination(),
+                                     start_gate=self.start_gate)
         node = SSHNode(spec, transport)
         node.probe_timeout = self.probe_timeout
         return node
@@ -5868,12 +5924,13 @@ class MeshOrchestrator:
         return task
 
     async def refresh(self, *, force: bool = False, model: Optional[str] = None,
-                      grace: float = 1.0) -> None:
+                      grace: float = 0.5) -> None:
         """Bring the healthy nodes' model lists up to date, concurrently.
 
         With `model`, return once some node is known to have it and the others had
-        `grace` seconds more (or as long as that first node took, if longer) to answer:
-        one frozen node does not hold every request."""
+        `grace` seconds more to answer: a frozen or dead node (or hundreds of them, whose
+        ssh waits out its ConnectTimeout) does not hold every request; they are read in
+        the background and join when they answer."""
         now = time.monotonic()
         stale = [n for n in self.nodes if n.healthy and (force or now - n.inventory_at > INVENTORY_TTL)]
         if not stale:
@@ -5881,13 +5938,12 @@ class MeshOrchestrator:
         pending = {self._refresh_task(n) for n in stale}
         key = model_key(model) if model else None
         deadline: Optional[float] = None
-        started = time.monotonic()
         while pending:
             if key is not None and deadline is None and any(
                     n.healthy and key in n.models for n in self.nodes):
-                # the others get as long again as the first one took (at least `grace`)
-                now = time.monotonic()
-                deadline = now + max(grace, now - started)
+                # Not "as long again as the first one took": with many dead nodes that time
+                # is mostly a wait for a free start (MAX_MASTER_STARTS), not the nodes' own.
+                deadline = time.monotonic() + grace
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             if not done:
@@ -6081,8 +6137,11 @@ class MeshOrchestrator:
         key = model_key(model) if model else None
         # A node that is down and was never asked what it has is down, not a place the model
         # may be: otherwise a misspelt model is reported as that node's failure.
+        # A node not yet heard from (its master may still be connecting - or never will,
+        # on a dead node) is a candidate only while no node is known to have the model.
+        known = key is not None and any(n.healthy and key in n.models for n in self.nodes)
         have = [n for n in self.nodes
-                if key is None or key in n.models or (n.inventory_at == 0 and n.healthy)]
+                if key is None or key in n.models or (n.inventory_at == 0 and n.healthy and not known)]
         if key is not None and not have and any(n.inventory_at for n in self.nodes):
             raise self.model_not_found(model or "")
         healthy = [n for n in have if n.healthy and n.name not in exclude]

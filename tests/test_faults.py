@@ -437,3 +437,85 @@ def test_killed_master_is_replaced_for_per_request_transports(mesh_env, transpor
 
     r, first, now = run(go())
     assert r["node"] == "solo" and len(now) == 1 and now != first   # a new master, not a bare connection
+
+
+def _our_masters_starting():
+    """ssh masters this process started that are still connecting (a master that is up
+    has gone to the background and left us)."""
+    try:
+        with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as fh:
+            kids = fh.read().split()
+    except OSError:
+        return 0
+    count = 0
+    for kid in kids:
+        try:
+            with open(f"/proc/{kid}/cmdline", "rb") as fh:
+                count += b"ControlMaster=yes" in fh.read()
+        except OSError:
+            pass
+    return count
+
+
+def _pids_with(needle):
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    if needle.encode() in fh.read():
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def test_many_dead_nodes(mesh_env):
+    """Dead nodes among live ones (on 127.0.0.1 only: a port nothing listens on, and a
+    ProxyCommand that never answers, as a blackholed address): the request is answered by
+    a live node without waiting for the dead ones, no more masters connect at once than
+    allowed, and ssh killed while connecting takes its ProxyCommand with it."""
+    import socket
+    import threading
+    lab = mesh_env
+    lab.add_node("live0", ["m:1"])
+    lab.add_node("live1", ["m:1"])
+    hold = socket.socket()            # bound, never listening: connections are refused
+    hold.bind(("127.0.0.1", 0))
+    marker = f"{3900 + os.getpid() % 100}.{int(time.time() * 1000) % 1000000}"
+    silent = [f"Host quiet{i}\n    HostName 127.0.0.1\n    ProxyCommand sleep {marker}\n    # mesh: on\n\n"
+              for i in range(10)]
+    refused = [f"Host gone{i}\n    HostName 127.0.0.1\n    Port {hold.getsockname()[1]}\n    # mesh: on\n\n"
+               for i in range(10)]
+    with open(lab.config_path, "w") as fh:
+        fh.write("".join(silent[:5] + refused[:5] + [lab.host_block("live0")] + silent[5:] + refused[5:]
+                         + [lab.host_block("live1")]))
+    peak, stop = [0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _our_masters_starting())
+            time.sleep(0.002)
+
+    async def go():
+        async with mesh.MeshOrchestrator(config=lab.config_path, **dict(FAST, connect_timeout=2),
+                                         max_starts=4) as m:
+            r = await m.generate("x", model="m:1")
+            return r, m.start_gate.peak
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    try:
+        r, gate_peak = run(go())
+    finally:
+        stop.set()
+        watcher.join()
+        hold.close()
+    try:
+        assert r["node"] in ("live0", "live1")
+        assert gate_peak <= 4 and peak[0] <= 4, (gate_peak, peak[0])
+        wait_for(lambda: _pids_with(marker) == [], 10, "no ProxyCommand left running")
+        assert lab.ssh_processes() == []
+    finally:
+        for pid in _pids_with(marker):
+            os.kill(pid, signal.SIGKILL)

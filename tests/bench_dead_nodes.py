@@ -1,0 +1,166 @@
+"""Many nodes, many dead (issue 12, item 7): the first `mesh.py generate` over a config
+of NODES nodes of which only LIVE answer, beside the same request with only the live
+nodes configured (the live nodes' own time).  Dead nodes are Host blocks on 127.0.0.1
+only: "refused" ones point at a port nothing listens on, "silent" ones have a
+ProxyCommand that never says a word (as a blackholed address: ssh waits out its
+ConnectTimeout).  Every run starts cold (a control directory of its own, masters
+stopped after it).  Prints, per case: wall time of the first request, the most ssh
+masters connecting at once (sampled every 2 ms), and the
+ProxyCommands still running after mesh.py exited (orphans).  Asserts nothing.
+
+    python3 tests/bench_dead_nodes.py [NODES] [LIVE] [--mesh PATH] [--runs N]
+
+--mesh PATH runs another mesh.py (e.g. an older one, for a before/after table).
+"""
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from lab import MESH, SSHLab  # noqa: E402
+
+
+def masters_starting(pid):
+    """ssh masters `pid` has started that are still connecting: its ssh children with
+    ControlMaster=yes (a master that is up has gone to the background and left its
+    parent; requests' and sessions' own ssh children are not masters)."""
+    out = 0
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            kids = fh.read().split()
+    except OSError:
+        return 0
+    for kid in kids:
+        try:
+            with open(f"/proc/{kid}/cmdline", "rb") as fh:
+                if b"ControlMaster=yes" in fh.read():
+                    out += 1
+        except OSError:
+            pass
+    return out
+
+
+def pids_with(needle):
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    if needle.encode() in fh.read():
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def run_case(lab, mesh, config, marker):
+    """One cold first request: (wall s, peak ssh children, orphans, ok)."""
+    ctl = tempfile.mkdtemp(prefix="mb-", dir="/tmp")
+    env = lab.env(MESH_CONTROL_DIR=ctl, MESH_SSH_CONFIG=config)
+    peak = [0]
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, mesh, "--config", config, "generate", "--model", "m:1", "hi"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], masters_starting(proc.pid))
+            time.sleep(0.002)
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    out, err = proc.communicate(timeout=600)
+    wall = time.perf_counter() - started
+    stop.set()
+    t.join()
+    time.sleep(0.5)                      # anything mesh.py left behind shows now
+    orphans = pids_with(marker)
+    for pid in orphans:                  # ours (the marker is this run's): end them
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
+    subprocess.run([sys.executable, mesh, "--config", config, "connections", "--stop"], env=env,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    shutil.rmtree(ctl, ignore_errors=True)
+    ok = proc.returncode == 0 and out.strip() != b""
+    if not ok:
+        sys.stderr.write(f"  (failed: {err.decode(errors='replace').strip()[:300]})\n")
+    return wall, peak[0], len(orphans), ok
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("nodes", nargs="?", type=int, default=500)
+    ap.add_argument("live", nargs="?", type=int, default=10)
+    ap.add_argument("--mesh", default=MESH)
+    ap.add_argument("--runs", type=int, default=1)
+    args = ap.parse_args()
+    lab = SSHLab()
+    hold = socket.socket()               # bound, never listening: connections to it are refused
+    hold.bind(("127.0.0.1", 0))
+    closed_port = hold.getsockname()[1]
+    marker = f"{3601 + os.getpid() % 1000}.{int(time.time()) % 100000}"
+    try:
+        for i in range(args.live):
+            lab.add_node(f"live{i}", ["m:1"])
+        live_blocks = {name: lab.host_block(name) for name in lab.nodes}
+        names = list(live_blocks)
+        dead = args.nodes - args.live
+
+        def dead_block(i, kind):
+            if kind == "refused":
+                how = f"    Port {closed_port}\n"
+            else:
+                how = f"    ProxyCommand sleep {marker}\n"
+            return f"Host dead{i}\n    HostName 127.0.0.1\n{how}    User nobody\n    # mesh: on\n\n"
+
+        def write(path, kind, order):
+            with open(path, "w") as fh:
+                if kind is None:
+                    fh.write("".join(live_blocks.values()))
+                    return
+                blocks = [dead_block(i, kind) for i in range(dead)]
+                if order == "spread":      # live nodes evenly among the dead
+                    step = max(1, len(blocks) // max(1, args.live))
+                    for j, name in enumerate(names):
+                        blocks.insert(j * (step + 1), live_blocks[name])
+                else:                      # the worst case: every dead node first
+                    blocks += [live_blocks[n] for n in names]
+                fh.write("".join(blocks))
+
+        cases = [("live nodes only (their own time)", None, None)]
+        for kind in ("refused", "silent"):
+            for order in ("spread", "last"):
+                cases.append((f"{args.nodes} nodes, {dead} {kind}, live {order}", kind, order))
+        print(f"mesh.py: {args.mesh}\n{args.nodes} nodes, {args.live} live; {os.cpu_count()} CPUs, "
+              f"load {os.getloadavg()[0]:.1f}; runs per case: {args.runs}")
+        print(f"{'case':44} {'first request':>14} {'vs own time':>12} {'peak starting':>14} {'orphans':>8}")
+        own = None
+        for title, kind, order in cases:
+            path = os.path.join(lab.dir, f"config-{kind}-{order}")
+            write(path, kind, order)
+            results = [run_case(lab, args.mesh, path, marker) for _ in range(args.runs)]
+            wall = sorted(r[0] for r in results)[len(results) // 2]
+            peak = max(r[1] for r in results)
+            orphans = max(r[2] for r in results)
+            ok = all(r[3] for r in results)
+            if own is None:
+                own = wall
+            extra = f"+{wall - own:.2f} s" if kind else ""
+            print(f"{title:44} {wall:12.2f} s {extra:>12} {peak:>14} {orphans:>8}{'' if ok else '  FAILED'}",
+                  flush=True)
+    finally:
+        hold.close()
+        lab.close()
+
+
+if __name__ == "__main__":
+    main()
