@@ -6106,7 +6106,9 @@ class MeshOrchestrator:
         if not targets:
             if not any(key in n.models for n in self.nodes):
                 raise self.model_not_found(model)
-            raise MeshError(f'couldn\'t find model "{model}" to stop (not loaded on any node)')
+            down = "; ".join(f"{n.name} is down ({n.reason})" for n in self.nodes if not n.healthy)
+            raise MeshError(f'couldn\'t find model "{model}" to stop (not loaded on any node'
+                            + (f"; {down})" if down else ")"))
 
         async def one(node: SSHNode) -> Optional[str]:
             if not node.healthy:
@@ -9450,6 +9452,10 @@ async def cmd_rm(orch: MeshOrchestrator, args: Any) -> int:
         targets = [n.name for n in orch.nodes if n.healthy and key in n.models]
         if not targets:
             raise orch.model_not_found(args.model)
+        for node in orch.nodes:
+            if not node.healthy:
+                _print(f"mesh: {node.name} is down ({node.reason}); {args.model} can't be deleted there now",
+                       file=sys.stderr)
     if not args.yes:
         if sys.stdin is None or not sys.stdin.isatty():
             raise UsageError(f"rm: add --yes to delete {args.model} from {', '.join(targets)} "
@@ -9459,7 +9465,18 @@ async def cmd_rm(orch: MeshOrchestrator, args: Any) -> int:
             _print("mesh: nothing deleted", file=sys.stderr)
             return 1
     results = await orch.delete(args.model, nodes=targets)
-    return _results_out(args, results, f"deleted '{args.model}'")
+    return _results_out(args, _with_down(orch, results, args.targets), f"deleted '{args.model}'")
+
+
+def _with_down(orch: MeshOrchestrator, results: Dict[str, Optional[str]],
+               named: Optional[Sequence[str]]) -> Dict[str, Optional[str]]:
+    """rm/stop over every node: one that is down may still hold the model, so it gets a
+    result line of its own (and the exit status 1), as pull's down nodes do."""
+    if not named:
+        for node in orch.nodes:
+            if not node.healthy and node.name not in results:
+                results[node.name] = f"down: {node.reason}"
+    return results
 
 
 async def cmd_stop(orch: MeshOrchestrator, args: Any) -> int:
@@ -9467,7 +9484,7 @@ async def cmd_stop(orch: MeshOrchestrator, args: Any) -> int:
     for name in args.targets or ():
         orch.node(name)
     results = await orch.unload(args.model, nodes=args.targets or None)
-    return _results_out(args, results, f"stopped '{args.model}'")
+    return _results_out(args, _with_down(orch, results, args.targets), f"stopped '{args.model}'")
 
 
 def _build_parser() -> Any:

@@ -330,6 +330,15 @@ def test_rm_asks_first_and_stop_unloads(lab):
     p = lab.run("stop", "llama3")
     assert p.returncode == 1 and "couldn't find model \"llama3\" to stop" in one_line_error(p)
 
+    # a node that is down may still hold the model: it is named, and the command is not a success
+    lab.add_node("gamma", ["llama3"], loaded=["llama3"])
+    lab.fakes["gamma"].stop()
+    p = lab.run("stop", "llama3")
+    assert p.returncode == 1 and "(not loaded on any node; gamma is down (" in one_line_error(p)
+    p = lab.run("rm", "--yes", "llama3")
+    assert p.returncode == 1 and "gamma is down" in p.stderr.decode()
+    assert p.stdout.decode().splitlines()[-1].startswith("gamma  error: down: ")
+
 
 def test_misspelt_model_with_a_node_down_is_not_found_not_that_nodes_fault(lab):
     lab.add_node("alpha", ["llama3"])
