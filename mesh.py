@@ -136,6 +136,7 @@ COOLDOWN_MIN, COOLDOWN_MAX = 1.0, 30.0
 EXEC_SESSION_CAP = 8                 # below sshd's default MaxSessions 10 for `ssh node curl`
 MAX_MASTER_STARTS = 64               # ssh masters connecting at once (many dead nodes: no fork storm)
 CONFIG_POLL_INTERVAL = 2.0           # serve: how often the SSH config's files are stat()ed for changes
+CLIENT_WENT_AWAY = "client went away"   # Exchange.error of a request whose client left mid-way
 HEALTH_INTERVAL = 3.0                # serve: how often an idle healthy node is asked whether it answers
 
 
@@ -7662,7 +7663,7 @@ class Exchange:
             done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
             if task not in done:
                 logger.info("client went away %s; cancelling the node's request", what)
-                self.error = "client went away"
+                self.error = CLIENT_WENT_AWAY
                 raise ConnectionResetError("client disconnected")
             result = task.result()
             handed = True
@@ -7838,7 +7839,8 @@ class ServeOps:
                               ("path", "model", "node", "code"))
         self.errors = r.add("mesh_request_errors_total", "counter",
                             "Requests that failed: type client (4xx), server (5xx), stream (an error "
-                            "after the answer began) or disconnect (the client left first).",
+                            "after the answer began) or disconnect (the client left before the end of "
+                            "its answer).",
                             ("path", "model", "node", "type"))
         self.ttft = r.add("mesh_time_to_first_token_seconds", "histogram",
                           "Time from the request to the first streamed chunk, by model and node.",
@@ -7892,7 +7894,8 @@ class ServeOps:
         elif rec.status >= 400:
             kind = "client"
         elif rec.error:
-            kind = "stream"
+            # after the answer began: the client leaving is a disconnect, anything else the stream's fault
+            kind = "disconnect" if rec.error == CLIENT_WENT_AWAY else "stream"
         if kind:
             self.errors.inc((path, model, node, kind))
         if rec.node and rec.model:

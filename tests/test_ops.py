@@ -361,6 +361,15 @@ def test_metrics_count_requests_and_show_in_flight_and_queue(lab):
         wait_for(busy, 20, "one request running on a and one queued")
         for t in held:
             t.join(30)
+        # a client that leaves in the middle of its answer is a disconnect, not the stream's fault
+        import socket
+        body = json.dumps({"model": M, "prompt": "x"}).encode()
+        with socket.create_connection(("127.0.0.1", s.port), 10) as sock:
+            sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Mesh-Node: a\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            assert b"200 OK" in sock.recv(65536)                 # the answer has begun
+        wait_for(lambda: value(_metrics(s), "mesh_request_errors_total", node="a", type="disconnect") == 1, 20,
+                 "the disconnect counted")
         fams = _metrics(s)
         promtool = shutil.which("promtool")    # Prometheus' own checker, where it is installed
         if promtool:
@@ -371,9 +380,10 @@ def test_metrics_count_requests_and_show_in_flight_and_queue(lab):
         s.stop()
     gen = dict(path="/api/generate", model=M)
     assert value(fams, "mesh_requests_total", node="b", code="200", **gen) == 3
-    assert value(fams, "mesh_requests_total", node="a", code="200", **gen) == 2
+    assert value(fams, "mesh_requests_total", node="a", code="200", **gen) == 3    # the one that left too
     assert value(fams, "mesh_requests_total", path="/api/generate", model="", node="", code="404") == 1
     assert value(fams, "mesh_request_errors_total", path="/api/generate", type="client") == 1
+    assert value(fams, "mesh_request_errors_total", path="/api/generate", type="stream") is None
     assert value(fams, "mesh_time_to_first_token_seconds_count", model=M, node="b") == 2   # streamed ones
     assert value(fams, "mesh_request_duration_seconds_count", model=M, node="b") == 3
     assert value(fams, "mesh_tokens_generated_total", model=M, node="b") == 12
