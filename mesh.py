@@ -3824,8 +3824,9 @@ class Balancer:
         out: List[Tuple[RouteRequest, str, float, str]] = []
         slots: Dict[str, List[float]] = {}
         free_now = 0
+        depth = min(len(waiting), PLAN_DEPTH)
         for node in self.nodes.values():
-            heap = self._slot_times(node, now)
+            heap = self._slot_times(node, now, depth)
             slots[node.name] = heap
             free_now += sum(1 for t in heap if t <= now)
         sent: Dict[str, int] = {}
@@ -3901,8 +3902,10 @@ class Balancer:
         return any(self.nodes[n].busy() + sent.get(n, 0) < self.nodes[n].explore_limit()
                    for n in req.candidates if n in self.nodes)
 
-    def _slot_times(self, node: NodeRouteState, now: float) -> List[float]:
-        """When each of the node's slots is next free for a new request (a heap)."""
+    def _slot_times(self, node: NodeRouteState, now: float, limit: Optional[int] = None) -> List[float]:
+        """When each of the node's slots is next free for a new request (a heap); with
+        `limit`, only the soonest `limit` of them (planning k requests takes at most k
+        slots of a node: with num_parallel=1000 the whole list cost ~1 ms a request)."""
         ends = []
         for start, expected, _ in node.inflight.values():
             end = start + expected
@@ -3915,8 +3918,11 @@ class Balancer:
             ends += [now + typical / 2] * node.external
         ends.sort()
         n = node.slots
-        times = [now] * max(0, n - len(ends)) + ends[max(0, len(ends) - n):]
-        return times   # sorted, so already a heap
+        free = max(0, n - len(ends))
+        if limit is not None:
+            free = min(free, limit)
+            return [now] * free + ends[max(0, len(ends) - n):][:max(0, limit - free)]
+        return [now] * free + ends[max(0, len(ends) - n):]   # sorted, so already a heap
 
     def _placement(self, req: RouteRequest, now: float, needed: set,
                    planned: Dict[str, set]) -> Dict[str, str]:

@@ -61,7 +61,9 @@ def backend_main(port: int, name: str) -> None:
                 if path != b"/api/generate":
                     data = json.dumps({"version": "0.6.1"} if path == b"/api/version" else
                                       {"models": [{"name": "m:1", "model": "m:1"}]} if path == b"/api/tags" else
-                                      {"models": []}).encode()
+                                      # m:1 is loaded (hot), as on a busy Ollama: routing has no load to weigh
+                                      {"models": [{"name": "m:1", "model": "m:1", "size": 1,
+                                                   "expires_at": "2099-01-01T00:00:00Z"}]}).encode()
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\n"
                                  b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
                     continue
@@ -316,11 +318,14 @@ def port_open(port):
 
 def start_mesh(config, env):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, MESH, "--config", config, "serve", "--listen", f"127.0.0.1:{port}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    # access log off, as nginx's here; stderr to a file (a pipe nobody reads fills and stalls serve)
+    err = tempfile.TemporaryFile()
+    proc = subprocess.Popen([sys.executable, MESH, "--config", config, "serve", "--listen", f"127.0.0.1:{port}",
+                             "--access-log", "off"], stdout=subprocess.DEVNULL, stderr=err, env=env)
     wait_for(lambda: port_open(port) or proc.poll() is not None, 20, "mesh serve to listen")
     if proc.poll() is not None:
-        raise SystemExit("mesh serve failed: " + proc.stderr.read().decode())
+        err.seek(0)
+        raise SystemExit("mesh serve failed: " + err.read().decode(errors="replace"))
     return proc, port
 
 
@@ -370,7 +375,7 @@ def main():
         with open(cfg, "w") as fh:
             for i, p in enumerate(backends):
                 fh.write(f"Host h{i}\n    HostName 127.0.0.1\n    # mesh: transport=http ollama_host=127.0.0.1 "
-                         f"ollama_port={p} max_concurrent=1000\n\n")
+                         f"ollama_port={p} max_concurrent=1000 num_parallel=1000\n\n")
         env = dict(os.environ, MESH_CONTROL_DIR=tempfile.mkdtemp(prefix="mc-", dir="/tmp"))
         mh, mh_port = start_mesh(cfg, env)
         mesh_procs.append(mh)
@@ -378,7 +383,7 @@ def main():
         # mesh over SSH: each backend behind its own sshd
         lab = SSHLab()
         for i, p in enumerate(backends):
-            lab.add_node(f"s{i}", ["m:1"], settings="max_concurrent=1000")
+            lab.add_node(f"s{i}", ["m:1"], settings="max_concurrent=1000 num_parallel=1000")
             lab.fakes[f"s{i}"].close()
             lab.fakes[f"s{i}"].port = p
         lab.write_config()
@@ -412,6 +417,7 @@ async def run(contenders, rounds, lab, mesh_ssh):
     n_long, ns = 20000, (50, 200, 500)
     for rnd in range(rounds):
         for c in contenders:                      # interleaved: each round visits every contender
+            print(f"round {rnd + 1}/{rounds}: {c.name}", file=sys.stderr, flush=True)
             rate, cpu, ssh_cpu = await long_stream(c, n_long)
             add(c, "rate", rate)
             add(c, "cpu_chunk", cpu)

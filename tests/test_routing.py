@@ -214,3 +214,20 @@ def test_num_parallel_setting():
     assert spec.num_parallel == 4
     with pytest.raises(mesh.ConfigError, match="num_parallel"):
         mesh.NodeSpec.from_settings("gpu", {"num_parallel": "0"})
+
+
+@pytest.mark.parametrize("busy", [0, 3, 999])
+def test_a_node_with_many_slots_plans_as_with_every_slot_listed(busy):
+    # num_parallel=1000 (a node that runs everything at once): planning looks at the
+    # few soonest slots only, and decides exactly as it would looking at all of them
+    def plan(limit_slots):
+        r = router(("big", 50.0, 1000, ["m:1"]), ("small", 50.0, 2, ["m:1"]))
+        for i in range(busy):
+            r.nodes["big"].inflight[i] = (0.0, 2.0, "m:1")
+        if not limit_slots:
+            full = r._slot_times
+            r._slot_times = lambda node, now, limit=None: full(node, now)
+        return [(req.model, name, round(t, 6)) for req, name, t, _ in r.plan(waiting(r, 6), 0.0,
+                                                                              rng=random.Random(3))]
+    assert plan(True) == plan(False)
+    assert len(plan(True)) == min(6, 1000 - busy + 2)   # every free slot is used
