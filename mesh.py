@@ -4008,6 +4008,31 @@ def _private_dir(path: str, *, create: bool) -> Optional[str]:
     return None
 
 
+def _unsafe_ancestry(path: str) -> Optional[str]:
+    """Why another user could swap `path` (a directory, symlinks resolved) for one of
+    their own, or None: every directory from / down to it must be owned by root or by
+    us, and one that others may write to must be sticky (like /tmp), as OpenSSH's
+    safe_path() holds ~/.ssh's parents (it allows no writable ones; /tmp must pass).
+    The owner of a directory may rename anything in it, sticky or not; the owner of a
+    symlink on the way may re-point it, so the path as given is checked as well."""
+    import stat
+    uid = os.getuid()
+    for walk in dict.fromkeys((os.path.abspath(path), os.path.realpath(path))):
+        here = "/"
+        for part in [""] + [p for p in walk.split("/") if p]:
+            here = os.path.join(here, part) if part else here
+            try:
+                st = os.lstat(here)
+            except OSError as exc:
+                return f"{here}: {exc.strerror}"
+            if st.st_uid not in (0, uid):
+                return f"{here} is owned by uid {st.st_uid}, who could replace what mesh keeps in it"
+            if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX and not stat.S_ISLNK(st.st_mode):
+                return (f"{here} is writable by others (mode {stat.S_IMODE(st.st_mode):04o}, "
+                        "not sticky), who could replace what mesh keeps in it")
+    return None
+
+
 def control_dir() -> str:
     """A short directory for control sockets that is provably ours (see _private_dir),
     checked on every call.  MESH_CONTROL_DIR (which may be shared, like /tmp) gets a
@@ -4025,6 +4050,11 @@ def control_dir() -> str:
                 os.makedirs(base, 0o700)
             except OSError as exc:
                 raise MeshError(f"MESH_CONTROL_DIR={env}: cannot create it ({exc.strerror})") from None
+        # ssh is handed the resolved path: a symlink on the way cannot be re-pointed later.
+        base = os.path.realpath(base)
+        why = _unsafe_ancestry(base)
+        if why:
+            raise MeshError(f"MESH_CONTROL_DIR={env} is not safe for SSH control sockets: {why}")
         path = os.path.join(base, f"mesh-{uid}")
         why = _private_dir(path, create=True)
         if why:
@@ -4039,7 +4069,8 @@ def control_dir() -> str:
     for path in candidates:
         if len(path) > 60:
             continue
-        why = _private_dir(path, create=os.path.isdir(os.path.dirname(path)))
+        why = _unsafe_ancestry(os.path.dirname(path)) or _private_dir(
+            path, create=os.path.isdir(os.path.dirname(path)))
         if why is None:
             return path
         reasons.append(f"{path}: {why}")
@@ -5942,6 +5973,8 @@ class MeshOrchestrator:
         stale = [n for n in self.nodes if n.healthy and (force or now - n.inventory_at > INVENTORY_TTL)]
         if not stale:
             return
+        if any(isinstance(n.transport, SSHTransport) for n in stale):
+            self._control_dir()   # an unsafe one is one MeshError here, not one per node's task
         pending = {self._refresh_task(n) for n in stale}
         key = model_key(model) if model else None
         deadline: Optional[float] = None
@@ -9761,6 +9794,8 @@ async def _run(args: Any) -> int:
         _print(f"mesh: no Host in {where} is marked as a node; using the {orch.nodes[0].display_name} "
                f"as node 'local' (to make a host a node, {MARK_HINT})", file=sys.stderr)
     try:
+        if args.func is not cmd_nodes and any(isinstance(n.transport, SSHTransport) for n in orch.nodes):
+            orch._control_dir()   # an unsafe control dir: one error line before any node is tried
         return await args.func(orch, args)
     finally:
         await orch.close()

@@ -73,6 +73,30 @@ def test_a_planted_control_subdirectory_is_refused_untouched(tmp_path, plant, wh
         assert stat.S_IMODE(os.lstat(sub).st_mode) == 0o755                 # never chmod-ed
 
 
+@pytest.mark.skipif(os.getuid() != 0, reason="a directory of another user's needs root")
+@pytest.mark.parametrize("mode, owner, why", [
+    (0o1777, NOBODY, "owned by uid 65534, who could replace"),      # its owner may rename mesh-UID
+    (0o777, 0, "writable by others (mode 0777, not sticky)"),        # anyone may rename mesh-UID
+])
+def test_a_control_dir_others_could_swap_is_refused_untouched(tmp_path, mode, owner, why):
+    """Another user who may rename entries of MESH_CONTROL_DIR could swap mesh's private
+    subdirectory for their own while mesh runs: refused, one line, by every command
+    (list with two nodes checked them in background tasks that each printed a traceback)."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, mode)
+    os.chown(shared, owner, owner)
+    cfg = tmp_path / "config"
+    cfg.write_text("Host n1 n2\n  HostName 127.0.0.1\n  Port 1\n  # mesh: on\n")
+    for command in ("list", "test"):
+        p = subprocess.run([sys.executable, MESH, "--config", str(cfg), command], capture_output=True, text=True,
+                           env=dict(os.environ, MESH_CONTROL_DIR=str(shared)), timeout=30)
+        assert p.returncode == 1 and p.stdout == "", (command, p.stdout)
+        assert p.stderr.startswith("mesh: error: MESH_CONTROL_DIR=") and why in p.stderr, p.stderr
+        assert p.stderr.count("\n") == 1, p.stderr
+    assert os.listdir(shared) == [] and stat.S_IMODE(os.stat(shared).st_mode) == mode
+
+
 @needs_sshd
 @pytest.mark.skipif(os.getuid() != 0, reason="planting another user's socket needs root")
 def test_a_socket_not_owned_by_the_user_is_never_used(mesh_env):
