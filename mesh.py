@@ -4204,28 +4204,49 @@ _SIGKILL = 9   # signal.SIGKILL on every POSIX system; saves importing signal he
 
 
 class _StartGate:
-    """At most `limit` ssh masters connecting at once, first come first served; shared
-    by the nodes of one orchestrator.  With hundreds of nodes, many of them dead, a
-    start for each at once is a fork storm that slows the live ones too (and every
-    ssh waits out its ConnectTimeout on a dead one).  `peak` is the most seen at once."""
+    """At most `limit` ssh masters connecting at once; shared by the nodes of one
+    orchestrator.  With hundreds of nodes, many of them dead, a start for each at once
+    is a fork storm that slows the live ones too (and every ssh waits out its
+    ConnectTimeout on a dead one).  Waiting starts go first come first served, except
+    that a node whose last start failed (a mark in the control directory, from this or
+    an earlier run) waits behind the others: the live nodes are reached first even
+    when hundreds of dead ones come before them in the config.  `peak` is the most
+    seen at once."""
 
     def __init__(self, limit: int = MAX_MASTER_STARTS) -> None:
         self.limit = limit
         self.starting = 0
         self.peak = 0
-        self._sem: Optional[asyncio.Semaphore] = None   # made inside the event loop
+        self._waiting: List[Tuple[int, int, Any]] = []   # heap: (later, arrival, future)
+        self._arrivals = itertools.count()
 
-    async def __aenter__(self) -> None:
-        if self._sem is None:
-            self._sem = asyncio.Semaphore(self.limit)
-        await self._sem.acquire()
+    async def acquire(self, *, later: bool = False) -> None:
+        if self.starting < self.limit and not self._waiting:
+            self._take()
+            return
+        import heapq
+        turn = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (int(later), next(self._arrivals), turn))
+        try:
+            await turn              # release() handed its slot over
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self.release()      # handed over as we were cancelled: pass it on
+            raise
+
+    def _take(self) -> None:
         self.starting += 1
         self.peak = max(self.peak, self.starting)
 
-    async def __aexit__(self, *exc: Any) -> None:
+    def release(self) -> None:
+        import heapq
         self.starting -= 1
-        assert self._sem is not None
-        self._sem.release()
+        while self._waiting:
+            _, _, turn = heapq.heappop(self._waiting)
+            if not turn.done():     # not cancelled meanwhile
+                self._take()
+                turn.set_result(None)
+                return
 
 
 def _which(program: str) -> str:
@@ -4752,17 +4773,43 @@ class SSHTransport(Transport):
                           "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=3",
                           "-o", "ClearAllForwardings=yes", "-o", "StreamLocalBindUnlink=yes",
                           "-E", self.log, "-f", "-N", "--", self.name)
+        await self.start_gate.acquire(later=self._failed_lately())
         try:
-            async with self.start_gate:
-                rc, _, err = await run_command(argv, timeout=self.connect_timeout + 5)
+            rc, _, err = await run_command(argv, timeout=self.connect_timeout + 5)
         except asyncio.TimeoutError:
+            self._mark_failed(True)
             raise NodeError(self.name, f"ssh: no connection within {self.connect_timeout:g}s "
                                        "(connect timeout)") from None
+        finally:
+            self.start_gate.release()
+        self._mark_failed(rc != 0)
         if rc != 0:
             err = err + self._log_tail(0)
             raise NodeError(self.name, describe_ssh_failure(err, rc))
         self.started_master = True
         logger.debug("%s: master started", self.name)
+
+    @property
+    def failed_mark(self) -> str:
+        return self.ctl + ".down"   # the last master start failed (when: its mtime)
+
+    def _failed_lately(self) -> bool:
+        """Did this destination's last master start fail within the last ten minutes?"""
+        try:
+            st = os.lstat(self.failed_mark)
+        except OSError:
+            return False
+        return st.st_uid == os.getuid() and time.time() - st.st_mtime < 600
+
+    def _mark_failed(self, failed: bool) -> None:
+        try:
+            if failed:
+                os.close(os.open(self.failed_mark, os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600))
+                os.utime(self.failed_mark)
+            else:
+                os.unlink(self.failed_mark)
+        except OSError:
+            pass
 
     async def _nodelay_session(self) -> None:
         """Open one session through the master so that sshd turns Nagle off on its socket.
@@ -5952,6 +5999,16 @@ class MeshOrchestrator:
         task = self._refreshing.get(node.name)
         if task is None or task.done():
             async def one() -> None:
+                try:
+                    # The master first: its start may wait its turn (MAX_MASTER_STARTS) behind
+                    # hundreds of dead nodes, and is bounded by connect_timeout once it runs -
+                    # the time limit below is for the node's own answers, not for that queue.
+                    await node.transport.prepare()
+                except NodeError as exc:
+                    self._mark_down(node, exc.reason)
+                    return
+                except (MeshError, OSError):
+                    pass   # check_node says what it is
                 try:
                     await asyncio.wait_for(self.check_node(node), self.connect_timeout + self.probe_timeout * 3)
                 except asyncio.TimeoutError:
