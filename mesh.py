@@ -8357,13 +8357,15 @@ async def cmd_serve(orch: MeshOrchestrator, args: Any) -> int:
 
 def _setup_access_log(fmt: str, path: Optional[str]) -> None:
     """serve's access log: its own handler, at any -v level (lines are the product,
-    not diagnostics); to stderr, or appended to `path`."""
+    not diagnostics); to stderr, or appended to `path` - reopened when the file is moved
+    or removed (logrotate), as logging.handlers.WatchedFileHandler does."""
     if fmt not in ACCESS_LOG_FORMATS:
         raise UsageError(f"access log format {fmt!r}: one of {', '.join(ACCESS_LOG_FORMATS)}")
     if fmt == "off":
         return
     try:
-        handler: logging.Handler = (logging.FileHandler(path, encoding="utf-8") if path
+        import logging.handlers
+        handler: logging.Handler = (logging.handlers.WatchedFileHandler(path, encoding="utf-8") if path
                                     else logging.StreamHandler(sys.stderr))
     except OSError as exc:
         raise UsageError(f"--access-log-file {path}: {exc.strerror or exc}") from None

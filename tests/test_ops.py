@@ -294,9 +294,12 @@ def test_access_log_has_one_line_per_request_and_no_prompt(lab, fmt):
         for method, path, body in calls:
             s.call(method, path, body)
         wait_for(lambda: os.path.exists(log) and open(log).read().count("\n") >= len(calls), 10, "log lines")
+        os.rename(log, log + ".1")                  # logrotate moves the file: serve writes a new one
+        s.call("GET", "/api/version")
+        wait_for(lambda: os.path.exists(log) and "/api/version" in open(log).read(), 10, "a line in the new file")
     finally:
         s.stop()
-    text = open(log).read()
+    text = open(log + ".1").read()
     assert secret not in text
     lines = text.splitlines()
     assert len(lines) == len(calls)
