@@ -9681,7 +9681,8 @@ def _build_parser() -> Any:
     p.add_argument("--node", metavar="NAME", help="send to this node only (no failover)")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--format", help="'json' or a JSON schema, as Ollama's format")
-    p.add_argument("--keep-alive", help="how long the node keeps the model loaded (e.g. 5m, 0)")
+    p.add_argument("--keep-alive", "--keepalive", help="how long the node keeps the model loaded (e.g. 5m, 0; "
+                                                       "--keepalive is `ollama run`'s spelling)")
     p.add_argument("--option", "-o", action="append", metavar="KEY=VALUE",
                    help="a model option, e.g. temperature=0.2 (repeatable)")
     p.set_defaults(func=cmd_run, json=False, no_stream=False)

@@ -376,6 +376,10 @@ def test_words_after_an_option_and_missing_arguments_as_ollama_users_type_them(l
     assert "served by" in p.stderr.decode()
     bodies = lab.fakes["alpha"].bodies("/api/generate") + lab.fakes["beta"].bodies("/api/generate")
     assert [b["prompt"] for b in bodies] == ["why is the sky blue"]
+    p = lab.run("run", "llama3", "--keepalive", "10m", "hi")          # ollama run's spelling of the flag
+    assert p.returncode == 0, p.stderr.decode()
+    bodies = lab.fakes["alpha"].bodies("/api/generate") + lab.fakes["beta"].bodies("/api/generate")
+    assert [b.get("keep_alive") for b in bodies if b["prompt"] == "hi"] == ["10m"]
     p = lab.run("pull", "llama3", "--json", "beta")
     assert p.returncode == 0 and [r["node"] for r in json.loads(p.stdout)] == ["beta"], p.stderr.decode()
     p = lab.run("run", "llama3", "hi", "--bogus")
