@@ -8636,21 +8636,29 @@ async def cmd_generate(orch: MeshOrchestrator, args: Any) -> int:
             text = result.get("response", "")
             _print(text, end="" if text.endswith("\n") else "\n")
         return 0
-    stream = await orch.generate(prompt, model=args.model, node=args.node, system=args.system,
-                                 stream=True, options=options, **extra)
+    # as `ollama run` does: a spinner until the first token, on a terminal only
+    spinner = _Spinner(sys.stdout) if sys.stdout is not None and sys.stdout.isatty() else None
+    stream = None
     last = ""
     try:
+        stream = await orch.generate(prompt, model=args.model, node=args.node, system=args.system,
+                                     stream=True, options=options, **extra)
         first = True
         async for chunk in stream:
+            piece = chunk.get("response") or ""
+            if spinner and (piece or chunk.get("done") or (first and args.verbose)):
+                spinner.stop()
             if first and args.verbose:
                 _print(f"mesh: served by {chunk.get('node')}", file=sys.stderr)
             first = False
-            piece = chunk.get("response") or ""
             if piece:
                 _print(piece, end="")
                 last = piece
     finally:
-        await stream.aclose()
+        if spinner:
+            spinner.stop()
+        if stream is not None:
+            await stream.aclose()
     if not last.endswith("\n"):
         _print()
     return 0

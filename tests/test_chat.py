@@ -217,6 +217,18 @@ def test_a_node_back_up_answers_the_next_turn(lab):
         term.close()
 
 
+def test_one_answer_on_a_terminal_spins_until_the_first_token(lab):
+    lab.add_node("alpha", ["llama3"], delay=1.0)          # a slow first token (a model loading)
+    term = Terminal(lab, "run", "llama3", "hi")
+    try:
+        assert term.exit_code() == 0
+        out = bytes(term.seen).decode()
+        assert any(frame in out.split("Hello")[0] for frame in mesh._Spinner.FRAMES)
+        assert "\r\x1b[KHello from alpha." in out            # wiped before the answer
+    finally:
+        term.close()
+
+
 def test_misspelt_model_fails_before_the_first_prompt(lab):
     lab.add_node("alpha", ["llama3", "qwen2.5:7b"])
     term = Terminal(lab, "run", "lama3")
