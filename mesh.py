@@ -2085,6 +2085,9 @@ def node_verdict(info: HostInfo) -> Optional[str]:
     (`# mesh: on` or any mesh setting); `# mesh: off` keeps it out, first value
     winning as in ssh_config(5).  Hosts nobody marked are never contacted."""
     if not info.marked:
+        if info.mesh:   # settings it has came from `Host *` / `Match all`: defaults, no mark
+            return (f"not marked: a '# mesh:' line under 'Host *', 'Match all' or before any Host "
+                    f"gives defaults but marks no host ({MARK_HINT})")
         return f"not marked ({MARK_HINT})"
     if not _mesh_enabled(info.mesh):
         return "'# mesh: off'"

@@ -198,6 +198,7 @@ def test_only_marked_hosts_are_nodes_and_all_says_why(tmp_path):
     assert [r["name"] for r in rows] == ["gpu1", "gpu2", "github.com", "work", "cpu", "old"]
     assert by["gpu1"]["node"] is True and by["gpu1"]["reason"] is None and by["gpu1"]["hostname"] == "192.0.2.7"
     assert by["github.com"]["node"] is False and "# mesh: on" in by["github.com"]["reason"]
+    assert "under 'Host *'" in by["github.com"]["reason"]        # why its max_concurrent=4 did not mark it
     assert by["github.com"]["user"] == "git"
     assert by["old"]["node"] is False and "off" in by["old"]["reason"]
     p = subprocess.run([sys.executable, MESH, "--config", str(cfg), "--nodes", "work", "test"],
