@@ -8465,8 +8465,30 @@ def _for_stream(stream: Any, text: str) -> str:
 def _print(text: str = "", *, end: str = "\n", file: Any = None) -> None:
     """Write a line of output (see _for_stream)."""
     stream = file or sys.stdout
-    stream.write(_for_stream(stream, text) + end)
+    _write_out(stream, _for_stream(stream, text) + end)
+
+
+_OPEN_LINE: Dict[int, bool] = {}     # id(stream) -> the last text written to it ended mid-line
+
+
+def _write_out(stream: Any, text: str) -> None:
+    """Write and flush, remembering whether the stream was left mid-line (an answer cut
+    off by an error: see _end_open_line)."""
+    stream.write(text)
     stream.flush()
+    if text:
+        _OPEN_LINE[id(stream)] = not text.endswith("\n")
+
+
+def _end_open_line(stream: Any) -> None:
+    """Before an error line on a terminal: end an answer left mid-line on `stream`, so the
+    error starts a line of its own ('Hello' then 'mesh: error: ...', not 'Hellomesh: error')."""
+    try:
+        if _OPEN_LINE.pop(id(stream), False) and stream.isatty():
+            stream.write("\n")
+            stream.flush()
+    except (AttributeError, ValueError, OSError):
+        pass
 
 
 async def _ssh_g(alias: str, config: Optional[str], ssh: str = "ssh") -> Dict[str, Any]:
@@ -8944,8 +8966,7 @@ class ChatSession:
 
     def _write(self, text: str, *, err: bool = False) -> None:
         stream = self.stderr if err else self.stdout
-        stream.write(_for_stream(stream, text))
-        stream.flush()
+        _write_out(stream, _for_stream(stream, text))
 
     def _say(self, text: str) -> None:
         self._write(text + "\n")
@@ -9076,6 +9097,7 @@ class ChatSession:
             self._write(f"\nmesh: the answer broke off: {exc.node} failed mid-answer ({exc.reason})\n"
                         "mesh: that turn is not kept; send it again to ask another node\n", err=True)
         else:
+            _end_open_line(self.stdout)
             self._write(f"mesh: error: {terminal_text(str(exc), one_line=True)}\n", err=True)
 
     async def _stream(self) -> None:
@@ -9943,6 +9965,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 args.prompt_text = _read_prompt(" ".join(([piped] if piped else []) + list(args.prompt)))
         return asyncio.run(_run(args))
     except MeshError as exc:
+        _end_open_line(sys.stdout)
         sys.stderr.write(f"mesh: error: {terminal_text(str(exc), one_line=True)}\n")
         return exc.exit_code
     except KeyboardInterrupt:

@@ -343,3 +343,18 @@ def test_ctrl_c_at_an_empty_prompt_leaves(lab):
     finally:
         term.close()
     assert lab.ssh_processes() == []
+
+
+@pytest.mark.parametrize("args", [["run", "m:1", "hi"], ["generate", "--model", "m:1", "hi"]])
+def test_an_error_after_part_of_the_answer_starts_its_own_line(lab, args):
+    """On a terminal, an answer a node cut off with an error line is ended before
+    'mesh: error:' (it showed 'Hellomesh: error: ...')."""
+    fake = lab.add_node("h", ["m:1"])
+    fake.mode, fake.error_text = "error_line", "CUDA error: out of memory"
+    term = Terminal(lab, *args)
+    try:
+        assert term.exit_code() == 1
+        out = bytes(term.seen).decode()
+        assert "Hello\r\nmesh: error: h: Ollama error: CUDA error: out of memory" in out, out
+    finally:
+        term.close()
