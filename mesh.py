@@ -4214,7 +4214,7 @@ class _StartGate:
     that a node whose last start failed (a mark in the control directory, from this or
     an earlier run) waits behind the others: the live nodes are reached first even
     when hundreds of dead ones come before them in the config.  `peak` is the most
-    seen at once."""
+    seen at once.  A quarter of the slots is kept free of those suspects."""
 
     def __init__(self, limit: int = MAX_MASTER_STARTS) -> None:
         self.limit = limit
@@ -4223,8 +4223,15 @@ class _StartGate:
         self._waiting: List[Tuple[int, int, Any]] = []   # heap: (later, arrival, future)
         self._arrivals = itertools.count()
 
+    def _cap(self, later: bool) -> int:
+        # A quarter of the slots is kept for nodes not known to fail: when the dead ones
+        # of the last run come first in the config, they must not take every slot before
+        # the live ones even ask for one.
+        return self.limit - (self.limit // 4 if later else 0)
+
     async def acquire(self, *, later: bool = False) -> None:
-        if self.starting < self.limit and not self._waiting:
+        ahead = self._waiting and self._waiting[0][0] <= int(later)   # someone before us waits
+        if self.starting < self._cap(later) and not ahead:
             self._take()
             return
         import heapq
@@ -4245,11 +4252,16 @@ class _StartGate:
         import heapq
         self.starting -= 1
         while self._waiting:
-            _, _, turn = heapq.heappop(self._waiting)
-            if not turn.done():     # not cancelled meanwhile
-                self._take()
-                turn.set_result(None)
-                return
+            later, _, turn = self._waiting[0]
+            if turn.done():         # cancelled meanwhile
+                heapq.heappop(self._waiting)
+                continue
+            if self.starting >= self._cap(bool(later)):
+                return              # only suspect starts wait, and the reserve is all that is free
+            heapq.heappop(self._waiting)
+            self._take()
+            turn.set_result(None)
+            return
 
 
 def _which(program: str) -> str:
