@@ -4053,12 +4053,12 @@ def control_dir() -> str:
                 os.makedirs(base, 0o700)
             except OSError as exc:
                 raise MeshError(f"MESH_CONTROL_DIR={env}: cannot create it ({exc.strerror})") from None
-        # ssh is handed the resolved path: a symlink on the way cannot be re-pointed later.
-        base = os.path.realpath(base)
+        # Both the path as given (another user's symlink on it would send mesh wherever
+        # they like) and the resolved one, which is what ssh is handed.
         why = _unsafe_ancestry(base)
         if why:
             raise MeshError(f"MESH_CONTROL_DIR={env} is not safe for SSH control sockets: {why}")
-        path = os.path.join(base, f"mesh-{uid}")
+        path = os.path.join(os.path.realpath(base), f"mesh-{uid}")
         why = _private_dir(path, create=True)
         if why:
             raise MeshError(f"MESH_CONTROL_DIR: {path} is not safe for SSH control sockets: {why}")

@@ -97,6 +97,23 @@ def test_a_control_dir_others_could_swap_is_refused_untouched(tmp_path, mode, ow
     assert os.listdir(shared) == [] and stat.S_IMODE(os.stat(shared).st_mode) == mode
 
 
+@pytest.mark.skipif(os.getuid() != 0, reason="another user's symlink needs root")
+def test_a_control_dir_through_another_users_symlink_is_refused(tmp_path):
+    """MESH_CONTROL_DIR=/tmp/x where another user made /tmp/x a symlink to a directory
+    of root's: nothing is created there (mesh-0 appeared in the target)."""
+    target = tmp_path / "target"
+    target.mkdir()
+    link = tmp_path / "link"
+    os.symlink(target, link)
+    os.lchown(link, NOBODY, NOBODY)
+    cfg = tmp_path / "config"
+    cfg.write_text("Host n\n  HostName 127.0.0.1\n  Port 1\n  # mesh: on\n")
+    p = subprocess.run([sys.executable, MESH, "--config", str(cfg), "test"], capture_output=True, text=True,
+                       env=dict(os.environ, MESH_CONTROL_DIR=str(link)), timeout=30)
+    assert p.returncode == 1 and "owned by uid 65534" in p.stderr and p.stderr.count("\n") == 1, p.stderr
+    assert os.listdir(target) == []
+
+
 @needs_sshd
 @pytest.mark.skipif(os.getuid() != 0, reason="planting another user's socket needs root")
 def test_a_socket_not_owned_by_the_user_is_never_used(mesh_env):
