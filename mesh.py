@@ -9306,6 +9306,28 @@ class _LiveLines:
     wipe = clear   # before a log line; the next draw puts the lines back below it
 
 
+async def _showing_pending(orch: MeshOrchestrator, work: Any, *, enabled: bool = True) -> Any:
+    """Await `work` (a coroutine that asks every node what it has: list, ps) and, on a
+    terminal, show which nodes it still waits for - a frozen node can take the whole
+    connect timeout.  A node is done once it answered since we began, or is down."""
+    since = time.monotonic()
+    pending = _Pending([n.name for n in orch.nodes], enabled=enabled)
+
+    async def watch() -> None:
+        while True:
+            for node in orch.nodes:
+                if not node.healthy or node.inventory_at >= since:
+                    pending.done(node.name)
+            await asyncio.sleep(0.1)
+    watcher = asyncio.ensure_future(watch()) if pending.live.enabled else None
+    try:
+        return await work
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        pending.close()
+
+
 class _Pending:
     """`test`'s live line on a terminal: which nodes are still being waited for, and how long."""
 
@@ -9462,7 +9484,7 @@ async def cmd_connections(orch: MeshOrchestrator, args: Any) -> int:
 
 async def cmd_list(orch: MeshOrchestrator, args: Any) -> int:
     """`ollama list` over the pool: each model once, with the nodes that have it."""
-    inventory = await orch.models()
+    inventory = await _showing_pending(orch, orch.models(), enabled=not args.json)
     _require_a_node(orch, inventory["down"])
     if not args.json:
         _warn_down(inventory["down"])
@@ -9477,7 +9499,7 @@ async def cmd_list(orch: MeshOrchestrator, args: Any) -> int:
 
 async def cmd_ps(orch: MeshOrchestrator, args: Any) -> int:
     """`ollama ps` over the pool: what is loaded where, how much of it in VRAM, until when."""
-    loaded = await orch.ps()
+    loaded = await _showing_pending(orch, orch.ps(), enabled=not args.json)
     down = {n.name: n.reason for n in orch.nodes if not n.healthy}
     _require_a_node(orch, down)
     facts = await orch.node_facts()

@@ -292,6 +292,11 @@ def test_test_shows_pending_nodes_live_on_a_terminal_only(lab):
         term.expect("waiting for frozen (")
         assert term.exit_code() == 1
         assert "FAIL  frozen  no answer within 3s" in bytes(term.seen).decode()
+        term.close()
+        term = Terminal(lab, "--connect-timeout", "3", "list")    # list waits for every node too
+        term.expect("waiting for frozen (")
+        assert term.exit_code() == 0
+        assert "qwen2.5:7b" in bytes(term.seen).decode().split("waiting for frozen")[-1]
     finally:
         term.close()
         lab.nodes["frozen"].thaw()
