@@ -8392,7 +8392,9 @@ def _setup_access_log(fmt: str, path: Optional[str]) -> None:
 
 async def cmd_bench(orch: MeshOrchestrator, args: Any) -> int:
     """Time to first token and tokens per second, node by node (masters warmed first)."""
-    model = args.model or orch.default_model
+    if args.model and args.model_word and args.model != args.model_word:
+        raise UsageError(f"bench: two models given ({args.model_word} and --model {args.model})")
+    model = args.model or args.model_word or orch.default_model
     key = model_key(model)
     nodes = [orch.node(args.node)] if args.node else orch.nodes
     await orch.refresh(force=True)
@@ -9869,6 +9871,7 @@ def _build_parser() -> Any:
                        description="Measure each node's time to first token and generation speed, one "
                                    "node at a time, through the mesh transport.")
     model_opts(p, system=False)
+    p.add_argument("model_word", nargs="?", metavar="MODEL", help="the model, as `run MODEL` takes it (or --model)")
     p.add_argument("--prompt", default="Write one sentence about the sea.", help="prompt to time")
     p.add_argument("--runs", type=int, default=3, help="runs per node (default 3)")
     p.set_defaults(func=cmd_bench)

@@ -409,7 +409,7 @@ def test_bench_exits_1_when_a_node_could_not_be_measured(lab):
     lab.add_node("alpha", ["qwen2.5:7b"])
     lab.add_node("beta", ["qwen2.5:7b"])
     lab.nodes["beta"].kill()
-    p = lab.run("bench", "--runs", "1")
+    p = lab.run("bench", "qwen2.5:7b", "--runs", "1")            # the model as `run MODEL` takes it
     assert p.returncode == 1 and "could not measure beta (down: ssh: connection refused)" in one_line_error(p)
     assert any(line.split()[:2] == ["alpha", "1"] for line in p.stdout.decode().splitlines())
 
