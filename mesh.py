@@ -9202,11 +9202,19 @@ def _answer_stats(final: Dict[str, Any], ttft: Optional[float], elapsed: float) 
             ("time to first token", "-" if ttft is None else f"{ttft * 1000:.0f}ms"),
             ("total duration", dur(final.get("total_duration")) if final.get("total_duration") else f"{elapsed:.2f}s"),
             ("load duration", dur(final.get("load_duration")) if final.get("load_duration") is not None else None),
-            ("prompt eval count", f"{final['prompt_eval_count']} token(s)" if "prompt_eval_count" in final else None),
-            ("eval count", f"{final['eval_count']} token(s)" if "eval_count" in final else None)]
-    count, ns = final.get("eval_count"), final.get("eval_duration")
-    if count and ns:
-        rows.append(("eval rate", f"{count / (ns / 1e9):.2f} tokens/s"))
+            ("prompt eval count", f"{final['prompt_eval_count']} token(s)" if "prompt_eval_count" in final else None)]
+
+    def timing(prefix: str) -> None:
+        # `<prefix>eval duration` and `<prefix>eval rate`, in ollama run --verbose's order
+        field = prefix.replace(" ", "_")
+        count, ns = final.get(field + "eval_count"), final.get(field + "eval_duration")
+        if isinstance(ns, (int, float)) and ns:
+            rows.append((prefix + "eval duration", dur(ns)))
+            if count:
+                rows.append((prefix + "eval rate", f"{count / (ns / 1e9):.2f} tokens/s"))
+    timing("prompt ")
+    rows.append(("eval count", f"{final['eval_count']} token(s)" if "eval_count" in final else None))
+    timing("")
     return "".join(f"{k + ':':<22}{v}\n" for k, v in rows if v is not None)
 
 

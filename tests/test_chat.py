@@ -185,6 +185,7 @@ def test_node_killed_mid_answer_keeps_the_session_and_verbose_names_the_node(lab
         stats = term.expect(">>> ").decode()
         assert "fine." in stats and f"node:                 {other}" in stats
         assert "time to first token:" in stats and "eval rate:" in stats
+        assert "prompt eval duration:" in stats and "prompt eval rate:" in stats and "\neval duration:" in stats
         sent = chats(lab.fakes[other])[-1]["messages"]
         assert sent == [{"role": "user", "content": "go"}]   # the broken turn was not kept
         term.type("/bye\r")
