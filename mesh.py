@@ -5725,6 +5725,9 @@ class MeshOrchestrator:
         self._retired: List[SSHNode] = []                # removed or changed nodes still finishing
         self._reload_wanted: Optional[asyncio.Event] = None
         self.reloads = {"ok": 0, "error": 0}
+        # how "X: marked down" / "X: back up" are logged: INFO (-v) for commands; serve
+        # raises it to WARNING, since for an operator a node leaving or coming back is news
+        self.health_log_level = logging.INFO
         self._closed = False
 
     def _control_dir(self) -> str:
@@ -5792,7 +5795,7 @@ class MeshOrchestrator:
     # -- health ------------------------------------------------------------
     def _mark_down(self, node: SSHNode, reason: str) -> None:
         if node.healthy:
-            logger.info("%s: marked down: %s", node.name, reason)
+            logger.log(self.health_log_level, "%s: marked down: %s", node.name, reason)
         node.healthy = False
         node.reason = reason
         node.failures += 1
@@ -5806,7 +5809,7 @@ class MeshOrchestrator:
 
     def _mark_up(self, node: SSHNode) -> None:
         if not node.healthy:
-            logger.info("%s: back up", node.name)
+            logger.log(self.health_log_level, "%s: back up", node.name)
         node.healthy, node.reason, node.failures, node.down_since = True, None, 0, None
         self._notify()
         if self._waiting:
@@ -8331,6 +8334,7 @@ async def cmd_serve(orch: MeshOrchestrator, args: Any) -> int:
                           header_timeout=args.header_timeout, body_timeout=args.body_timeout,
                           keepalive_timeout=args.keepalive_timeout, write_timeout=args.write_timeout)
     _setup_access_log(args.access_log, args.access_log_file)
+    orch.health_log_level = logging.WARNING
     front = MeshServer(orch, token=args.token, limits=limits, origins=args.origins, listen_host=host,
                        access_log=args.access_log)
     server = Listener(front, host, port)

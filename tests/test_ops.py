@@ -414,8 +414,10 @@ def test_health_follows_the_nodes(lab):
         assert s.call("GET", "/")[2] == b"Ollama is running"            # Ollama's answer stays
         fams = _metrics(s)
         assert value(fams, "mesh_node_up", node="a") == 0
+        assert "mesh: a: marked down: " in s.stderr()     # the operator's log says so without -v
         lab.fakes["b"].start_again()
         wait_for(lambda: s.call("GET", "/mesh/health")[0] == 200, 40, "health back to 200")
+        wait_for(lambda: "mesh: b: back up" in s.stderr(), 10, "the log line for b")
     finally:
         s.stop()
 
