@@ -4147,7 +4147,8 @@ async def stop_master(path: str, *, ssh: str = "ssh", timeout: float = 10.0) -> 
 _SSH_FAILURES = (
     # before "Permission denied" and "Connection closed": ssh says those too, after this
     ("Too many authentication failures", "too many authentication failures (ssh offered more keys than "
-     "the server allows; give the node its key with IdentityFile and IdentitiesOnly yes)"),
+     "the server allows before the right one; give the node its key with IdentityFile, listed first, "
+     "and IdentitiesOnly yes)"),
     ("Permission denied", "authentication failed (permission denied)"),
     ("Host key verification failed", "host key verification failed (unknown or changed host key)"),
     ("REMOTE HOST IDENTIFICATION HAS CHANGED", "host key changed"),

@@ -175,13 +175,32 @@ def test_users_forwards_stdin_null_and_quiet_log_change_nothing(lab, tmp_path, t
 
 @pytest.mark.parametrize("stderr, reason", [
     ("Received disconnect from 127.0.0.1 port 22:2: Too many authentication failures\r\n"
-     "Disconnected from 127.0.0.1 port 22\r\n", "too many authentication failures"),
+     "Disconnected from 127.0.0.1 port 22\r\n", "too many authentication failures (ssh offered more keys "
+                                                 "than the server allows before the right one; give the node "
+                                                 "its key with IdentityFile, listed first"),
     ("alice@10.0.0.5: Permission denied (publickey).\r\n", "authentication failed"),
     ("ssh: connect to host 10.0.0.5 port 22: Connection refused\r\n", "connection refused"),
     ("", "ssh exited with status 255"),
 ])
 def test_ssh_failure_names_the_real_reason(stderr, reason):
     assert reason in mesh.describe_ssh_failure(stderr, 255)
+
+
+@needs_sshd
+def test_too_many_keys_is_named_with_loglevel_error(lab, tmp_path):
+    """Seven other IdentityFile lines before the node's key and LogLevel ERROR: sshd
+    disconnects after MaxAuthTries (6); the user reads why and what to do."""
+    lab.add_node("n", ["m:1"])
+    keys = ""
+    for i in range(7):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / f"k{i}")], check=True)
+        keys += f"    IdentityFile {tmp_path / f'k{i}'}\n"
+    block = lab.host_block("n").replace("    IdentityFile", keys + "    IdentityFile", 1)
+    with open(lab.config_path, "w") as fh:
+        fh.write(block + "    LogLevel ERROR\n")
+    p = lab.run("test")
+    assert p.returncode == 1 and "ssh: too many authentication failures" in p.stdout.decode(), p.stdout
+    assert "listed first" in p.stdout.decode()
 
 
 def test_setup_script_checks_nodes_with_meshs_own_options():
