@@ -130,7 +130,8 @@ def test_close_can_stop_masters(mesh_env):
     async def go():
         m = mesh.MeshOrchestrator(config=lab.config_path)
         await m.generate("x", model="m:1")
-        assert len(lab.ssh_processes(include_masters=True)) == 1
+        # the master only: the TCP_NODELAY session's ssh may still be ending (reaped in the background)
+        assert len([p for p in lab.ssh_processes(include_masters=True) if "ControlMaster=yes" in p]) == 1
         await m.close(stop_masters=True)
 
     run(go())
