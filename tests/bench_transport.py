@@ -142,7 +142,10 @@ def main():
               f"{subprocess.run(['ssh', '-V'], capture_output=True, text=True).stderr.split(',')[0]}, "
               f"Python {sys.version.split()[0]}, {os.cpu_count()} cores; medians; sshd on 127.0.0.1\n")
         print(f"  {'figure':<44} {'direct':>12} {'mesh':>14}   {'target':<22} {'met':<4} note")
-        fakes = [lab.add_node(name, ["m:1"]) for name in ("n1", "n2", "n3")]
+        # The stand-ins run any number of requests at once: the nodes say so (num_parallel, as a
+        # user states OLLAMA_NUM_PARALLEL); l1-l3 are the same without it (mesh learns the slots).
+        fakes = [lab.add_node(name, ["m:1"], settings="num_parallel=10") for name in ("n1", "n2", "n3")]
+        learn = [lab.add_node(name, ["m:1"]) for name in ("l1", "l2", "l3")]
         lab.add_node("viaw", ["m:1"], settings="transport=stdio")
         lab.add_node("viacurl", ["m:1"], settings="transport=exec")
         cfg = lab.config_path
@@ -177,19 +180,20 @@ def main():
             f"{len(seed)} warm-up runs ok")
 
         # 30 concurrent requests over 3 nodes, 0.2 s each at the node
-        for f in fakes:
+        for f in fakes + learn:
             f.delay = 0.2
 
-        async def concurrent():
-            async with mesh.MeshOrchestrator(config=cfg, nodes=["n1", "n2", "n3"]) as m:
+        async def concurrent(names):
+            async with mesh.MeshOrchestrator(config=cfg, nodes=names) as m:
                 await m.refresh()
                 t = time.perf_counter()
                 results = await asyncio.gather(*(m.generate(f"q{i}", model="m:1") for i in range(30)))
                 wall = time.perf_counter() - t
-                spread = {n: sum(r["node"] == n for r in results) for n in ("n1", "n2", "n3")}
+                spread = {n: sum(r["node"] == n for r in results) for n in names}
                 return wall, spread
 
-        wall, spread = asyncio.run(concurrent())
+        wall, spread = asyncio.run(concurrent(["n1", "n2", "n3"]))
+        learned_wall, learned_spread = asyncio.run(concurrent(["l1", "l2", "l3"]))
 
         async def seed_orchestrator():
             # the original: blocking subprocess.run inside async def, one SSH connection per call
@@ -205,7 +209,9 @@ def main():
         seed_wall = asyncio.run(seed_orchestrator())
         row("30 concurrent x 0.2 s over 3 nodes (wall)", "0.200 s ideal", f"{wall:.3f} s", "<= 0.3 s",
             wall <= 0.3, f"spread {spread}; original design: {seed_wall:.2f} s")
-        for f in fakes:
+        row("  same, no num_parallel (slots learned)", "", f"{learned_wall:.3f} s", "reference", None,
+            f"spread {learned_spread}: each node is tried with more at once as replies show no queueing")
+        for f in fakes + learn:
             f.delay = 0
 
         # first request to a node with no master yet
