@@ -5928,6 +5928,7 @@ class MeshOrchestrator:
         old = dict(self._by_name)
         nodes: List[SSHNode] = []
         report: Dict[str, List[str]] = {"added": [], "changed": [], "removed": []}
+        joined: List[SSHNode] = []
         for spec in specs:
             node = old.pop(spec.name, None)
             if node is not None and node.spec.destination() == spec.destination():
@@ -5935,12 +5936,14 @@ class MeshOrchestrator:
                 node.weight, node.max_concurrent = spec.weight, spec.max_concurrent
                 nodes.append(node)
                 continue
-            nodes.append(self._make_node(spec))
+            fresh = self._make_node(spec)
+            nodes.append(fresh)
             if node is None:
                 report["added"].append(spec.name)
             else:
                 report["changed"].append(spec.name)
                 self._retire(node)
+            joined.append(fresh)
         for node in old.values():
             report["removed"].append(node.name)
             self._retire(node)
@@ -5953,8 +5956,47 @@ class MeshOrchestrator:
         if any(report.values()):
             logger.warning("configuration applied: %s",
                            "; ".join(f"{k} {', '.join(v)}" for k, v in report.items() if v))
+        for fresh in joined:
+            try:
+                self._spawn(self._warm(fresh))
+            except RuntimeError:  # no event loop (a synchronous caller): nothing is in use yet
+                pass
         self._notify()
         return report
+
+    async def _warm(self, node: SSHNode) -> None:
+        """A node that joins while the pool is in use gets the model most in use loaded
+        (Ollama's preload: /api/generate with only "model", as `ollama run` sends before
+        the first prompt), if it has it and can hold it.  Without this, routing keeps to
+        the nodes that have the model loaded while they have free slots - rightly, no
+        request should wait for a cold load - and the new node would get no work.  In
+        use: loaded on another node and asked for there within NEEDED_WINDOW seconds.
+        Errors are logged, never raised."""
+        now = time.monotonic()
+        use: Dict[str, int] = {}
+        for other in self.nodes:
+            if other is not node:
+                for key, when in other.route.loaded.items():
+                    if now - when < NEEDED_WINDOW:
+                        use[key] = use.get(key, 0) + 1
+        if not use:
+            return
+        try:
+            await self._refresh_task(node)
+        except MeshError:
+            return
+        for key in sorted(use, key=lambda k: -use[k]):
+            entry = node.models.get(key)
+            if entry is None or node.retired or not node.healthy or not node.can_hold(key):
+                continue
+            if key not in node.route.loaded:
+                name = str(entry.get("name") or entry.get("model"))
+                try:
+                    await self.request("/api/generate", {"model": name}, node=node.name, stream=False)
+                    logger.warning("%s: loaded %s, which the pool is using", node.name, name)
+                except MeshError as exc:
+                    logger.info("%s: could not load %s for the pool: %s", node.name, name, exc)
+            return
 
     def _retire(self, node: SSHNode) -> None:
         node.retired = True

@@ -453,10 +453,11 @@ class Load:
 
 @needs_sshd
 def test_config_reload_under_load_adds_and_removes_nodes(lab):
-    # M is loaded everywhere: c is as good a choice as a and b the moment mesh knows it
-    # (with M to load first, routing rightly keeps to a and b while they have free slots)
-    for name in ("a", "b", "c"):
+    # M is loaded on a and b; c has it on disk only: mesh loads it there when c joins
+    # (else routing would rightly keep to a and b, which have free slots and no load to wait for)
+    for name in ("a", "b"):
         lab.add_node(name, [M], loaded=[M], token_delay=0.02)
+    lab.add_node("c", [M], token_delay=0.02)
     lab.write_config(leave_out={"c"})            # c is a machine the config doesn't name yet
     s = Serve(lab, "--access-log", "off")
     load = Load(s)
