@@ -7,6 +7,7 @@ down while requests run must leave every request answered by the other node, wit
 the timeouts, and the node must come back by itself once the link is up again."""
 import asyncio
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -83,6 +84,13 @@ def far_node(mesh_env):
                 p.stdin.close()
             p.kill()
             p.wait()
+        # sshd's session processes live on in the namespace: with the link gone no FIN or RST
+        # ever reaches them, so they would wait for ever (one leaked per run, and the namespace with it)
+        for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
         sh("ip", "link", "del", host_if, check=False)
         sh("ip", "netns", "del", ns, check=False)
 
