@@ -26,40 +26,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from lab import MESH, SSHLab  # noqa: E402
-
-
-def masters_starting(pid):
-    """ssh masters `pid` has started that are still connecting: its ssh children with
-    ControlMaster=yes (a master that is up has gone to the background and left its
-    parent; requests' and sessions' own ssh children are not masters)."""
-    out = 0
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as fh:
-            kids = fh.read().split()
-    except OSError:
-        return 0
-    for kid in kids:
-        try:
-            with open(f"/proc/{kid}/cmdline", "rb") as fh:
-                if b"ControlMaster=yes" in fh.read():
-                    out += 1
-        except OSError:
-            pass
-    return out
-
-
-def pids_with(needle):
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                    if needle.encode() in fh.read():
-                        found.append(int(entry))
-            except OSError:
-                pass
-    return found
+from lab import MESH, SSHLab, _pids_matching, masters_starting  # noqa: E402
 
 
 def one_request(mesh, config, env, marker):
@@ -81,7 +48,7 @@ def one_request(mesh, config, env, marker):
     stop.set()
     t.join()
     time.sleep(0.5)                      # anything mesh.py left behind shows now
-    orphans = pids_with(marker)
+    orphans = _pids_matching(marker)
     for pid in orphans:                  # ours (the marker is this run's): end them
         try:
             os.kill(pid, 9)

@@ -919,6 +919,25 @@ def _pids_matching(needle: str) -> List[int]:
     return pids
 
 
+def masters_starting(pid: int) -> int:
+    """ssh masters process `pid` started that are still connecting: its children with
+    ControlMaster=yes (a master that is up has gone to the background and left its
+    parent; requests' and sessions' own ssh children are not masters)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            kids = fh.read().split()
+    except OSError:
+        return 0
+    count = 0
+    for kid in kids:
+        try:
+            with open(f"/proc/{kid}/cmdline", "rb") as fh:
+                count += b"ControlMaster=yes" in fh.read()
+        except OSError:
+            pass
+    return count
+
+
 class SSHLab:
     """Temporary keys, an ssh_config with one Host per node, and a control dir."""
 

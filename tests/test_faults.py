@@ -11,7 +11,7 @@ import pytest
 
 import mesh
 from conftest import needs_sshd
-from lab import wait_for
+from lab import _pids_matching, masters_starting, wait_for
 
 pytestmark = needs_sshd
 
@@ -439,37 +439,6 @@ def test_killed_master_is_replaced_for_per_request_transports(mesh_env, transpor
     assert r["node"] == "solo" and len(now) == 1 and now != first   # a new master, not a bare connection
 
 
-def _our_masters_starting():
-    """ssh masters this process started that are still connecting (a master that is up
-    has gone to the background and left us)."""
-    try:
-        with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as fh:
-            kids = fh.read().split()
-    except OSError:
-        return 0
-    count = 0
-    for kid in kids:
-        try:
-            with open(f"/proc/{kid}/cmdline", "rb") as fh:
-                count += b"ControlMaster=yes" in fh.read()
-        except OSError:
-            pass
-    return count
-
-
-def _pids_with(needle):
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                    if needle.encode() in fh.read():
-                        found.append(int(entry))
-            except OSError:
-                pass
-    return found
-
-
 def test_many_dead_nodes(mesh_env):
     """Dead nodes among live ones (on 127.0.0.1 only: a port nothing listens on, and a
     ProxyCommand that never answers, as a blackholed address): the request is answered by
@@ -494,7 +463,7 @@ def test_many_dead_nodes(mesh_env):
 
     def sample():
         while not stop.is_set():
-            peak[0] = max(peak[0], _our_masters_starting())
+            peak[0] = max(peak[0], masters_starting(os.getpid()))
             time.sleep(0.002)
 
     async def go():
@@ -514,8 +483,8 @@ def test_many_dead_nodes(mesh_env):
     try:
         assert r["node"] in ("live0", "live1")
         assert gate_peak <= 4 and peak[0] <= 4, (gate_peak, peak[0])
-        wait_for(lambda: _pids_with(marker) == [], 10, "no ProxyCommand left running")
+        wait_for(lambda: _pids_matching(marker) == [], 10, "no ProxyCommand left running")
         assert lab.ssh_processes() == []
     finally:
-        for pid in _pids_with(marker):
+        for pid in _pids_matching(marker):
             os.kill(pid, signal.SIGKILL)
