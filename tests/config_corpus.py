@@ -233,24 +233,30 @@ def _local_user():
 EXPANDED = ("controlpath", "identityagent", "userknownhostsfile")   # recorded when a case sets them
 
 
+def g_values(text, extra=()):
+    """The fields the corpus records from `ssh -G` output: hostname, user, port, every
+    identityfile, and the `extra` keywords."""
+    out = {"identityfile": []}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "identityfile":
+            out["identityfile"].append(value)
+        elif key in ("hostname", "user") or key in extra:
+            out[key] = value
+        elif key == "port":
+            out[key] = int(value)
+    return out
+
+
 def ssh_g(config, alias):
     """What ssh says: ({hostname, user, port, identityfile, ...}, None) or (None, line-or-0)."""
     p = subprocess.run(["ssh", "-G", "-T", "-F", config, "--", alias], capture_output=True, text=True, timeout=30)
     if p.returncode != 0:
         m = re.search(r"line (\d+)", p.stderr)
         return None, int(m.group(1)) if m else 0
-    out = {"identityfile": []}
-    for line in p.stdout.splitlines():
-        key, _, value = line.partition(" ")
-        if key == "identityfile":
-            out["identityfile"].append(value)
-        elif key in ("hostname", "user"):
-            out[key] = value
-        elif key == "port":
-            out[key] = int(value)
-        elif key in EXPANDED and key.lower() in open(config).read().lower():
-            out[key] = value
-    return out, None
+    with open(config) as fh:
+        text = fh.read().lower()
+    return g_values(p.stdout, [k for k in EXPANDED if k in text]), None
 
 
 def normalise(values, root, home):
@@ -458,16 +464,7 @@ def ssh_verdict(config, alias, env=None):
     if p.returncode != 0:
         m = re.search(r"^(.*?):? line (\d+): (?!Unsupported option)", p.stderr, re.M)
         return None, ((m.group(1), int(m.group(2))) if m else None)
-    out = {"identityfile": []}
-    for line in p.stdout.splitlines():
-        key, _, value = line.partition(" ")
-        if key == "identityfile":
-            out["identityfile"].append(value)
-        elif key in ("hostname", "user"):
-            out[key] = value
-        elif key == "port":
-            out[key] = int(value)
-    return out, None
+    return g_values(p.stdout), None
 
 
 def mesh_verdict(mesh, config, alias):
