@@ -3650,12 +3650,20 @@ class Balancer:
         self.affinity = OrderedDict()      # fingerprint -> (node, tokens, node serial)
         self.reply_tokens: Dict[str, float] = {}
         self._tickets = 0
+        # The pool's median rates per (model, attr): they change only when a reply teaches
+        # something (finished) or a node comes; kept between plans, not worked out per request.
+        self._pool: Dict[Tuple[str, str], Optional[float]] = {}
 
     def node(self, name: str, **kw: Any) -> NodeRouteState:
         st = self.nodes.get(name)
         if st is None:
             st = self.nodes[name] = NodeRouteState(name, **kw)
+            self._pool.clear()
         return st
+
+    def nodes_changed(self) -> None:
+        """Nodes were added to or removed from `nodes`, or their weights changed."""
+        self._pool.clear()
 
     # -- what was learned ------------------------------------------------------
     def _pool_rate(self, key: str, attr: str) -> Optional[float]:
@@ -3746,6 +3754,7 @@ class Balancer:
         node.new_sequences.pop(req.ticket, None)
         if not reply:
             return False
+        self._pool.clear()
 
         def num(field: str) -> float:
             v = reply.get(field)
@@ -3834,7 +3843,7 @@ class Balancer:
             free_now += sum(1 for t in heap if t <= now)
         sent: Dict[str, int] = {}
         planned_loads: Dict[str, set] = {}
-        pool: Dict[Tuple[str, str], Optional[float]] = {}
+        pool = self._pool
         needed_models = {r.model for r in waiting[:PLAN_DEPTH]}
         for req in waiting[:PLAN_DEPTH]:
             if free_now <= 0 and not self._explorable(req, sent):
@@ -3909,6 +3918,9 @@ class Balancer:
         """When each of the node's slots is next free for a new request (a heap); with
         `limit`, only the soonest `limit` of them (planning k requests takes at most k
         slots of a node: with num_parallel=1000 the whole list cost ~1 ms a request)."""
+        n = node.slots
+        if limit is not None and n - len(node.inflight) - node.external >= limit:
+            return [now] * limit      # enough slots free: nothing in flight decides (the common case)
         ends = []
         for start, expected, _ in node.inflight.values():
             end = start + expected
@@ -3920,7 +3932,6 @@ class Balancer:
                            for k, s in node.stats.items() if s.gen_tps), default=1.0)
             ends += [now + typical / 2] * node.external
         ends.sort()
-        n = node.slots
         free = max(0, n - len(ends))
         if limit is not None:
             free = min(free, limit)
@@ -5952,6 +5963,7 @@ class MeshOrchestrator:
         # the balancer plans over exactly these nodes (a removed one gets no new requests)
         self.router.nodes.clear()
         self.router.nodes.update((n.name, n.route) for n in nodes)
+        self.router.nodes_changed()
         self.implicit_local = any(spec.fallback for spec in specs)
         if any(report.values()):
             logger.warning("configuration applied: %s",
@@ -7497,28 +7509,136 @@ class MeshOpsAPI(_API):
         await ex.send(200, DASHBOARD_HTML.encode("utf-8"), "text/html; charset=utf-8")
 
 
-class _ClientReader:
-    """A client connection's bytes, buffered: request heads, bodies, and watching for
-    the client leaving while a reply streams.  Bytes read ahead (a pipelined next
-    request) are kept for the next head - up to limits.max_pipelined."""
+def _time_out(waiter: Any) -> None:
+    """A timer's end for a wait on one future: the wait raises asyncio.TimeoutError."""
+    if not waiter.done():
+        waiter.set_exception(asyncio.TimeoutError())
 
-    def __init__(self, reader: "asyncio.StreamReader", limits: ServerLimits) -> None:
-        self._r = reader
+
+class _ClientReader:
+    """A client connection's protocol and its bytes, buffered: request heads, bodies,
+    and watching for the client leaving while a reply is made.  asyncio calls it
+    (connection_made, data_received, eof_received, connection_lost, pause_writing,
+    resume_writing); the front reads from it.  Bytes read ahead (a pipelined next
+    request) are kept for the next head - up to limits.max_pipelined while a reply is
+    made.  A wait for more bytes is one future and one timer (no task per read, as
+    asyncio.wait_for costs); the client leaving is learnt here, from the transport,
+    and cancels the request (watch) without a task watching it."""
+
+    HIGH_WATER = 256 * 1024    # buffered and not taken: stop reading from the client
+
+    def __init__(self, limits: ServerLimits) -> None:
         self._buf = bytearray()
         self.limits = limits
-        self.eof = False
+        self.eof = False               # the client closed its side (or the connection is gone)
+        self.lost = False              # the connection is gone
         self.overflowed = False        # pipelined bytes were dropped: close after this reply
+        self.transport: Any = None
+        self._waiter: Any = None       # a read waiting for bytes
+        self._on_gone: Any = None      # watch(): called once when the client leaves
+        self._read_paused = False
+        self.write_paused = False      # the client's socket buffer is full (pause_writing)
+        self._drain_waiters: List[Any] = []
+
+    # -- asyncio's protocol calls ------------------------------------------------
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self._on_gone is not None:
+            # A reply is being made: keep what a pipelining client sends, up to a limit,
+            # and read on regardless - reading is how its leaving is seen.
+            if self.overflowed or len(self._buf) + len(data) > self.limits.max_pipelined:
+                self.overflowed = True
+                self._buf.clear()
+                return
+        self._buf += data
+        if self._waiter is not None:
+            self._wake()
+        elif self._on_gone is None and len(self._buf) > self.HIGH_WATER and not self._read_paused:
+            self._read_paused = True
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self._gone()
+        return True         # half-closed: the reply can still be written
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self.lost = True
+        self._gone()
+        for fut in self._drain_waiters:
+            if not fut.done():
+                fut.set_exception(ConnectionResetError("Connection lost"))
+        self._drain_waiters.clear()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for fut in self._drain_waiters:
+            if not fut.done():
+                fut.set_result(None)
+        self._drain_waiters.clear()
+
+    def _gone(self) -> None:
+        self.eof = True
+        if self._waiter is not None:
+            self._wake()
+        on_gone, self._on_gone = self._on_gone, None
+        if on_gone is not None:
+            on_gone()
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if not waiter.done():
+            waiter.set_result(None)
+
+    # -- for the front -------------------------------------------------------------
+    def watch(self, on_gone: Any) -> None:
+        """Call on_gone() once if the client closes its side or the connection before
+        unwatch() (at once if it already has)."""
+        if self.eof:
+            on_gone()
+            return
+        self._on_gone = on_gone
+        if self._read_paused:
+            self._read_paused = False
+            self.transport.resume_reading()
+
+    def unwatch(self) -> None:
+        self._on_gone = None
+
+    async def drain(self) -> None:
+        """Return when the client's socket buffer has room again (at once if it has);
+        ConnectionResetError once the connection is gone."""
+        if self.lost:
+            raise ConnectionResetError("Connection lost")
+        if not self.write_paused:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._drain_waiters.append(fut)
+        await fut
 
     async def _fill(self, timeout: Optional[float]) -> bool:
-        """Read once more; False at EOF.  asyncio.TimeoutError after timeout seconds."""
+        """Wait for more bytes; False at EOF (nothing more will come).
+        asyncio.TimeoutError after timeout seconds."""
         if self.eof:
             return False
-        data = await asyncio.wait_for(self._r.read(65536), timeout)
-        if not data:
-            self.eof = True
-            return False
-        self._buf += data
-        return True
+        if self._read_paused:
+            self._read_paused = False
+            self.transport.resume_reading()
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        handle = None if timeout is None else loop.call_later(timeout, _time_out, waiter)
+        before = len(self._buf)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if handle is not None:
+                handle.cancel()
+        return len(self._buf) > before or not self.eof
 
     async def read_head(self, *, first_wait: float) -> Optional[bytes]:
         """The next request head, or None when the client closed (or stayed silent
@@ -7592,21 +7712,29 @@ class _ClientReader:
         """What is buffered and not yet taken (the start of an unfinished head)."""
         return bytes(self._buf[:1024])
 
-    async def until_eof(self) -> None:
-        """Return when the client has closed its side.  What it sends meanwhile is kept
-        for the next request up to limits.max_pipelined; beyond that it is dropped
-        (and the connection is closed after the reply), so a client writing during a
-        stream never makes mesh buffer without bound."""
-        while True:
-            data = await self._r.read(65536)
-            if not data:
-                self.eof = True
-                return
-            if self.overflowed or len(self._buf) + len(data) > self.limits.max_pipelined:
-                self.overflowed = True
-                self._buf.clear()
-            else:
-                self._buf += data
+
+class _ClientWriter:
+    """The writing side of a client connection (what asyncio's StreamWriter offers,
+    of it what the front uses), over the _ClientReader protocol's transport."""
+
+    def __init__(self, proto: _ClientReader) -> None:
+        self._proto = proto
+        self.transport = proto.transport
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        await self._proto.drain()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.transport.get_extra_info(name, default)
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+    def close(self) -> None:
+        self.transport.close()
 
 
 class Exchange:
@@ -7802,41 +7930,52 @@ class Exchange:
             await self.conn.drain()
         self._streaming = False
 
-    async def client_gone(self) -> None:
-        """Return when the client closes its side (used to cancel a node's request)."""
-        await self.conn.reader.until_eof()
-
     async def unless_client_leaves(self, work: Any, *, what: str = "before the reply") -> Any:
         """Await `work` (a coroutine: the node's part of this request) while watching the
         client.  A client that closes its connection first cancels `work` - and with it
         the node's request: its channel or ssh child is closed, which makes the node's
         Ollama stop generating, as Ollama's own server stops when its client leaves (Go's
         net/http ends the request's context) - and ConnectionResetError is raised.
-        What `work` returns or raises otherwise is passed on."""
-        task = asyncio.ensure_future(work)
-        watch = asyncio.ensure_future(self.client_gone())
-        handed = False
+        What `work` returns or raises otherwise is passed on.  `work` runs in this task;
+        the client connection's protocol, which learns of the client leaving anyway,
+        cancels it (no watching task, no asyncio.wait per request)."""
+        reader = self.conn.reader
+        if reader.eof:
+            work.close()
+            return self._client_left(what)
+        task = asyncio.current_task()
+        left = [False]
+
+        def client_left() -> None:
+            left[0] = True
+            task.cancel()
+
+        reader.watch(client_left)
         try:
-            done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if task not in done:
-                logger.info("client went away %s; cancelling the node's request", what)
-                self.error = CLIENT_WENT_AWAY
-                raise ConnectionResetError("client disconnected")
-            result = task.result()
-            handed = True
-            return result
+            result = await work
+        except asyncio.CancelledError:
+            if not left[0]:
+                raise
+            uncancel = getattr(task, "uncancel", None)    # Python 3.11+: this cancel is handled
+            if uncancel is not None:
+                uncancel()
+            return self._client_left(what)
         finally:
-            for job in (task, watch):
-                if not job.done():
-                    job.cancel()
-                try:
-                    await job
-                except BaseException:
-                    pass
-            if not handed and not task.cancelled() and task.exception() is None:
-                closer = getattr(task.result(), "aclose", None)   # a stream nobody will read
-                if closer is not None:
-                    await closer()
+            reader.unwatch()
+        if left[0]:         # the cancel came too late to stop `work`: nobody will read its result
+            uncancel = getattr(task, "uncancel", None)
+            if uncancel is not None:
+                uncancel()
+            closer = getattr(result, "aclose", None)
+            if closer is not None:
+                await closer()
+            return self._client_left(what)
+        return result
+
+    def _client_left(self, what: str) -> Any:
+        logger.info("client went away %s; cancelling the node's request", what)
+        self.error = CLIENT_WENT_AWAY
+        raise ConnectionResetError("client disconnected")
 
 
 _WRITE_HIGH_WATER = 256 * 1024   # bytes queued for a client before the relay waits for it
@@ -7890,10 +8029,9 @@ class _Connection:
     """One client connection: reads request heads, runs an Exchange for each,
     keeps the connection alive between them as HTTP/1.1 allows."""
 
-    def __init__(self, server: "MeshServer", reader: "asyncio.StreamReader",
-                 writer: "asyncio.StreamWriter") -> None:
+    def __init__(self, server: "MeshServer", reader: _ClientReader, writer: "_ClientWriter") -> None:
         self.server = server
-        self.reader = _ClientReader(reader, server.limits)
+        self.reader = reader
         self.writer = writer
 
     async def serve(self) -> None:
@@ -7988,7 +8126,7 @@ class ServeOps:
         import collections
         self.orch = orch
         self.access_log = access_log
-        self.recent: "collections.deque[Dict[str, Any]]" = collections.deque(maxlen=self.RECENT)
+        self.recent: "collections.deque[AccessRecord]" = collections.deque(maxlen=self.RECENT)
         self.speed: Dict[str, Dict[str, Optional[float]]] = {}   # node -> EWMAs
         r = self.registry = MetricsRegistry()
         self.requests = r.add("mesh_requests_total", "counter",
@@ -8063,7 +8201,7 @@ class ServeOps:
                 self.tokens.inc((model, node), rec.tokens)
             if rec.status == 200 and not rec.error:
                 self._note_speed(rec)
-            self.recent.append(rec.as_dict())
+            self.recent.append(rec)          # made a dict only when /mesh/status asks
         if self.access_log != "off":
             access_logger.info(format_access_line(rec, self.access_log))
 
@@ -8098,7 +8236,8 @@ class ServeOps:
             entry["queued"] = self.orch.queue_length(node.name)
             entry["speed"] = self.speed.get(node.name)
             nodes.append(entry)
-        return {"nodes": nodes, "queue": self.orch.queue_length(), "recent": list(reversed(self.recent)),
+        return {"nodes": nodes, "queue": self.orch.queue_length(),
+                "recent": [rec.as_dict() for rec in reversed(self.recent)],
                 "mesh": __version__}
 
 
@@ -8129,7 +8268,7 @@ class MeshServer:
         self.idle: set = set()       # ... of which waiting for a next request
         self.stopping = False
 
-    async def handle(self, reader: "asyncio.StreamReader", writer: "asyncio.StreamWriter") -> None:
+    async def handle(self, reader: _ClientReader, writer: _ClientWriter) -> None:
         """Serve one client connection (Listener calls this for each)."""
         task = asyncio.current_task()
         self.active.add(task)
@@ -8359,12 +8498,13 @@ class Listener:
             asyncio.ensure_future(self._connection(conn))
 
     async def _connection(self, conn: Any) -> None:
+        proto = _ClientReader(self.server.limits)
         try:
-            reader, writer = await asyncio.open_connection(sock=conn, limit=1 << 16)
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: proto, sock=conn)
         except OSError:
             conn.close()
             return
-        await self.server.handle(reader, writer)
+        await self.server.handle(proto, _ClientWriter(proto))
 
 
 async def cmd_serve(orch: MeshOrchestrator, args: Any) -> int:
