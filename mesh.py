@@ -56,7 +56,8 @@ Sections, in dependency order (each begins with a banner comment)::
                            count_busy_connections (routing by expected completion time)
     transport              the only code that spawns ssh or opens sockets to nodes; list_masters
     nodes                  SSHNode: health, load, inventory
-    orchestrator           MeshOrchestrator: the public async API; RawStream (bytes);
+    orchestrator           MeshOrchestrator: the public async API; RawStream (bytes; its
+                           relay_rest passes a node socket's reads on from data_received);
                            reload, apply_specs, watch_config, watch_health for serve
     dashboard              DASHBOARD_HTML: the page GET /mesh/ serves
     HTTP front             ServerLimits, Router and one route table per API,
@@ -4468,28 +4469,35 @@ class _Exchange:
                 finally:
                     if idle is not None:
                         idle.since = None
-            if self._dechunk is not None:
-                if not data:
-                    raise _CutOff("stream cut off (truncated: the chunked body did not end)")
-                out = self._dechunk.feed(data)
-                if self._dechunk.done:
-                    self._complete = True
-                    self.leftover = self._dechunk.rest   # a pipelined next reply starts here
-                if out:
-                    return out
-            elif self._remaining is not None:
-                if not data:
-                    raise _CutOff(f"reply cut off ({self._remaining} bytes missing)")
-                if len(data) >= self._remaining:
-                    data, self.leftover = data[:self._remaining], data[self._remaining:]
-                    self._complete = True
-                self._remaining -= len(data)
-                return data
-            elif data:
-                return data
-            else:
-                self._complete = True
+            out = self.unframe(data)
+            if out:
+                return out
         return b""
+
+    def unframe(self, data: bytes) -> bytes:
+        """Bytes read from the connection (b"": its end) with the body's framing taken
+        off; b"" when they held no payload yet.  At the body's end _complete turns true
+        and bytes beyond it are kept in `leftover`.  _CutOff when the connection ended
+        before the body did; ProtocolError for bad framing."""
+        if self._dechunk is not None:
+            if not data:
+                raise _CutOff("stream cut off (truncated: the chunked body did not end)")
+            out = self._dechunk.feed(data)
+            if self._dechunk.done:
+                self._complete = True
+                self.leftover = self._dechunk.rest   # a pipelined next reply starts here
+            return out
+        if self._remaining is not None:
+            if not data:
+                raise _CutOff(f"reply cut off ({self._remaining} bytes missing)")
+            if len(data) >= self._remaining:
+                data, self.leftover = data[:self._remaining], data[self._remaining:]
+                self._complete = True
+            self._remaining -= len(data)
+            return data
+        if not data:
+            self._complete = True
+        return data
 
     async def body(self, idle_timeout: Optional[float]) -> AsyncIterator[bytes]:
         """The body as it arrives; silence longer than idle_timeout raises asyncio.TimeoutError."""
@@ -5510,8 +5518,7 @@ class RawStream:
             block = await self._next_block()
         except NodeError as exc:
             await self.aclose()
-            raise StreamInterruptedError(f"{exc} (after part of the answer was sent; not retried)",
-                                         node=exc.node, reason=exc.reason) from None
+            raise self._interrupted(exc) from None
         except BaseException:
             await self.aclose()
             raise
@@ -5520,6 +5527,45 @@ class RawStream:
             raise StopAsyncIteration
         self._relayed = True
         return block
+
+    @staticmethod
+    def _interrupted(exc: NodeError) -> StreamInterruptedError:
+        return StreamInterruptedError(f"{exc} (after part of the answer was sent; not retried)",
+                                      node=exc.node, reason=exc.reason)
+
+    async def relay_rest(self, write: Any, drain: Any) -> None:
+        """Pass the rest of the reply on as it arrives: write(block) for each block (the
+        node's bytes, whole lines or events, as iteration yields them); when write returns
+        True the receiver is full, and the node is not read until `await drain()`
+        returns.  Returns at the reply's proper end, closed; raises
+        StreamInterruptedError as iteration does, and closes the stream on any exception.
+        On a node's socket (HTTP, or an SSH forward) the bytes go from the connection's
+        data_received through the dechunker and the scanner to write() in the same call,
+        no await per read (_NodeRelay); else by iteration."""
+        if self._first:
+            block, self._first = self._first, b""
+            self._relayed = True
+            if write(block):
+                await drain()
+        relay = _NodeRelay.start(self, write)
+        if relay is None:
+            async for block in self:
+                if write(block):
+                    await drain()
+            return
+        try:
+            while not relay.ended:
+                await relay.wait()
+                if relay.full and not relay.ended:
+                    await drain()
+                    relay.resume()
+        except BaseException:
+            relay.stop()
+            await self.aclose()
+            raise
+        await self.aclose()
+        if relay.error is not None:
+            raise self._interrupted(relay.error)
 
     async def _prime(self) -> None:
         """Read up to the first whole line: a node that fails before it can still be
@@ -5535,7 +5581,7 @@ class RawStream:
             raise self._error
         if self._ended:
             return b""
-        scan, ex, node = self._scan, self._ex, self.node
+        ex = self._ex
         first = not self._relayed and not self._first
         try:
             while True:
@@ -5544,30 +5590,36 @@ class RawStream:
                     data = await ex.read_payload()
                 except _CutOff as exc:
                     data, cut = b"", exc
-                out = scan.feed(data) if data else scan.finish()
-                if scan.error:
-                    self._error = NodeError(node, scan.error if scan.node_error is not None
-                                            else f"bad reply: {scan.error}",
-                                            retryable=first and not out,
-                                            mark_down=scan.node_error is None)
-                    if not out:
-                        raise self._error
-                    return out
-                if scan.done or not data:
-                    self._ended = True
-                    self._finish(cut)
-                    if not out and scan.lines == 0 and not scan.sse:
-                        raise NodeError(node, "empty reply", retryable=first)
-                    if out:
-                        return out
-                    return b""
-                if out:
+                out = self._take(data, cut, first)
+                if out is not None:
                     return out
         except asyncio.TimeoutError:
-            raise NodeError(node, f"no data for idle_timeout={self._orch.idle_timeout:g}s",
+            raise NodeError(self.node, f"no data for idle_timeout={self._orch.idle_timeout:g}s",
                             retryable=first) from None
         except ProtocolError as exc:
-            raise NodeError(node, f"bad reply: {exc}", retryable=first) from None
+            raise NodeError(self.node, f"bad reply: {exc}", retryable=first) from None
+
+    def _take(self, data: bytes, cut: Optional[_CutOff], first: bool) -> Optional[bytes]:
+        """One piece of the body's payload (b"": the body or the connection ended, `cut`
+        saying which) through the scanner: the block to pass on, b"" at the proper end,
+        None when more must be read first; NodeError when the reply must end here."""
+        scan, node = self._scan, self.node
+        out = scan.feed(data) if data else scan.finish()
+        if scan.error:
+            self._error = NodeError(node, scan.error if scan.node_error is not None
+                                    else f"bad reply: {scan.error}",
+                                    retryable=first and not out,
+                                    mark_down=scan.node_error is None)
+            if not out:
+                raise self._error
+            return out
+        if scan.done or not data:
+            self._ended = True
+            self._finish(cut)
+            if not out and scan.lines == 0 and not scan.sse:
+                raise NodeError(node, "empty reply", retryable=first)
+            return out
+        return out or None
 
     def _finish(self, cut: Optional[ProtocolError]) -> None:
         """The reply ended: its final line, the body's end, or the connection's (cut).
@@ -5610,6 +5662,159 @@ class RawStream:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.aclose()
+
+
+class _NodeRelay:
+    """The protocol of a node's connection while its streamed reply is relayed
+    (RawStream.relay_rest): asyncio hands each read to data_received, which takes the
+    framing off (_Exchange.unframe), scans (RawStream._take) and passes the block to
+    the receiver's write() - the data path without a StreamReader wake-up, a task step
+    and a chain of awaits per read.  One idle timer for the whole relay.  When the
+    receiver is full, the node's socket is not read (pause_reading) until the relay's
+    task has drained it.  At the reply's end (or any failure) the connection's own
+    StreamReader protocol is put back before anything else runs, so the connection is
+    pooled, finished in the background (finish_body) or retired exactly as after
+    iteration."""
+
+    def __init__(self, raw: RawStream, write: Any, transport: Any) -> None:
+        self.raw, self.ex, self.write = raw, raw._ex, write
+        self.transport = transport
+        self.orig = transport.get_protocol()
+        self.loop = asyncio.get_running_loop()
+        self.timeout = raw._orch.idle_timeout
+        self.ended = False
+        self.full = False
+        self.error: Optional[NodeError] = None
+        self.seen = False              # data since the idle timer last looked
+        self._waiter: Any = None
+        self._timer: Any = None
+
+    @classmethod
+    def start(cls, raw: RawStream, write: Any) -> "Optional[_NodeRelay]":
+        """Take over the connection's reads, or None when it is not a socket whose
+        buffered bytes are all taken (then the caller iterates)."""
+        ex = raw._ex
+        if raw._ended or raw._error is not None or ex.proc is not None or ex._complete or ex.leftover:
+            return None
+        reader, transport = ex.reader, getattr(ex.writer, "transport", None)
+        buffered = getattr(reader, "_buffer", None)      # asyncio.StreamReader's, not yet read
+        if transport is None or not hasattr(transport, "set_protocol") or buffered is None or buffered \
+                or reader.exception() is not None or reader.at_eof() or transport.is_closing():
+            return None
+        relay = cls(raw, write, transport)
+        ex.unwatch()                      # this relay's own idle timer takes over
+        if relay.timeout:
+            relay._timer = relay.loop.call_later(relay.timeout, relay._check)
+        transport.set_protocol(relay)
+        return relay
+
+    # -- asyncio's protocol calls ------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        self.seen = True
+        raw, ex = self.raw, self.ex
+        try:
+            payload = ex.unframe(data)
+            block = raw._take(payload, None, False) if payload else None
+            if ex._complete and not raw._ended and raw._error is None:
+                tail = raw._take(b"", None, False)      # the body's end: the scanner's too
+                block = (block or b"") + (tail or b"")
+        except NodeError as exc:
+            self._end(exc)
+            return
+        except ProtocolError as exc:
+            self._end(NodeError(raw.node, f"bad reply: {exc}", retryable=False))
+            return
+        if block:
+            raw._relayed = True
+            if self.write(block):
+                self.full = True
+                self.transport.pause_reading()
+                self._wake()
+        if raw._error is not None:
+            self._end(raw._error)
+        elif raw._ended:
+            self._end(None)
+
+    def eof_received(self) -> Any:
+        self._cut()
+        return self.orig.eof_received()
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self._cut()
+        self.orig.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.orig.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.orig.resume_writing()
+
+    def _cut(self) -> None:
+        """The connection ended (EOF or lost) while this relay had it."""
+        if self.ended:
+            return
+        raw = self.raw
+        cut: Optional[_CutOff] = None
+        try:
+            self.ex.unframe(b"")
+        except _CutOff as exc:
+            cut = exc
+        try:
+            block = raw._take(b"", cut, False)
+        except NodeError as exc:
+            self._end(exc)
+            return
+        if block:
+            self.write(block)
+        self._end(raw._error)
+
+    def _check(self) -> None:
+        if self.ended:
+            return
+        if self.seen or self.full:        # a full receiver is not the node's silence
+            self.seen = False
+            self._timer = self.loop.call_later(self.timeout, self._check)
+            return
+        self._end(NodeError(self.raw.node, f"no data for idle_timeout={self.timeout:g}s", retryable=False))
+
+    # -- for the relay's task --------------------------------------------------------
+    def _end(self, error: Optional[NodeError]) -> None:
+        self.error = error
+        self.stop()
+        self._wake()
+
+    def stop(self) -> None:
+        """Give the connection back to its own protocol (reading, if it was paused)."""
+        if self.ended:
+            return
+        self.ended = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self.transport.set_protocol(self.orig)
+        if self.full:
+            self.full = False
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    async def wait(self) -> None:
+        """Until the relay ended or the receiver is full."""
+        if self.ended or self.full:
+            return
+        self._waiter = self.loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def resume(self) -> None:
+        """The receiver took its bytes: read the node again."""
+        if self.full and not self.ended:
+            self.full = False
+            self.transport.resume_reading()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
 
 class _Stream:
@@ -7985,7 +8190,8 @@ class StreamRelay:
     """Moves a node's streamed reply to the client as the bytes the node sent (NDJSON,
     or SSE for the OpenAI/Anthropic endpoints), with the node's Content-Type: one
     chunk and one write per read from the node (several of its lines when they came
-    together), waiting for the client only when its socket buffer is full.  The
+    together), written from the node connection's data_received (RawStream.relay_rest),
+    waiting for the client only when its socket buffer is full.  The
     stream arrives with its first line in hand (open_stream), so failures before it
     already got a proper status; after it an error becomes a last line or event in
     the stream's own format (_error_event).  A client that goes away cancels the
@@ -8007,13 +8213,13 @@ class StreamRelay:
         headers = [("Cache-Control", "no-cache")] if stream.sse else []
         started = False
         try:
-            async for block in stream:
-                if not started:
-                    started = True
-                    ex.first_token_at = time.monotonic()
-                    await ex.start_stream(stream.content_type, node=stream.node, headers=headers, first=block)
-                elif ex.write_nowait(block):
-                    await ex.drain_client()
+            async for block in stream:      # the first block: the head goes out with it
+                started = True
+                ex.first_token_at = time.monotonic()
+                await ex.start_stream(stream.content_type, node=stream.node, headers=headers, first=block)
+                break
+            if started:
+                await stream.relay_rest(ex.write_nowait, ex.drain_client)
         except MeshError as exc:
             if not started:
                 raise

@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -155,3 +156,54 @@ def test_listen_backlog_is_the_kernels(lab):
             assert backlog == int(fh.read()) >= 500
     finally:
         s.stop()
+
+
+def test_node_cut_off_or_silent_mid_stream_ends_with_an_error_line(hostile, lab):
+    """The relay's own end of a reply (the node's connection read by serve's relay
+    protocol): a node that closes mid-stream, and one that goes silent."""
+    fake, s = hostile
+    fake.mode = "truncate"              # two lines, then the connection closes without the last chunk
+    got = lines(post(s, {"model": "m:1", "prompt": "x"})[2])
+    assert [g.get("response") for g in got[:2]] == ["Hello", " \ud800"] and list(got[-1]) == ["error"]
+    assert "stream ended before the final chunk (truncated)" in got[-1]["error"]
+    fake.mode = "ok"
+    fake.finish_stream.clear()          # every token, then silence before the done line
+    quick = Serve(lab, "--idle-timeout", "1")
+    try:
+        got = lines(post(quick, {"model": "m:1", "prompt": "x"})[2])
+    finally:
+        fake.finish_stream.set()
+        quick.stop()
+    assert len(got) == 4 and got[2]["response"] == " there" and list(got[-1]) == ["error"]
+    assert "no data for idle_timeout=1s" in got[-1]["error"]
+    assert [g["done"] for g in lines(post(s, {"model": "m:1", "prompt": "x"})[2])][-1] is True
+
+
+def test_a_client_that_reads_slowly_gets_the_whole_stream(lab):
+    """A reply far larger than the socket buffers, to a client with a small receive
+    buffer: serve stops reading the node while the client is behind (no unbounded
+    buffering, nothing dropped) and the stream arrives whole, in order."""
+    tokens = [f"{i:05d}" + "x" * 8000 for i in range(1500)]     # ~12 MB of lines
+    lab.add_node("big", ["m:1"], tokens=tokens)
+    s = Serve(lab)
+    try:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", s.port))
+        body = json.dumps({"model": "m:1", "prompt": "x"}).encode()
+        sock.sendall(b"POST /api/generate HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        data = bytearray(sock.recv(1024))
+        time.sleep(1)                   # a client busy elsewhere: what it was sent piles up in serve
+        while True:
+            piece = sock.recv(1024)
+            if not piece:
+                break
+            data += piece
+        sock.close()
+    finally:
+        s.stop()
+    head, _, payload = bytes(data).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    got = lines(payload)
+    assert [g["response"] for g in got[:-1]] == tokens and got[-1]["done"] is True
