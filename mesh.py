@@ -54,7 +54,8 @@ Sections, in dependency order (each begins with a banner comment)::
     routing (pure)         load_score, rank_nodes, closest_names (the original score);
                            Balancer, NodeRouteState, RouteRequest, prompt_prefixes,
                            count_busy_connections (routing by expected completion time)
-    transport              the only code that spawns ssh or opens sockets to nodes; list_masters
+    transport              the only code that spawns ssh or opens sockets to nodes; list_masters,
+                           curl_command (what `ssh NODE curl` runs on the node)
     nodes                  SSHNode: health, load, inventory
     orchestrator           MeshOrchestrator: the public async API; RawStream (bytes; its
                            relay_rest passes a node socket's reads on from data_received);
@@ -88,7 +89,7 @@ __all__ = [
     "MeshOrchestrator",
     "ServerLimits", "Route", "Router", "Exchange", "StreamRelay", "MeshServer", "Listener", "main",
     "ChatSession", "closest_names", "parse_node_facts", "fits_in_memory", "FACTS_COMMAND", "list_masters",
-    "stop_master", "node_verdict", "SSH_OPTIONS", "ssh_quote", "control_dir",
+    "stop_master", "node_verdict", "SSH_OPTIONS", "ssh_quote", "control_dir", "curl_command",
     "ReplyDechunker", "ReplyScanner", "RawStream", "listen_backlog", "terminal_text",
     "UnsupportedPathError", "api_family", "error_body", "is_unsupported_reply", "openai_model",
     "openai_model_list", "merge_ps", "keep_alive_seconds", "is_unload_request", "allowed_origins",
@@ -4649,6 +4650,38 @@ class Transport:
         await self.close(stop_master=True)
 
 
+def curl_command(url: str, body_size: Optional[int], method: Optional[str] = None) -> str:
+    """The remote command (str, for the node's login shell) of the exec transport:
+    curl sends one request to `url` and writes the reply, head included, to stdout.
+
+    The body (body_size bytes, None for none) comes first on stdin; stdin then stays
+    open, and its end - mesh closing it, or ssh's channel closing because mesh's ssh
+    child was killed - ends curl and the shell with it (`kill 0`: sshd runs each session
+    in a process group of its own, setsid()).  Without that, curl on the node noticed a
+    client that left only at its next write: never, for a `stream: false` answer, so
+    the generation ran to its end.  curl's exit status is the command's (7: Ollama not
+    answering, 127: no curl).  Plain POSIX sh plus `head -c` (GNU, BSD, busybox)."""
+    import shlex
+    curl = ["curl", "-sS", "-i", "-N", "-H", "Expect:", "-H", "Accept: application/x-ndjson"]
+    if body_size is not None:
+        curl += ["-H", "Content-Type: application/json", "--data-binary", "@-"]
+    if method == "HEAD":
+        curl.append("--head")      # -X HEAD would make curl wait for a body
+    elif method:
+        curl += ["-X", method]
+    curl.append(url)
+    # The reader passes exactly the body on to curl and closes curl's stdin (curl reads
+    # the whole body before it sends), then leaves a watcher on our stdin behind and
+    # exits, so the pipeline, and the reply, end when curl does.  fd 3: a background
+    # list's stdin would be /dev/null.  `exec 2>` rather than a redirection on the group:
+    # dash keeps a copy of the old fd 2 for a group's redirection, and the watcher would
+    # hold ssh's stderr open (its end is what mesh waits for to read why curl failed).
+    body = f"head -c {int(body_size)}; " if body_size is not None else ""
+    script = (f"exec 3<&0; {{ exec 2>/dev/null; {body}exec >&-; {{ cat >/dev/null; kill 0; }} <&3 & }} | "
+              f"{' '.join(map(shlex.quote, curl))} 3<&-")
+    return "sh -c " + shlex.quote(script)
+
+
 class SSHTransport(Transport):
     """A node reached through its sshd, over one ControlMaster that mesh.py starts.
 
@@ -5016,22 +5049,13 @@ class SSHTransport(Transport):
         return await self._start_exec(path, body, method)
 
     async def _start_exec(self, path: str, body: Optional[bytes], method: Optional[str] = None) -> _Exchange:
-        import shlex
         url = f"http://{self.host}:{self.port}{path}"
         if ":" in self.host:
             url = f"http://[{self.host}]:{self.port}{path}"
-        remote = ["curl", "-sS", "-i", "-N", "-H", "Expect:", "-H", "Accept: application/x-ndjson"]
-        if body is not None:
-            remote += ["-H", "Content-Type: application/json", "--data-binary", "@-"]
-        if method == "HEAD":
-            remote.append("--head")      # -X HEAD would make curl wait for a body
-        elif method:
-            remote += ["-X", method]
-        remote.append(url)
         await self._exec_slots.acquire()
         try:
             argv = self._base("-o", SESSION_OPTION, "-o", "ControlMaster=no", "-T", "--", self.name,
-                              " ".join(map(shlex.quote, remote)))
+                              curl_command(url, None if body is None else len(body), method))
             proc = await spawn(argv, stdin=asyncio.subprocess.PIPE)
         except BaseException:
             self._exec_slots.release()
@@ -5041,7 +5065,8 @@ class SSHTransport(Transport):
             if body is not None:
                 proc.stdin.write(body)
                 await proc.stdin.drain()
-            proc.stdin.close()  # curl reads the whole body before it sends: closing is safe here
+            # stdin stays open until the reply is read (_done_proc): its end tells the
+            # node's side that mesh has gone, and ends curl there (curl_command)
         except (ConnectionError, OSError):
             pass
         return ex

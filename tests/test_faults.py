@@ -407,6 +407,47 @@ def test_cancelled_request_ends_its_ssh_child(lab, monkeypatch, transport):
     wait_for(lambda: fake.active == 0, 10, "the node to see the request end")
 
 
+BLOB = b"\x00GGUF\n\n\xff 'x' $(y)\r\n" * 5000     # binary, ~110 KB: NULs, newlines, quotes
+
+
+@pytest.mark.parametrize("method, path, body, status, rc", [
+    ("POST", "/api/blobs/sha256-" + __import__("hashlib").sha256(BLOB).hexdigest(), BLOB, b"201", 0),
+    ("HEAD", "/api/blobs/sha256-none", None, b"404", 0),
+    (None, "/api/tags", None, b"200", 0),
+    ("POST", "/api/show", b'{"model": "m:1"}', b"200", 0),
+    (None, "/api/tags", None, None, 7),                      # nothing listens: curl's own status
+], ids=["binary-blob", "head", "get", "json-body", "refused"])
+def test_exec_transport_command(method, path, body, status, rc):
+    """The command `ssh NODE curl` runs on the node (curl_command), run here by sh: the
+    body byte for byte (then stdin stays open, as mesh keeps it), the reply ends when
+    curl does, and curl's exit status is the command's."""
+    import subprocess
+    from lab import FakeOllama
+    fake = FakeOllama(["m:1"])
+    port = fake.port
+    if rc:
+        fake.close()
+    try:
+        cmd = mesh.curl_command(f"http://127.0.0.1:{port}{path}", None if body is None else len(body), method)
+        p = subprocess.Popen(["sh", "-c", cmd], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            if body is not None:
+                p.stdin.write(body)
+                p.stdin.flush()
+            out = p.stdout.read()                   # to EOF, while stdin is still open
+            assert p.wait(10) == rc
+            if rc == 0:
+                assert out.split(b" ")[1] == status
+            if method == "POST" and body is BLOB:
+                assert fake.requests[-1]["raw"] == BLOB
+        finally:
+            p.stdin.close()
+            p.wait(10)
+    finally:
+        fake.close()
+
+
 def test_curl_fallback_names_a_stopped_ollama(lab):
     fake = lab.add_node("locked", ["m:1"], allow_forwarding=False)
     fake.stop()

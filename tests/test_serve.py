@@ -216,6 +216,27 @@ def test_client_leaving_before_the_reply_cancels_the_generation(lab, path, body)
         s.stop()
 
 
+def test_client_leaving_ends_curl_on_a_node_that_refuses_forwarding(lab):
+    """The exec transport (`ssh NODE curl`, sshd with AllowTcpForwarding no): a stream:false
+    client that leaves ends curl on the node too, so the generation stops there (curl
+    alone would notice only at its next write: at the end of the generation)."""
+    from lab import _pids_matching
+    fake = lab.add_node("locked", ["m:1"], delay=60, allow_forwarding=False)
+    s = Serve(lab)
+    try:
+        sock = raw_request(s.port, {"model": "m:1", "prompt": "caf\u00e9 $(x) 'q'", "stream": False})
+        wait_for(lambda: fake.active == 1, 20, "the node to start generating")
+        assert json.loads(s.call("GET", "/mesh/status")[2])["nodes"][0]["transport"] == "exec"
+        sock.close()
+        wait_for(lambda: fake.cancelled == 1, 10, "the node's generation to be cancelled")
+        assert fake.bodies("/api/generate")[0]["prompt"] == "caf\u00e9 $(x) 'q'"   # the body went first
+        # nothing of the request is left on the node (curl, its sh) nor here (ssh)
+        wait_for(lambda: _pids_matching(f"127.0.0.1:{fake.port}/api/generate") == [], 10, "curl on the node to end")
+        wait_for(lambda: lab.ssh_processes() == [], 15, "no ssh session left")
+    finally:
+        s.stop()
+
+
 def test_token_auth(lab):
     lab.add_node("a", ["m:1"])
     s = Serve(lab, "--token", "s3cret")
