@@ -4708,6 +4708,9 @@ class SSHTransport(Transport):
         # after a config edit the same alias gets a master of its own, never the old one.
         key = "\0".join(map(str, (config or "", name, host, port, *destination)))
         self.ident = hashlib.sha1(key.encode()).hexdigest()[:16]
+        # The alias's own name in the control directory, whatever it resolves to: a file
+        # there names the master last started for it, so the next start can retire it.
+        self.alias_ident = hashlib.sha1(f"{config or ''}\0{name}".encode()).hexdigest()[:16]
         self._dir_source = ctl_dir      # a path, a callable giving one, or None: control_dir()
         self._dir: Optional[str] = None
         self._session_reaper: Optional[asyncio.Future] = None
@@ -4808,7 +4811,43 @@ class SSHTransport(Transport):
                 await self._add_forward(fresh)
             if fresh:
                 self._write_meta()
+                await self._retire_superseded()
             self._master_ok = True
+
+    async def _retire_superseded(self) -> None:
+        """A master this alias had before its config changed (another resolved
+        destination, so another socket) is told to stop (`ssh -O stop`): it takes no
+        new session and exits once the ones in flight - a `serve` not yet reloaded, a
+        command started before the edit - have ended.  Without this a one-shot command
+        after an edit left the old master connected to the old machine for
+        ControlPersist seconds.  The alias's CTL file (ALIAS.cur) names the master
+        last started for it."""
+        current = os.path.join(self.dir, self.alias_ident + ".cur")
+        try:
+            with open(current) as fh:
+                previous = fh.read().strip()
+        except OSError:
+            previous = ""
+        if previous and previous != self.ident and re.fullmatch(r"[0-9a-f]{16}", previous):
+            old = os.path.join(self.dir, previous)
+            if self._ours(old):
+                logger.info("%s: the config changed; the master for its old destination is retired", self.name)
+                try:
+                    await run_command([self.ssh, "-F", "none", "-o", f"ControlPath={ssh_quote(old)}",
+                                       "-O", "stop", "--", self.name], timeout=5)
+                except (asyncio.TimeoutError, OSError):
+                    pass
+                for extra in (".f", ".json", ".n", ".log"):   # nothing new reaches it; `connections` forgets it
+                    try:
+                        os.unlink(old + extra)
+                    except OSError:
+                        pass
+        try:
+            with open(current + ".new", "w") as fh:
+                fh.write(self.ident + "\n")
+            os.replace(current + ".new", current)
+        except OSError as exc:
+            logger.debug("%s: cannot write %s: %s", self.name, current, exc)
 
     def _write_meta(self) -> None:
         """Who this master is, next to its socket (CTL.json), for `mesh.py connections`:

@@ -13,7 +13,7 @@ import pytest
 
 import mesh
 from conftest import needs_sshd
-from lab import MESH, FakeOllama, free_port
+from lab import MESH, FakeOllama, free_port, wait_for
 
 FAST = dict(connect_timeout=3, first_byte_timeout=30, idle_timeout=5, liveness_interval=0.5)
 NOBODY = 65534
@@ -304,3 +304,28 @@ def test_a_changed_hostname_moves_requests_and_retires_the_old_master(mesh_env):
     assert before == "Hello from first." and after == "Hello from second."
     assert report == {"added": [], "changed": ["n"], "removed": []}
     assert len(old) == 1 and len(now) == 1 and now != old
+
+
+@needs_sshd
+def test_a_one_shot_command_after_an_edit_retires_the_old_master(mesh_env):
+    """`generate` after a HostName edit: the answer comes from the new machine, and the
+    master the previous command left for the old one ends instead of staying connected
+    for ControlPersist seconds; `connections` lists only the new one."""
+    lab = mesh_env
+    lab.add_node("first", ["m:1"])
+    lab.add_node("second", ["m:1"])
+
+    def point_n_at(name):
+        with open(lab.config_path, "w") as fh:
+            fh.write(lab.host_block(name).replace(f"Host {name}\n", "Host n\n"))
+
+    point_n_at("first")
+    p = lab.run("generate", "--model", "m:1", "x")
+    assert p.returncode == 0 and p.stdout == b"Hello from first.\n"
+    old = lab.master_pids()
+    point_n_at("second")
+    p = lab.run("generate", "--model", "m:1", "x")
+    assert p.returncode == 0 and p.stdout == b"Hello from second.\n"
+    wait_for(lambda: not set(old) & set(lab.master_pids()), 15, "the old master to end")
+    listed = json.loads(lab.run("connections", "--json").stdout)
+    assert [m["node"] for m in listed] == ["n"] and len(lab.master_pids()) == 1
