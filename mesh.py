@@ -4143,12 +4143,20 @@ def list_masters(directory: str) -> List[Dict[str, Any]]:
 
 async def stop_master(path: str, *, ssh: str = "ssh", timeout: float = 10.0) -> None:
     """End the master on control socket `path` (`ssh -O exit`) and remove what mesh keeps
-    beside it (forward socket, log, CTL.json, the TCP_NODELAY marker).  -F none: no user
-    config can redirect it."""
+    beside it (forward socket, log, CTL.json, the TCP_NODELAY marker, the alias's
+    pointer to it).  -F none: no user config can redirect it."""
     try:
         await run_command([_which(ssh), "-F", "none", "-o", f"ControlPath={ssh_quote(path)}", "-O", "exit", "mesh-master"],
                           timeout=timeout)
     except (asyncio.TimeoutError, OSError):
+        pass
+    try:   # the alias's ALIAS.cur (SSHTransport._retire_superseded), if it names this master
+        with open(path + ".json") as fh:
+            current = os.path.join(os.path.dirname(path), str(json.load(fh).get("alias")) + ".cur")
+        with open(current) as fh:
+            if fh.read().strip() == os.path.basename(path):
+                os.unlink(current)
+    except (OSError, ValueError, AttributeError):
         pass
     for extra in ("", ".f", ".log", ".json", ".n"):
         try:
@@ -4853,7 +4861,7 @@ class SSHTransport(Transport):
         """Who this master is, next to its socket (CTL.json), for `mesh.py connections`:
         the socket's own name is a hash."""
         meta = {"node": self.name, "ollama": f"{self.host}:{self.port}", "config": self.config,
-                "started": time.time(), "transport": self.mode}
+                "started": time.time(), "transport": self.mode, "alias": self.alias_ident}
         try:
             with open(self.ctl + ".json", "w") as fh:
                 json.dump(meta, fh)

@@ -187,8 +187,10 @@ def test_chat_keeps_history(lab):
 
 def test_ctrl_c_ends_cleanly_without_orphans(lab):
     fake = lab.add_node("alpha", ["qwen2.5:7b"], token_delay=0.5, tokens=["t"] * 40)
-    proc = subprocess.Popen([sys.executable, MESH, "--config", lab.config_path, "generate", "hi"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=lab.env())
+    # SIGINT as a terminal gives it: a test run started in the background by a shell (`&`)
+    # has SIGINT ignored, and mesh.py, like any program, rightly keeps ignoring it then.
+    proc = subprocess.Popen(["env", "--default-signal=INT", sys.executable, MESH, "--config", lab.config_path,
+                             "generate", "hi"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=lab.env())
     os.set_blocking(proc.stdout.fileno(), False)
     wait_for(lambda: proc.stdout.read(1), 20, "the first token")
     proc.send_signal(signal.SIGINT)
