@@ -2732,9 +2732,19 @@ class ReplyDechunker:
         if self.done:
             self.rest += data
             return b""
+        exact = self._exact
+        if exact._state == "size" and not exact._line:
+            # One whole chunk, the usual read of a token stream at low concurrency.
+            nl = data.find(b"\r\n")
+            if 0 < nl <= 16:
+                try:
+                    size = int(data[:nl], 16)
+                except ValueError:
+                    size = 0
+                if size and len(data) == nl + size + 4 and data.endswith(b"\r\n"):
+                    return data[nl + 2:nl + 2 + size]
         out: List[bytes] = []
         buf = data
-        exact = self._exact
         while buf:
             if exact._state == "size" and not exact._line:
                 buf = self._fast(buf, out)
@@ -2812,6 +2822,8 @@ class ReplyScanner:
         self.usage = b""             # SSE: the data of the last event with "usage" (token counts)
         self._tail = b""
         self._max_line = max_line
+        self._final_line: Optional[bytes] = None
+        self._final_obj: Optional[Dict[str, Any]] = None
 
     def feed(self, data: bytes) -> bytes:
         if self.done or self.error:
@@ -2839,8 +2851,12 @@ class ReplyScanner:
         return self._sse(tail) if self.sse else self._ndjson(tail)
 
     def final_obj(self) -> Optional[Dict[str, Any]]:
-        """The final line decoded (its statistics: eval_count, eval_duration, ...), or None."""
-        return self._obj(self.final if self.final is not None else (self.last if not self.sse else None))
+        """The final line decoded (its statistics: eval_count, eval_duration, ...), or None.
+        Decoded once per line however often it is asked for (the same dict each time)."""
+        line = self.final if self.final is not None else (self.last if not self.sse else None)
+        if line is not self._final_line:
+            self._final_line, self._final_obj = line, self._obj(line)
+        return self._final_obj
 
     def usage_obj(self) -> Optional[Dict[str, Any]]:
         """SSE: the last event that carried "usage" (OpenAI's chunk with usage, Anthropic's
@@ -5286,9 +5302,13 @@ class SSHNode:
     def touched(self) -> None:
         """An exchange with the node just ended: its connection looks busy at the node
         for STREAM_GAP seconds more (see count_busy_connections), and is ours."""
+        import bisect
         now = time.monotonic()
-        self.recent_done = [t for t in self.recent_done[-64:] if now - t < STREAM_GAP + 0.5]
-        self.recent_done.append(now)
+        done = self.recent_done          # in time order: the stale ones are at the front
+        cut = max(bisect.bisect_left(done, now - (STREAM_GAP + 0.5)), len(done) - 63)
+        if cut > 0:
+            del done[:cut]
+        done.append(now)
 
     async def busy_connections(self) -> Optional[int]:
         """Requests in flight at the node's Ollama from anyone (other mesh processes,
@@ -6957,6 +6977,8 @@ class MeshOrchestrator:
                 raise NodeError(raw.node, "reply too large")
         data = b"".join(parts)
         obj = raw._scan.final_obj() if raw._scan.final is not None else None
+        if obj is not None:
+            obj = dict(obj)       # the answer (it gets "node"); final_obj stays the node's line
         if obj is not None and raw._scan.lines > 1:
             obj = self._merge_lines(data, obj)
         if obj is None:
@@ -6964,6 +6986,7 @@ class MeshOrchestrator:
                 obj = json.loads(data)
             except ValueError:
                 obj = raw._scan.final_obj()   # several lines, none done: the last one
+                obj = dict(obj) if isinstance(obj, dict) else obj
         if not isinstance(obj, dict):
             raise NodeError(raw.node, f"bad reply: not a JSON object: {_excerpt(data)}")
         if "error" in obj and len(obj) <= 2:
@@ -7985,6 +8008,16 @@ class _ClientReader:
         except asyncio.TimeoutError:
             raise HTTPError(408, f"no request body data for {self.limits.body_timeout:g} s") from None
 
+    def buffered(self) -> int:
+        """How many bytes are read and not yet taken."""
+        return len(self._buf)
+
+    def take(self, size: int) -> bytes:
+        """The next `size` buffered bytes (there must be as many: see buffered())."""
+        data = bytes(self._buf[:size])
+        del self._buf[:size]
+        return data
+
     def peek(self) -> bytes:
         """What is buffered and not yet taken (the start of an unfinished head)."""
         return bytes(self._buf[:1024])
@@ -8067,7 +8100,14 @@ class Exchange:
     async def body(self) -> bytes:
         """The whole body (b"" when there is none); read once, kept for later calls."""
         if self._body is None:
-            self._body = b"".join([piece async for piece in self.body_chunks()])
+            req, reader = self.request, self.conn.reader
+            length = req.content_length or 0
+            if not self.body_read and not req.chunked and not req.expect_continue \
+                    and length <= self.conn.server.limits.max_body and reader.buffered() >= length:
+                self.body_read = True        # it came with the head (a small request): no reading loop
+                self._body = reader.take(length)
+            else:
+                self._body = b"".join([piece async for piece in self.body_chunks()])
         return self._body
 
     async def json(self) -> Dict[str, Any]:
@@ -8174,6 +8214,21 @@ class Exchange:
         writer = self.conn.writer
         writer.write(self._with_head(b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data))
         return writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER
+
+    def relay_writer(self) -> Any:
+        """write_nowait for a relayed stream after start_stream, made once: the body's
+        checks done ahead, each piece straight to the client's transport."""
+        if not body_allowed(self.request.method, self.status or 200):
+            return lambda data: False
+        transport, chunked = self.conn.writer.transport, self._chunked
+        if self.first_byte_at is None:
+            self.first_byte_at = time.monotonic()
+
+        def write(data: bytes) -> bool:
+            self.bytes_out += len(data)
+            transport.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+            return transport.get_write_buffer_size() > _WRITE_HIGH_WATER
+        return write
 
     async def drain_client(self) -> None:
         await self.conn.drain()
@@ -8291,7 +8346,7 @@ class StreamRelay:
                 await ex.start_stream(stream.content_type, node=stream.node, headers=headers, first=block)
                 break
             if started:
-                await stream.relay_rest(ex.write_nowait, ex.drain_client)
+                await stream.relay_rest(ex.relay_writer(), ex.drain_client)
         except MeshError as exc:
             if not started:
                 raise

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Relay benchmark: direct vs nginx vs mesh.py serve (HTTP nodes, SSH nodes), side by side.
 
-    python3 tests/bench_relay.py [--quick]
+    python3 tests/bench_relay.py [--quick] [--mesh OTHER/mesh.py]
 
 Three stand-in Ollama backends (asyncio, one process each, one write per token as
 Ollama's Go server flushes one line per token) serve every contender in the same run:
@@ -191,7 +191,7 @@ class Contender:
 def check(lines, done, node, n, c):
     assert lines == n + 1, f"{c.name}: {lines} lines for {n} tokens"
     assert done["eval_count"] == n
-    if c.name.startswith("mesh"):
+    if c.name not in ("direct", "nginx"):
         assert node, "no X-Mesh-Node"
 
 
@@ -316,11 +316,11 @@ def port_open(port):
         return False
 
 
-def start_mesh(config, env):
+def start_mesh(config, env, mesh=MESH):
     port = free_port()
     # access log off, as nginx's here; stderr to a file (a pipe nobody reads fills and stalls serve)
     err = tempfile.TemporaryFile()
-    proc = subprocess.Popen([sys.executable, MESH, "--config", config, "serve", "--listen", f"127.0.0.1:{port}",
+    proc = subprocess.Popen([sys.executable, mesh, "--config", config, "serve", "--listen", f"127.0.0.1:{port}",
                              "--access-log", "off"], stdout=subprocess.DEVNULL, stderr=err, env=env)
     wait_for(lambda: port_open(port) or proc.poll() is not None, 20, "mesh serve to listen")
     if proc.poll() is not None:
@@ -346,6 +346,8 @@ def main():
     ap.add_argument("--backend", type=int)
     ap.add_argument("--name", default="b")
     ap.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    ap.add_argument("--mesh", metavar="PATH", help="another mesh.py (an older one) as an extra contender on "
+                                                  "the same HTTP and SSH nodes, columns 'PATH/http' and 'PATH/ssh'")
     args = ap.parse_args()
     if args.backend:
         backend_main(args.backend, args.name)
@@ -394,6 +396,13 @@ def main():
             return [int(x.split(":")[0]) for x in lab.ssh_processes(include_masters=True)]
         mesh_ssh = Contender("mesh/ssh", [ms_port], lambda: [ms.pid], ssh_masters)
         contenders.append(mesh_ssh)
+        if args.mesh:                      # the same, with another mesh.py: A/B in one run
+            label = os.path.basename(args.mesh)
+            oh, oh_port = start_mesh(cfg, env, args.mesh)
+            os_, os_port = start_mesh(lab.config_path, lab.env(), args.mesh)
+            mesh_procs += [oh, os_]
+            contenders.append(Contender(f"{label}/http", [oh_port], lambda: [oh.pid]))
+            contenders.append(Contender(f"{label}/ssh", [os_port], lambda: [os_.pid], ssh_masters))
         asyncio.run(run(contenders, rounds, lab, mesh_ssh))
     finally:
         for p in mesh_procs + procs:
@@ -462,7 +471,7 @@ def report(contenders, res, short_fresh, short_reused):
     names = [c.name for c in contenders]
     only_ssh = lambda v: [v if n == "mesh/ssh" else "" for n in names]  # noqa: E731
     has_nginx = "nginx" in names
-    w = 13
+    w = max(13, max(len(n) for n in names) + 2)
     print()
     print(f"{'figure':<44}" + "".join(f"{n:>{w}}" for n in names) + "   target (mesh vs nginx/direct)")
 
