@@ -55,7 +55,8 @@ Sections, in dependency order (each begins with a banner comment)::
                            Balancer, NodeRouteState, RouteRequest, prompt_prefixes,
                            count_busy_connections (routing by expected completion time)
     transport              the only code that spawns ssh or opens sockets to nodes; list_masters,
-                           curl_command (what `ssh NODE curl` runs on the node)
+                           curl_command (what `ssh NODE curl` runs on the node),
+                           start_rank (which ssh masters start first, by a knock)
     nodes                  SSHNode: health, load, inventory
     orchestrator           MeshOrchestrator: the public async API; RawStream (bytes; its
                            relay_rest passes a node socket's reads on from data_received);
@@ -89,7 +90,7 @@ __all__ = [
     "MeshOrchestrator",
     "ServerLimits", "Route", "Router", "Exchange", "StreamRelay", "MeshServer", "Listener", "main",
     "ChatSession", "closest_names", "parse_node_facts", "fits_in_memory", "FACTS_COMMAND", "list_masters",
-    "stop_master", "node_verdict", "SSH_OPTIONS", "ssh_quote", "control_dir", "curl_command",
+    "stop_master", "node_verdict", "SSH_OPTIONS", "ssh_quote", "control_dir", "curl_command", "start_rank",
     "ReplyDechunker", "ReplyScanner", "RawStream", "listen_backlog", "terminal_text",
     "UnsupportedPathError", "api_family", "error_body", "is_unsupported_reply", "openai_model",
     "openai_model_list", "merge_ps", "keep_alive_seconds", "is_unload_request", "allowed_origins",
@@ -2057,6 +2058,18 @@ class NodeSpec:
         o = info.options
         return (info.hostname, info.port, info.user, o.get("proxyjump"), o.get("proxycommand"),
                 o.get("hostkeyalias")) + ollama
+
+    def knock_address(self) -> Optional[Tuple[str, int]]:
+        """(HostName, Port) when that is exactly where ssh connects: no ProxyJump or
+        ProxyCommand, nothing left to ssh (Match exec, canonicalisation); else None."""
+        info = self.info
+        if info is None or info.unresolved:
+            return None
+        for key in ("proxyjump", "proxycommand"):
+            value = info.options.get(key)
+            if value is not None and str(value).lower() != "none":
+                return None
+        return info.hostname, info.port
 
     def as_dict(self) -> Dict[str, Any]:
         info = self.info
@@ -4244,37 +4257,85 @@ async def _kill(proc: "asyncio.subprocess.Process") -> None:
 _SIGKILL = 9   # signal.SIGKILL on every POSIX system; saves importing signal here
 
 
+def start_rank(knock: Optional[str], failed_lately: bool) -> Optional[int]:
+    """Where a node's master start queues (_StartGate): 0 first, 1, 2 last; None: start
+    no ssh at all, the node is down.
+
+    knock: what a plain TCP connect to the node's ssh port found (SSHTransport.knock):
+    "answered", "refused", "silent" (no answer within the connect timeout), or None when
+    the node was not knocked (a small pool; ProxyJump/ProxyCommand; an address only ssh
+    knows; a connect that failed otherwise).  failed_lately: the node's last master start
+    failed (its `.down` mark)."""
+    if knock == "refused":
+        return None         # ssh would say "Connection refused" after spending a process on it
+    if knock == "answered":
+        return 0            # something listens there: most likely a live sshd
+    if knock == "silent" or failed_lately:
+        return 2
+    return 1
+
+
 class _StartGate:
     """At most `limit` ssh masters connecting at once; shared by the nodes of one
     orchestrator.  With hundreds of nodes, many of them dead, a start for each at once
     is a fork storm that slows the live ones too (and every ssh waits out its
-    ConnectTimeout on a dead one).  Waiting starts go first come first served, except
-    that a node whose last start failed (a mark in the control directory, from this or
-    an earlier run) waits behind the others: the live nodes are reached first even
-    when hundreds of dead ones come before them in the config.  `peak` is the most
-    seen at once.  A quarter of the slots is kept free of those suspects."""
+    ConnectTimeout on a dead one).  Waiting starts go by rank (start_rank), then first
+    come first served: a node whose ssh port answered a knock goes first, one whose last
+    start failed (a mark in the control directory, from this or an earlier run) or whose
+    port stayed silent goes last, so the live nodes are reached first even when hundreds
+    of dead ones come before them in the config.  A quarter of the slots is kept free
+    of each rank for the ranks before it (_cap).  `peak` is the most seen at once.
+
+    Knocks happen only when the pool has more ssh nodes (`pool`) than `limit`: a small
+    pool never waits, and never costs its nodes a knock.  A pool where no node can be
+    knocked on (all behind ProxyJump) keeps every slot for its own starts."""
 
     def __init__(self, limit: int = MAX_MASTER_STARTS) -> None:
         self.limit = limit
+        self.pool = 0                   # ssh nodes of the orchestrator (it sets this),
+        self.knockable = 0              # and how many of them can be knocked on
         self.starting = 0
         self.peak = 0
-        self._waiting: List[Tuple[int, int, Any]] = []   # heap: (later, arrival, future)
+        self._waiting: List[Tuple[int, int, Any]] = []   # heap: (rank, arrival, future)
         self._arrivals = itertools.count()
+        self._knock_slots: Optional[asyncio.Semaphore] = None
 
-    def _cap(self, later: bool) -> int:
-        # A quarter of the slots is kept for nodes not known to fail: when the dead ones
-        # of the last run come first in the config, they must not take every slot before
-        # the live ones even ask for one.
-        return self.limit - (self.limit // 4 if later else 0)
+    @property
+    def knocks(self) -> bool:
+        """More nodes than starts at once, some with an address to knock on: knock
+        before starting (start_rank)."""
+        return self.pool > self.limit and self.knockable > 0
 
-    async def acquire(self, *, later: bool = False) -> None:
-        ahead = self._waiting and self._waiting[0][0] <= int(later)   # someone before us waits
-        if self.starting < self._cap(later) and not ahead:
+    def knock_slots(self) -> "asyncio.Semaphore":
+        """Knocks in flight at once: each holds a socket (a file descriptor) for up to the
+        connect timeout; a quarter of the process's soft limit is theirs."""
+        if self._knock_slots is None:
+            try:
+                import resource
+                soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+                if soft == resource.RLIM_INFINITY:
+                    soft = 1 << 16
+            except (ImportError, OSError, ValueError):
+                soft = 1024
+            self._knock_slots = asyncio.Semaphore(max(self.limit, soft // 4))
+        return self._knock_slots
+
+    def _cap(self, rank: int) -> int:
+        """How many may be starting when a start of this rank takes a slot.  A quarter of
+        the slots is kept for each better rank that can come: when the dead nodes of the
+        last run, or nodes that cannot be knocked on (ProxyJump), come first in the config,
+        they must not take every slot before the live ones (knocked, answered) even ask."""
+        reserved = max(0, rank - (0 if self.knocks else 1))
+        return max(1, self.limit - (self.limit // 4) * reserved)
+
+    async def acquire(self, *, rank: int = 1) -> None:
+        ahead = self._waiting and self._waiting[0][0] <= rank   # someone before us waits
+        if self.starting < self._cap(rank) and not ahead:
             self._take()
             return
         import heapq
         turn = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiting, (int(later), next(self._arrivals), turn))
+        heapq.heappush(self._waiting, (rank, next(self._arrivals), turn))
         try:
             await turn              # release() handed its slot over
         except asyncio.CancelledError:
@@ -4290,16 +4351,27 @@ class _StartGate:
         import heapq
         self.starting -= 1
         while self._waiting:
-            later, _, turn = self._waiting[0]
+            rank, _, turn = self._waiting[0]
             if turn.done():         # cancelled meanwhile
                 heapq.heappop(self._waiting)
                 continue
-            if self.starting >= self._cap(bool(later)):
-                return              # only suspect starts wait, and the reserve is all that is free
+            if self.starting >= self._cap(rank):
+                return              # what is free is kept for better ranks than the first waiting
             heapq.heappop(self._waiting)
             self._take()
             turn.set_result(None)
             return
+
+
+def _is_ip_literal(host: str) -> bool:
+    import socket
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return True
+        except (OSError, ValueError):
+            pass
+    return False
 
 
 def _which(program: str) -> str:
@@ -4720,9 +4792,11 @@ class SSHTransport(Transport):
     def __init__(self, name: str, host: str, port: int, *, config: Optional[str], ssh: str,
                  connect_timeout: float, control_persist: int, mode: str = "auto",
                  ctl_dir: Any = None, destination: Sequence[Any] = (),
-                 start_gate: Optional[_StartGate] = None) -> None:
+                 start_gate: Optional[_StartGate] = None,
+                 knock_address: Optional[Tuple[str, int]] = None) -> None:
         super().__init__(name, host, port, connect_timeout=connect_timeout)
         self.start_gate = start_gate or _StartGate()
+        self.knock_address = knock_address   # where ssh connects, when mesh knows it exactly
         import hashlib
         self.config, self.ssh = config, _which(ssh)
         self.control_persist = control_persist
@@ -4904,7 +4978,16 @@ class SSHTransport(Transport):
                           "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=3",
                           "-o", "ClearAllForwardings=yes", "-o", "StreamLocalBindUnlink=yes",
                           "-E", self.log, "-f", "-N", "--", self.name)
-        await self.start_gate.acquire(later=self._failed_lately())
+        knock = await self.knock() if self.start_gate.knocks else None
+        rank = start_rank(knock, self._failed_lately())
+        if rank is None:
+            self._mark_failed(True)
+            host, port = self.knock_address or ("", 0)
+            logger.info("%s: %s port %s refused a knock; no ssh started", self.name, host, port)
+            # what ssh would have said, read as any ssh failure is: the same message
+            raise NodeError(self.name, describe_ssh_failure(
+                f"ssh: connect to host {host} port {port}: Connection refused", 255))
+        await self.start_gate.acquire(rank=rank)
         try:
             rc, _, err = await run_command(argv, timeout=self.connect_timeout + 5)
         except asyncio.TimeoutError:
@@ -4919,6 +5002,46 @@ class SSHTransport(Transport):
             raise NodeError(self.name, describe_ssh_failure(err, rc))
         self.started_master = True
         logger.debug("%s: master started", self.name)
+
+    async def knock(self) -> Optional[str]:
+        """A plain TCP connect to where ssh would connect, closed at once: "answered",
+        "refused" (every address refused), "silent" (no answer within the connect
+        timeout), or None (not knocked: no exact address, a name that does not resolve
+        in time, or another failure - ssh will tell).  The addresses are tried in turn,
+        as ssh does.  No ssh process; the node's sshd logs a connection closed before
+        authentication."""
+        if self.knock_address is None:
+            return None
+        import socket
+        host, port = self.knock_address
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.connect_timeout
+        async with self.start_gate.knock_slots():
+            addresses = [host] if _is_ip_literal(host) else None
+            if addresses is None:
+                try:   # through the loop (a thread): a slow resolver does not stall the others
+                    infos = await asyncio.wait_for(
+                        loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), self.connect_timeout)
+                except (asyncio.TimeoutError, OSError):
+                    return None
+                addresses = list(dict.fromkeys(info[4][0] for info in infos))
+            refused = 0
+            for address in addresses:
+                try:
+                    transport, _ = await asyncio.wait_for(
+                        loop.create_connection(asyncio.Protocol, address, port),
+                        max(0.0, deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    return "silent"
+                except ConnectionRefusedError:
+                    refused += 1
+                    continue
+                except OSError as exc:
+                    logger.debug("%s: knock on %s port %s: %s", self.name, address, port, exc)
+                    continue
+                transport.abort()
+                return "answered"
+            return "refused" if addresses and refused == len(addresses) else None
 
     @property
     def failed_mark(self) -> str:
@@ -5975,6 +6098,9 @@ class MeshOrchestrator:
     request (ssh can't connect, channel refused, 5xx, busy, model missing) fail over
     to every other candidate as before; a node that keeps answering is waited for.
     max_starts: ssh masters connecting at once (default 64); the others wait their turn.
+        With more ssh nodes than that, each node's ssh port is first knocked on (a
+        plain TCP connect, closed at once): answering nodes start first, refusing ones
+        are down without an ssh process, silent ones start last (start_rank).
     """
 
     def __init__(self, config: Optional[str] = None, nodes: Optional[Sequence[str]] = None, *,
@@ -6016,6 +6142,7 @@ class MeshOrchestrator:
         specs = load_node_specs(self.config_path, only=nodes, ssh=ssh, pass_config=self._pass_config)
         self.nodes: List[SSHNode] = [self._make_node(spec) for spec in specs]
         self._by_name = {n.name: n for n in self.nodes}
+        self._count_ssh_nodes()
         # No Host in the SSH config: the local Ollama stands in (load_node_specs); its
         # failures then mean "nothing to use", which the user is told in those words.
         self.implicit_local = any(spec.fallback for spec in specs)
@@ -6045,6 +6172,12 @@ class MeshOrchestrator:
             self._ctl_dir = control_dir()
         return self._ctl_dir
 
+    def _count_ssh_nodes(self) -> None:
+        # more ssh nodes than master starts at once: the gate knocks first (start_rank)
+        ssh_nodes = [n.transport for n in self.nodes if isinstance(n.transport, SSHTransport)]
+        self.start_gate.pool = len(ssh_nodes)
+        self.start_gate.knockable = sum(t.knock_address is not None for t in ssh_nodes)
+
     def _make_node(self, spec: NodeSpec) -> SSHNode:
         if spec.transport == "http":
             transport: Transport = Transport(spec.name, spec.ollama_host, spec.ollama_port,
@@ -6055,7 +6188,7 @@ class MeshOrchestrator:
                                      connect_timeout=self.connect_timeout,
                                      control_persist=self._control_persist, mode=spec.transport,
                                      ctl_dir=self._control_dir, destination=spec.destination(),
-                                     start_gate=self.start_gate)
+                                     start_gate=self.start_gate, knock_address=spec.knock_address())
         node = SSHNode(spec, transport)
         node.probe_timeout = self.probe_timeout
         return node
@@ -6257,6 +6390,7 @@ class MeshOrchestrator:
             self._retire(node)
         self.nodes = nodes
         self._by_name = {n.name: n for n in nodes}
+        self._count_ssh_nodes()
         # the balancer plans over exactly these nodes (a removed one gets no new requests)
         self.router.nodes.clear()
         self.router.nodes.update((n.name, n.route) for n in nodes)

@@ -18,7 +18,7 @@ import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
 SSH = shutil.which("ssh")
@@ -917,6 +917,17 @@ def _pids_matching(needle: str) -> List[int]:
         if needle in cmd:
             pids.append(int(entry))
     return pids
+
+
+def silent_port() -> Tuple[int, List[socket.socket]]:
+    """A port on 127.0.0.1 whose SYNs are dropped, as a blackholed host's: a listening
+    socket with backlog 0 whose accept queue is already full (Linux drops further SYNs,
+    so connect() and ssh wait out their timeout).  Returns (port, sockets to close)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    filler = socket.create_connection(srv.getsockname(), timeout=10)   # never accepted
+    return srv.getsockname()[1], [srv, filler]
 
 
 def masters_starting(pid: int) -> int:

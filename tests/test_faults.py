@@ -4,6 +4,7 @@ no ssh process is left behind."""
 import asyncio
 import json
 import os
+import shutil
 import signal
 import time
 
@@ -11,7 +12,7 @@ import pytest
 
 import mesh
 from conftest import needs_sshd
-from lab import _pids_matching, masters_starting, wait_for
+from lab import _pids_matching, masters_starting, silent_port, wait_for
 
 pytestmark = needs_sshd
 
@@ -478,6 +479,135 @@ def test_killed_master_is_replaced_for_per_request_transports(mesh_env, transpor
 
     r, first, now = run(go())
     assert r["node"] == "solo" and len(now) == 1 and now != first   # a new master, not a bare connection
+
+
+@pytest.mark.parametrize("knock, failed_lately, rank", [
+    ("answered", False, 0), ("answered", True, 0),     # it answers now: first, whatever it did before
+    (None, False, 1),                                   # not knocked (few nodes, ProxyJump): as listed
+    (None, True, 2), ("silent", False, 2), ("silent", True, 2),
+    ("refused", False, None), ("refused", True, None),  # down: no ssh process at all
+])
+def test_start_rank(knock, failed_lately, rank):
+    assert mesh.start_rank(knock, failed_lately) == rank
+
+
+def test_start_gate_order():
+    """Starts wait by rank, then in arrival order; a quarter of the slots is never
+    given to last-rank (suspect) starts."""
+    async def go():
+        gate, order = mesh._StartGate(4), []
+        await asyncio.gather(*(gate.acquire(rank=2) for _ in range(3)))   # 3 of 4: the reserve is left
+        async def start(name, rank):
+            await gate.acquire(rank=rank)
+            order.append(name)
+        tasks = [asyncio.ensure_future(start(n, r)) for n, r in
+                 [("s1", 2), ("a1", 1), ("k1", 0), ("s2", 2), ("k2", 0), ("a2", 1)]]
+        await asyncio.sleep(0)
+        got_at_once = list(order)
+        for _ in range(4):
+            gate.release()
+            await asyncio.sleep(0)
+        held_back = list(order)                  # 3 starting, 1 free: the reserve, not for s1
+        for _ in range(2):
+            gate.release()
+            await asyncio.sleep(0)
+        for t in tasks:
+            t.cancel()
+        return got_at_once, held_back, order, gate.peak
+    at_once, held_back, order, peak = run(go())
+    assert at_once == ["a1"]                     # the one free slot, nobody waiting before it
+    assert held_back == ["a1", "k1", "k2", "a2"]
+    assert order == ["a1", "k1", "k2", "a2", "s1", "s2"] and peak == 4
+
+
+@pytest.mark.parametrize("pool, knockable, caps", [
+    (4, 4, [4, 4, 3]),     # no knocks (few nodes): suspects (rank 2) leave a quarter to the others
+    (5, 1, [4, 3, 2]),     # knocks: a quarter kept for each better rank
+    (5, 0, [4, 4, 3]),     # nothing to knock on (all behind ProxyJump): as without knocks
+])
+def test_start_gate_reserves(pool, knockable, caps):
+    gate = mesh._StartGate(4)
+    gate.pool, gate.knockable = pool, knockable
+    assert [gate._cap(rank) for rank in (0, 1, 2)] == caps
+
+
+@pytest.mark.parametrize("target, host, verdict", [
+    ("listening", "127.0.0.1", "answered"),
+    ("listening", "localhost", "answered"),     # a name: looked up, each address tried
+    ("closed", "127.0.0.1", "refused"),
+    ("dropping", "127.0.0.1", "silent"),        # SYNs dropped: as a blackholed host
+    (None, None, None),                         # ProxyJump & co: not knocked
+])
+def test_knock(target, host, verdict):
+    import socket
+    keep = []
+    if target == "listening":
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(8)
+        keep, port = [srv], srv.getsockname()[1]
+    elif target == "closed":
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        keep, port = [srv], srv.getsockname()[1]
+    elif target == "dropping":
+        port, keep = silent_port()
+
+    async def go():
+        gate = mesh._StartGate(1)
+        t = mesh.SSHTransport("n", "localhost", 11434, config=None, ssh="ssh", connect_timeout=1,
+                              control_persist=1, start_gate=gate,
+                              knock_address=(host, port) if host else None)
+        return await t.knock()
+    try:
+        assert run(go()) == verdict
+    finally:
+        for s in keep:
+            s.close()
+
+
+def test_many_nodes_knocked_before_ssh(mesh_env, tmp_path):
+    """More nodes than master starts at once (max_starts lowered to 1): each ssh port is
+    knocked on first - the node that answers gets the one start slot although a silent
+    and a refusing node are listed before it, and the refusing node is down with ssh's
+    own words without an ssh process ever started for it."""
+    import socket
+    lab = mesh_env
+    lab.add_node("live", ["m:1"])
+    hold = socket.socket()            # bound, never listening: connections are refused
+    hold.bind(("127.0.0.1", 0))
+    refused_port = hold.getsockname()[1]
+    quiet_port, keep = silent_port()
+    log = tmp_path / "ssh-calls"
+    wrapper = tmp_path / "ssh"
+    wrapper.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$*\" >> {log}\nexec {shutil.which('ssh')} \"$@\"\n")
+    wrapper.chmod(0o755)
+    with open(lab.config_path, "w") as fh:
+        fh.write(f"Host quiet\n    HostName 127.0.0.1\n    Port {quiet_port}\n    # mesh: on\n\n"
+                 f"Host gone\n    HostName 127.0.0.1\n    Port {refused_port}\n    # mesh: on\n\n"
+                 + lab.host_block("live"))
+
+    async def go():
+        async with mesh.MeshOrchestrator(config=lab.config_path, ssh=str(wrapper), max_starts=1,
+                                         **dict(FAST, connect_timeout=5)) as m:
+            r = await m.generate("x", model="m:1")
+            for _ in range(200):
+                if not m.node("gone").healthy:
+                    break
+                await asyncio.sleep(0.05)
+            return r, m.node("gone").reason
+    try:
+        r, reason = run(go())
+    finally:
+        hold.close()
+        for s in keep:
+            s.close()
+    starts = [line for line in log.read_text().splitlines() if "ControlMaster=yes" in line]
+    assert r["node"] == "live"
+    assert starts[0].endswith(" live"), starts              # the answering node started first
+    assert not any(line.endswith(" gone") for line in log.read_text().splitlines())   # no ssh for it
+    assert reason == "ssh: connection refused"               # as when ssh itself is refused
+    assert lab.ssh_processes() == []
 
 
 def test_many_dead_nodes(mesh_env):
