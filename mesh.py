@@ -3338,18 +3338,28 @@ class AccessRecord:
                 "error": self.error}
 
 
+_SECOND_TEXT: List[Any] = [None, ""]     # the last whole second _iso_time formatted, and its text
+
+
 def _iso_time(epoch: float) -> str:
     """RFC 3339 UTC with milliseconds: 2026-01-31T12:00:00.123Z."""
     whole = int(epoch)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + ".%03dZ" % int((epoch - whole) * 1000)
+    if _SECOND_TEXT[0] != whole:         # one strftime per second, not per access-log line
+        _SECOND_TEXT[:] = [whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))]
+    return _SECOND_TEXT[1] + ".%03dZ" % int((epoch - whole) * 1000)
+
+
+_LOG_BARE = re.compile(r"[\w.:/@+-]+\Z")
 
 
 def _log_value(value: Any) -> str:
     """A logfmt value: bare when it is safe to split on spaces, else a JSON string."""
     if value is None:
         return "-"
+    if isinstance(value, (int, float)):
+        return str(value)            # digits, sign, point, exponent, inf/nan: always bare
     text = str(value)
-    if text and re.fullmatch(r"[\w.:/@+-]+", text):
+    if text and _LOG_BARE.match(text):
         return text
     return json.dumps(text, ensure_ascii=True)
 
