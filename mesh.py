@@ -4762,11 +4762,14 @@ def curl_command(url: str, body_size: Optional[int], method: Optional[str] = Non
 
     The body (body_size bytes, None for none) comes first on stdin; stdin then stays
     open, and its end - mesh closing it, or ssh's channel closing because mesh's ssh
-    child was killed - ends curl and the shell with it (`kill 0`: sshd runs each session
-    in a process group of its own, setsid()).  Without that, curl on the node noticed a
-    client that left only at its next write: never, for a `stream: false` answer, so
-    the generation ran to its end.  curl's exit status is the command's (7: Ollama not
-    answering, 127: no curl).  Plain POSIX sh plus `head -c` (GNU, BSD, busybox)."""
+    child was killed - ends curl and the shell with it: `kill 0`, the session's process
+    group, as OpenSSH's sshd runs each session under setsid() (session.c).  An sshd that
+    does not (old dropbear) leaves the sessions of a connection in one group; there the
+    shell is not its group's leader and nothing is killed (curl then ends at its next
+    write, as before).  Without that, curl on the node noticed a client that left only
+    at its next write: never, for a `stream: false` answer, so the generation ran to its
+    end.  curl's exit status is the command's (7: Ollama not answering, 127: no curl).
+    Plain POSIX sh plus `head -c` (GNU, BSD, busybox); ps where there is no /proc."""
     import shlex
     curl = ["curl", "-sS", "-i", "-N", "-H", "Expect:", "-H", "Accept: application/x-ndjson"]
     if body_size is not None:
@@ -4782,10 +4785,14 @@ def curl_command(url: str, body_size: Optional[int], method: Optional[str] = Non
     # list's stdin would be /dev/null.  `exec 2>` rather than a redirection on the group:
     # dash keeps a copy of the old fd 2 for a group's redirection, and the watcher would
     # hold ssh's stderr open (its end is what mesh waits for to read why curl failed).
+    # The watcher kills the group only while the shell ($$) still leads it: after a
+    # normal end the shell is gone, and under an sshd without setsid() the group is not
+    # ours.  `exec sh`: the login shell makes way, so sh is the session's leader.
     body = f"head -c {int(body_size)}; " if body_size is not None else ""
-    script = (f"exec 3<&0; {{ exec 2>/dev/null; {body}exec >&-; {{ cat >/dev/null; kill 0; }} <&3 & }} | "
+    ours = "g=$(cut -d' ' -f5 /proc/$$/stat || ps -o pgid= -p $$); [ \"$g\" -eq $$ ] && kill 0"
+    script = (f"exec 3<&0; {{ exec 2>/dev/null; {body}exec >&-; {{ cat >/dev/null; {ours}; }} <&3 & }} | "
               f"{' '.join(map(shlex.quote, curl))} 3<&-")
-    return "sh -c " + shlex.quote(script)
+    return "exec sh -c " + shlex.quote(script)
 
 
 class SSHTransport(Transport):

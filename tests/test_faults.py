@@ -449,6 +449,39 @@ def test_exec_transport_command(method, path, body, status, rc):
         fake.close()
 
 
+@pytest.mark.parametrize("own_group", [True, False])
+def test_exec_transport_command_ends_curl_when_stdin_ends(own_group):
+    """Run as OpenSSH's sshd runs a session (its own process group, setsid): when stdin
+    ends - mesh's ssh child gone - curl ends at once and the node's generation with it.
+    Under an sshd that keeps a connection's sessions in one group (old dropbear) the
+    command is not its group's leader: it kills nothing, and curl runs to its end."""
+    import subprocess
+    from lab import FakeOllama
+    fake = FakeOllama(["m:1"], delay=60 if own_group else 1)
+    body = json.dumps({"model": "m:1", "prompt": "x", "stream": False}).encode()
+    cmd = mesh.curl_command(f"http://127.0.0.1:{fake.port}/api/generate", len(body))
+    # not the leader: a subshell of the session's leader runs it
+    argv = ["sh", "-c", cmd if own_group else f"( {cmd} ); exit $?"]
+    p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    try:
+        p.stdin.write(body)
+        p.stdin.flush()
+        wait_for(lambda: fake.active == 1, 10, "the generation to start")
+        p.stdin.close()
+        out = p.stdout.read()
+        p.wait(10)
+        if own_group:
+            wait_for(lambda: fake.cancelled == 1, 10, "the generation to be cancelled")
+        else:
+            assert p.returncode == 0 and fake.cancelled == 0
+            assert json.loads(out.split(b"\r\n\r\n", 1)[1])["done"] is True
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        fake.close()
+
+
 def test_curl_fallback_names_a_stopped_ollama(lab):
     fake = lab.add_node("locked", ["m:1"], allow_forwarding=False)
     fake.stop()
