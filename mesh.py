@@ -2842,6 +2842,11 @@ class ReplyScanner:
         if self.done or self.error:
             self.extra += len(data)
             return b""
+        if not self._tail and not self.sse and data[-2:] == b"}\n" and data[:1] == b"{" \
+                and data.find(b"\n") == len(data) - 1 and b'"error"' not in data and not _DONE_TRUE.search(data):
+            self.lines += 1           # one whole line, neither the last nor an error: a token
+            self.last = data
+            return data
         buf = self._tail + data if self._tail else data
         sep = b"\n\n" if self.sse else b"\n"
         cut = buf.rfind(sep)
