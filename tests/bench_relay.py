@@ -21,6 +21,7 @@ message where it is not installed.
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import shutil
@@ -39,6 +40,21 @@ from lab import MESH, SSHLab, free_port, wait_for, _descendants  # noqa: E402
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
 TICK = os.sysconf("SC_CLK_TCK")
+
+
+def tag(prompt):
+    """The stand-in's echo of a prompt: the first token of every reply is this, so a client
+    can check that the reply it got is the one for its own prompt, through any router."""
+    return "h" + hashlib.sha1(prompt.encode()).hexdigest()[:8]
+
+
+def prompt_delay_ms(prompt):
+    """The token delay a prompt asks for ("... d=10"): carried in the prompt, not in
+    options, because LiteLLM's OpenAI front passes no unknown options on to Ollama."""
+    for word in prompt.split():
+        if word.startswith("d="):
+            return float(word[2:])
+    return 0.0
 
 
 # ---------------------------------------------------------------------------
@@ -69,11 +85,12 @@ def backend_main(port: int, name: str) -> None:
                     continue
                 opts = body.get("options") or {}
                 n = int(opts.get("num_predict", 10))
-                delay = float(opts.get("token_delay_ms", 0)) / 1000
                 prompt = body.get("prompt", "")
+                delay = float(opts.get("token_delay_ms", prompt_delay_ms(prompt))) / 1000
+                echo = tag(prompt)
                 if body.get("stream", True) is False:
                     data = json.dumps({"model": "m:1", "created_at": "2026-01-01T00:00:00Z",
-                                       "response": "t" * n, "done": True, "done_reason": "stop",
+                                       "response": echo + "t" * n, "done": True, "done_reason": "stop",
                                        "eval_count": n, "prompt": prompt[:16], "backend": name}).encode()
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\n"
                                  b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
@@ -82,8 +99,10 @@ def backend_main(port: int, name: str) -> None:
                              b"Transfer-Encoding: chunked\r\n\r\n")
                 line = b'{"model":"m:1","created_at":"2026-01-01T00:00:00.000000Z","response":"tok","done":false}\n'
                 chunk = b"%x\r\n%s\r\n" % (len(line), line)
+                first = line.replace(b'"tok"', b'"%s"' % echo.encode())
+                first = b"%x\r\n%s\r\n" % (len(first), first)
                 for i in range(n):
-                    writer.write(chunk)
+                    writer.write(chunk if i else first)
                     if delay:
                         await asyncio.sleep(delay)
                     elif i % 64 == 63:
@@ -121,20 +140,32 @@ class Conn:
         self.r, self.w = await asyncio.open_connection("127.0.0.1", self.port, limit=1 << 22)
 
     async def post(self, body, want_node=None):
-        """POST /api/generate; returns (lines, done_obj, node header, seconds)."""
-        if self.r is None:
-            await self.open()
-        data = json.dumps(body).encode()
-        t = time.perf_counter()
-        self.w.write(b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (self.port, len(data), data))
-        head = await self.r.readuntil(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 200"), head[:200]
+        """POST /api/generate; returns (lines, done_obj, node header, seconds); done_obj["first"]
+        is the first line's response (the whole response when not streamed)."""
+        head, payload, secs = await self.exchange(b"/api/generate", body)
         hl = head.lower()
         node = None
         i = hl.find(b"x-mesh-node:")
         if i >= 0:
             node = head[i + 12:head.index(b"\r\n", i)].strip().decode()
+        lines = payload.count(b"\n") + (0 if payload.endswith(b"\n") else 1)
+        last = payload.rstrip(b"\n").rsplit(b"\n", 1)[-1]
+        done = json.loads(last)
+        assert done.get("done") is True, last[:200]
+        done["first"] = json.loads(payload.split(b"\n", 1)[0])["response"]
+        return lines, done, node, secs
+
+    async def exchange(self, path, body, headers=b""):
+        """POST body as JSON to path; returns (head, payload de-chunked, seconds)."""
+        if self.r is None:
+            await self.open()
+        data = json.dumps(body).encode()
+        t = time.perf_counter()
+        self.w.write(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n%s"
+                     b"Content-Length: %d\r\n\r\n%s" % (path, self.port, headers, len(data), data))
+        head = await self.r.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head[:200]
+        hl = head.lower()
         if b"transfer-encoding: chunked" in hl:
             buf = bytearray()
             while not buf.endswith(b"\r\n0\r\n\r\n") and not (buf == b"0\r\n\r\n"):
@@ -154,16 +185,46 @@ class Conn:
             i = hl.index(b"content-length:")
             n = int(hl[i + 15:hl.index(b"\r\n", i)])
             payload = await self.r.readexactly(n)
-        secs = time.perf_counter() - t
-        lines = payload.count(b"\n") + (0 if payload.endswith(b"\n") else 1)
-        last = payload.rstrip(b"\n").rsplit(b"\n", 1)[-1]
-        done = json.loads(last)
-        assert done.get("done") is True, last[:200]
-        return lines, done, node, secs
+        return head, payload, time.perf_counter() - t
 
     def close(self):
         if self.w:
             self.w.close()
+
+
+class OpenAIConn(Conn):
+    """A client of OpenAI's POST /v1/completions (SSE when streamed), as most LiteLLM users
+    call it; the bench's Ollama-shaped body is put as such a client would (num_predict ->
+    max_tokens, usage asked for in the stream), and the reply read back into Conn.post's
+    shape: one line per token with text plus one for the finish, eval_count from usage."""
+
+    key = b""
+
+    async def post(self, body, want_node=None):
+        stream = body.get("stream", True)
+        req = {"model": body["model"], "prompt": body["prompt"], "stream": stream,
+               "max_tokens": body["options"]["num_predict"]}
+        if stream:
+            req["stream_options"] = {"include_usage": True}
+        head, payload, secs = await self.exchange(b"/v1/completions", req,
+                                                  b"Authorization: Bearer %s\r\n" % self.key)
+        if not stream:
+            obj = json.loads(payload)
+            choice = obj["choices"][0]
+            return 1, {"done": choice["finish_reason"] == "stop", "eval_count": obj["usage"]["completion_tokens"],
+                       "first": choice["text"]}, None, secs
+        events = [e[6:] for e in payload.split(b"\n\n") if e.startswith(b"data: ")]
+        assert events and events[-1] == b"[DONE]", payload[-200:]
+        # every token's event is decoded only at the ends; the rest are counted (client CPU is not the figure)
+        texts = payload.count(b'"text":"') - payload.count(b'"text":""')
+        first = next(c["text"] for e in events[:-1] for c in json.loads(e)["choices"] if c.get("text"))
+        finish, usage = None, None
+        for e in events[-4:-1]:
+            obj = json.loads(e)
+            usage = obj.get("usage") or usage
+            finish = next((c["finish_reason"] for c in obj["choices"] if c.get("finish_reason")), finish)
+        assert finish == "stop" and usage, events[-4:]
+        return texts + 1, {"done": True, "eval_count": usage["completion_tokens"], "first": first}, None, secs
 
 
 def proc_cpu(pids):
@@ -179,8 +240,9 @@ def proc_cpu(pids):
 
 
 class Contender:
-    def __init__(self, name, ports, pids_fn, extra_pids_fn=None):
+    def __init__(self, name, ports, pids_fn, extra_pids_fn=None, conn=Conn):
         self.name, self.ports, self.pids_fn, self.extra_pids_fn = name, ports, pids_fn, extra_pids_fn
+        self.conn = conn                          # the client class: Conn (Ollama's API) or OpenAIConn
         self._rr = 0
 
     def port(self):
@@ -188,19 +250,21 @@ class Contender:
         return self.ports[self._rr % len(self.ports)]
 
 
-def check(lines, done, node, n, c):
+def check(lines, done, node, n, c, prompt):
     assert lines == n + 1, f"{c.name}: {lines} lines for {n} tokens"
     assert done["eval_count"] == n
-    if c.name not in ("direct", "nginx"):
+    assert done["first"] == tag(prompt), f"{c.name}: reply to another prompt ({done['first']!r})"
+    if c.name not in ("direct", "nginx", "litellm", "herd"):
         assert node, "no X-Mesh-Node"
 
 
 async def one_stream(c, n, delay_ms=0, prompt="p"):
-    conn = Conn(c.port())
+    conn = c.conn(c.port())
+    prompt = f"{prompt} d={delay_ms}"             # the delay goes in the prompt: see prompt_delay_ms
     try:
         lines, done, node, secs = await conn.post({"model": "m:1", "prompt": prompt,
-                                                   "options": {"num_predict": n, "token_delay_ms": delay_ms}})
-        check(lines, done, node, n, c)
+                                                   "options": {"num_predict": n}})
+        check(lines, done, node, n, c, prompt)
         return secs
     finally:
         conn.close()
@@ -225,14 +289,16 @@ async def concurrent(c, n_streams, tokens, delay_ms):
 
 
 async def small_requests(c, count):
-    conns = [Conn(p) for p in c.ports]
+    conns = [c.conn(p) for p in c.ports]
     out = []
     try:
         for i in range(count):
             conn = conns[i % len(conns)]
             lines, done, node, secs = await conn.post({"model": "m:1", "prompt": f"s{i}", "stream": False,
                                                        "options": {"num_predict": 4}})
-            assert done["eval_count"] == 4 and done["prompt"] == f"s{i}"[:16]
+            assert done["eval_count"] == 4 and done["done"] is True
+            # (Herd asks the node for a stream and joins it: "tok" * 3 after the echo)
+            assert done["first"].startswith(tag(f"s{i}")), f"{c.name}: {done['first']!r} for s{i}"
             out.append(secs)
     finally:
         for conn in conns:
@@ -242,12 +308,12 @@ async def small_requests(c, count):
 
 async def short_streams(c, count, n=11):
     out = []
-    conn = Conn(c.ports[0])
+    conn = c.conn(c.ports[0])
     try:
         for i in range(count):
             lines, done, node, secs = await conn.post({"model": "m:1", "prompt": f"q{i}",
                                                        "options": {"num_predict": n}})
-            check(lines, done, node, n, c)
+            check(lines, done, node, n, c, f"q{i}")
             out.append(secs)
     finally:
         conn.close()
@@ -329,6 +395,103 @@ def start_mesh(config, env, mesh=MESH):
     return proc, port
 
 
+# LiteLLM and Ollama Herd (optional, from a throwaway venv): they run only inside a network
+# namespace that has nothing but loopback (see in_loopback_netns), with their documented
+# opt-outs set as well: no telemetry, no model-cost-map download, no mDNS discovery by nodes.
+
+def contender_env(tmp, name):
+    """Their environment: HOME in tmp (both write state under ~), opt-outs set."""
+    home = os.path.join(tmp, name + "-home")
+    os.makedirs(home, exist_ok=True)
+    return dict(os.environ, HOME=home,
+                LITELLM_LOCAL_MODEL_COST_MAP="True",     # no cost-map download at import
+                LITELLM_TELEMETRY_DISABLED="true", LITELLM_LOG="WARNING",  # WARNING: no access log
+                FLEET_NODE_TELEMETRY="false", FLEET_TELEMETRY="false",     # Herd's daily summary
+                FLEET_ENV_FILE=os.path.join(home, "none"), NO_COLOR="1")
+
+
+def version_of(venv_python, dist):
+    out = subprocess.run([venv_python, "-c", f"import importlib.metadata as m; print(m.version({dist!r}))"],
+                         capture_output=True, text=True)
+    return out.stdout.strip() or "?"
+
+
+def start_litellm(tmp, backends, binary):
+    """LiteLLM's proxy: one deployment of `ollama/m:1` per backend under one model name (the
+    Router's default simple-shuffle), one worker, a master key (it refuses to start without)."""
+    port = free_port()
+    conf = os.path.join(tmp, "litellm.yaml")
+    with open(conf, "w") as fh:
+        fh.write("model_list:\n")
+        for p in backends:
+            fh.write(f"  - model_name: m:1\n    litellm_params: {{model: ollama/m:1, "
+                     f"api_base: 'http://127.0.0.1:{p}'}}\n")
+    key = "sk-bench-" + os.urandom(24).hex()
+    # the stand-ins send the same token over and over, which LiteLLM ends after 100 as a model
+    # "repeating the same chunk": the limit is raised (the check runs per chunk either way)
+    env = dict(contender_env(tmp, "litellm"), LITELLM_MASTER_KEY=key, REPEATED_STREAMING_CHUNK_LIMIT="1000000000")
+    log = open(os.path.join(tmp, "litellm.log"), "wb")
+    proc = subprocess.Popen([binary, "--config", conf, "--host", "127.0.0.1", "--port", str(port),
+                             "--num_workers", "1"], stdout=log, stderr=log, env=env)
+    wait_for(lambda: port_open(port) or proc.poll() is not None, 120, "litellm to listen")
+    if proc.poll() is not None:
+        raise SystemExit("litellm failed; its log: " + os.path.join(tmp, "litellm.log"))
+    OpenAIConn.key = key.encode()
+    return proc, port, version_of(os.path.join(os.path.dirname(binary), "python3"), "litellm")
+
+
+def start_herd(tmp, backends, bindir):
+    """Ollama Herd: the router (`herd`) and one `herd-node` per backend, each told the router's
+    URL (no mDNS browsing) and its backend as its Ollama; ready when all three are online.
+    The cap is lifted as far as Herd goes: a node reads OLLAMA_NUM_PARALLEL from its own
+    environment (unset: 1 at a time per node), and the router clamps it to 8 per node and
+    model (queue_manager's _MAX_CONCURRENCY, no setting)."""
+    port = free_port()
+    env = dict(contender_env(tmp, "herd"), OLLAMA_NUM_PARALLEL="1000")
+    log = open(os.path.join(tmp, "herd.log"), "wb")
+    router = subprocess.Popen([os.path.join(bindir, "herd"), "--host", "127.0.0.1", "--port", str(port),
+                               "--log-level", "warning"], stdout=log, stderr=log, env=env)
+    procs = [router]
+    wait_for(lambda: port_open(port) or router.poll() is not None, 60, "herd to listen")
+    for i, p in enumerate(backends):
+        procs.append(subprocess.Popen([os.path.join(bindir, "herd-node"), "--node-id", f"n{i}",
+                                       "--ollama-host", f"http://127.0.0.1:{p}",
+                                       "--router-url", f"http://127.0.0.1:{port}", "--log-level", "WARNING"],
+                                      stdout=log, stderr=log, env=env))
+
+    def online():
+        import urllib.request
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/fleet/status", timeout=2) as r:
+                status = json.loads(r.read())
+        except (OSError, ValueError):
+            return False
+        return sum(1 for nd in status.get("nodes", []) if nd.get("status") == "online") == len(backends)
+    wait_for(lambda: online() or any(p.poll() is not None for p in procs), 60, "herd's nodes to be online")
+    if any(p.poll() is not None for p in procs):
+        raise SystemExit("herd failed; its log: " + os.path.join(tmp, "herd.log"))
+    return procs, port, version_of(os.path.join(bindir, "python3"), "ollama-herd")
+
+
+def in_loopback_netns():
+    """True when this process's network namespace has no interface but lo (nothing can leave)."""
+    import socket
+    return [name for _, name in socket.if_nameindex()] == ["lo"]   # this namespace's (not sysfs')
+
+
+def reexec_in_netns():
+    """Run this bench again in a new network namespace with only loopback up (root, unshare(1),
+    ip(8)); returns only if that is not possible."""
+    ip = shutil.which("ip") or next((p for p in ("/usr/sbin/ip", "/sbin/ip") if os.path.exists(p)), None)
+    unshare = shutil.which("unshare")
+    if os.geteuid() != 0 or not ip or not unshare or os.environ.get("BENCH_RELAY_NETNS"):
+        return
+    sys.stdout.flush()
+    os.execvpe(unshare, [unshare, "--net", "sh", "-c", f'{ip} link set lo up && exec "$@"', "sh",
+                         sys.executable, os.path.abspath(__file__)] + sys.argv[1:],
+               dict(os.environ, BENCH_RELAY_NETNS="1"))
+
+
 def stop(proc):
     if proc and proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -348,10 +511,25 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
     ap.add_argument("--mesh", metavar="PATH", help="another mesh.py (an older one) as an extra contender on "
                                                   "the same HTTP and SSH nodes, columns 'PATH/http' and 'PATH/ssh'")
+    ap.add_argument("--litellm", default=os.environ.get("BENCH_LITELLM"), metavar="BIN",
+                    help="also measure LiteLLM's proxy (path to its `litellm` script in a venv)")
+    ap.add_argument("--herd", default=os.environ.get("BENCH_HERD"), metavar="BINDIR",
+                    help="also measure Ollama Herd (the venv's bin directory with `herd` and `herd-node`)")
     args = ap.parse_args()
     if args.backend:
         backend_main(args.backend, args.name)
         return
+    if args.litellm and not os.path.exists(args.litellm):
+        print(f"litellm: {args.litellm} not found - skipped")
+        args.litellm = None
+    if args.herd and not os.path.exists(os.path.join(args.herd, "herd")):
+        print(f"herd: no {args.herd}/herd - skipped")
+        args.herd = None
+    if (args.litellm or args.herd) and not in_loopback_netns():
+        reexec_in_netns()
+        print("litellm/herd: no network namespace with loopback only (needs root, unshare, ip) - skipped")
+        args.litellm = args.herd = None
+    versions = {}
     rounds = 1 if args.quick else 3
     tmp = tempfile.mkdtemp(prefix="bench-relay-")
     backends, procs = [], []
@@ -403,7 +581,20 @@ def main():
             mesh_procs += [oh, os_]
             contenders.append(Contender(f"{label}/http", [oh_port], lambda: [oh.pid]))
             contenders.append(Contender(f"{label}/ssh", [os_port], lambda: [os_.pid], ssh_masters))
-        asyncio.run(run(contenders, rounds, lab, mesh_ssh))
+        if args.litellm:
+            ll, ll_port, versions["LiteLLM"] = start_litellm(tmp, backends, args.litellm)
+            procs.append(ll)
+            contenders.append(Contender("litellm", [ll_port], lambda: [ll.pid] + _descendants(ll.pid),
+                                        conn=OpenAIConn))
+        if args.herd:
+            hd, hd_port, versions["Ollama Herd"] = start_herd(tmp, backends, args.herd)
+            procs.extend(hd)
+            contenders.append(Contender("herd", [hd_port], lambda: [hd[0].pid] + _descendants(hd[0].pid),
+                                        lambda: [p.pid for p in hd[1:]]))
+        if in_loopback_netns():
+            print("network namespace: loopback only (interfaces: lo) - nothing can leave the machine",
+                  file=sys.stderr)
+        asyncio.run(run(contenders, rounds, lab, mesh_ssh, versions))
     finally:
         for p in mesh_procs + procs:
             stop(p)
@@ -412,7 +603,7 @@ def main():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-async def run(contenders, rounds, lab, mesh_ssh):
+async def run(contenders, rounds, lab, mesh_ssh, versions=None):
     # warm: masters, inventories, pools
     for c in contenders:
         for _ in range(3):
@@ -426,7 +617,8 @@ async def run(contenders, rounds, lab, mesh_ssh):
     n_long, ns = 20000, (50, 200, 500)
     for rnd in range(rounds):
         for c in contenders:                      # interleaved: each round visits every contender
-            print(f"round {rnd + 1}/{rounds}: {c.name}", file=sys.stderr, flush=True)
+            print(f"round {rnd + 1}/{rounds}: {c.name}", file=sys.stderr, end="", flush=True)
+            t0 = time.perf_counter()
             rate, cpu, ssh_cpu = await long_stream(c, n_long)
             add(c, "rate", rate)
             add(c, "cpu_chunk", cpu)
@@ -438,9 +630,10 @@ async def run(contenders, rounds, lab, mesh_ssh):
             add(c, "small", await small_requests(c, 200))
             add(c, "short", await short_streams(c, 50))
             add(c, "syn_retry", await burst(c, 500))
+            print(f" ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
     # SSH: a whole short stream on a master mesh starts (fresh) and on one it reuses
     short_fresh, short_reused = await ssh_master_cases(lab)
-    report(contenders, res, short_fresh, short_reused)
+    report(contenders, res, short_fresh, short_reused, versions or {})
 
 
 async def ssh_master_cases(lab):
@@ -467,11 +660,12 @@ def pct(xs, q):
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def report(contenders, res, short_fresh, short_reused):
+def report(contenders, res, short_fresh, short_reused, versions):
     names = [c.name for c in contenders]
     only_ssh = lambda v: [v if n == "mesh/ssh" else "" for n in names]  # noqa: E731
+    apart = [c.name for c in contenders if c.extra_pids_fn]
     has_nginx = "nginx" in names
-    w = max(13, max(len(n) for n in names) + 2)
+    w = max(14, max(len(n) for n in names) + 2)
     print()
     print(f"{'figure':<44}" + "".join(f"{n:>{w}}" for n in names) + "   target (mesh vs nginx/direct)")
 
@@ -485,7 +679,8 @@ def report(contenders, res, short_fresh, short_reused):
     cpu = {n: med(res[n]["cpu_chunk"]) for n in names}
     line("  router CPU per chunk (us)", ["-" if n == "direct" else f"{cpu[n]:.1f}" for n in names],
          "(/proc ticks of 10 ms: coarse for one stream)")
-    line("  ssh masters' CPU per chunk (us), apart", only_ssh(f"{med(res['mesh/ssh']['ssh_cpu_chunk']):.1f}"))
+    line("  ssh masters' / herd-nodes' CPU/chunk, apart", [f"{med(res[n]['ssh_cpu_chunk']):.1f}" if n in apart
+                                                           else "" for n in names])
     for n_ in (50, 200, 500):
         walls = {n: med(res[n][f"wall{n_}"]) for n in names}
         tgt = ""
@@ -517,7 +712,8 @@ def report(contenders, res, short_fresh, short_reused):
     line("500 simultaneous connects: waited for SYN retry", [str(sum(res[n]["syn_retry"])) for n in names],
          "0 for mesh")
     print(f"\n{len(res['direct']['rate'])} round(s); medians; Python {sys.version.split()[0]}, "
-          f"{os.cpu_count()} CPUs; nginx {'present' if has_nginx else 'absent'}")
+          f"{os.cpu_count()} CPUs; nginx {'present' if has_nginx else 'absent'}"
+          + "".join(f"; {k} {v}" for k, v in versions.items()))
 
 
 if __name__ == "__main__":
