@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Relay benchmark: direct vs nginx vs mesh.py serve (HTTP nodes, SSH nodes), side by side.
 
-    python3 tests/bench_relay.py [--quick] [--mesh OTHER/mesh.py]
+    python3 tests/bench_relay.py [--quick] [--mesh OTHER/mesh.py] [--litellm VENV/bin/litellm] [--herd VENV/bin]
 
 Three stand-in Ollama backends (asyncio, one process each, one write per token as
 Ollama's Go server flushes one line per token) serve every contender in the same run:
@@ -9,14 +9,23 @@ Ollama's Go server flushes one line per token) serve every contender in the same
   nginx     Debian's nginx as the yardstick: upstream least_conn, keepalive, no buffering
   mesh/http mesh.py serve, the three backends as `transport=http` nodes
   mesh/ssh  mesh.py serve, each backend behind its own real sshd (tests/lab.py)
+  litellm   (optional) LiteLLM's proxy, one `ollama/m:1` deployment per backend; the
+            client speaks OpenAI's /v1/completions (SSE), as LiteLLM's users do
+  herd      (optional) Ollama Herd: its router and one herd-node per backend; the client
+            speaks Ollama's /api/generate
+LiteLLM and Herd come from a throwaway venv (never a dependency) and run only inside a
+network namespace with nothing but loopback: asked for them, the bench runs itself again
+under `unshare --net` (root), so whatever they try to reach beyond 127.0.0.1 fails at once
+(their opt-outs are set too: telemetry off, no cost-map download, nodes told the router's URL).
 Figures, interleaved per round: one long stream's tokens/s and router CPU per chunk;
 N concurrent streams' wall time and router CPU; small requests' added latency p50/p99;
 a whole short stream over SSH on a master mesh started and on one it reuses; a burst
 of simultaneous connects (how many waited for a SYN retry).  Every response is
-checked (status, token count, done line, the node header).  Router CPU is the
+checked (status, token count, done line or finish_reason, the first token echoing the
+prompt's hash, the node header).  Router CPU is the
 router's own processes (mesh.py; nginx's worker), read from /proc; for mesh/ssh the
-ssh masters' CPU is shown apart.  Not part of the test run; skips nginx with a
-message where it is not installed.
+ssh masters' CPU is shown apart (and Herd's nodes').  Not part of the test run; skips nginx with a
+message where it is not installed, and LiteLLM/Herd where not given or no namespace can be made.
 """
 
 import argparse
