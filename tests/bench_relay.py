@@ -674,7 +674,7 @@ def report(contenders, res, short_fresh, short_reused, versions):
     only_ssh = lambda v: [v if n == "mesh/ssh" else "" for n in names]  # noqa: E731
     apart = [c.name for c in contenders if c.extra_pids_fn]
     has_nginx = "nginx" in names
-    w = max(14, max(len(n) for n in names) + 2)
+    w = max(15, max(len(n) for n in names) + 2)
     print()
     print(f"{'figure':<44}" + "".join(f"{n:>{w}}" for n in names) + "   target (mesh vs nginx/direct)")
 
