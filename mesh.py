@@ -4290,6 +4290,21 @@ def start_rank(knock: Optional[str], failed_lately: bool) -> Optional[int]:
     return 1
 
 
+def _knock_budget(knocks: int, soft: Optional[int], hard: Optional[int],
+                 limit: int = MAX_MASTER_STARTS) -> Tuple[Optional[int], int]:
+    """(soft open-files limit to set, knocks in flight at once) for `knocks` nodes to knock
+    on, given the process's soft and hard RLIMIT_NOFILE (None: unlimited) and the master
+    starts at once (`limit`).  Knocks take at most a quarter of the soft limit (the rest is
+    for ssh's pipes, the nodes' connections and serve's clients); the soft limit is raised,
+    never past the hard one, so that every node can be knocked at once - as Go's runtime
+    raises it to the hard limit at start - but only as far as that needs."""
+    want = 4 * knocks + 1024
+    if soft is not None and soft < want:
+        soft = want if hard is None else max(soft, min(hard, want))
+    quarter = (1 << 16) if soft is None else soft // 4
+    return soft, max(limit, min(knocks, quarter))
+
+
 class _StartGate:
     """At most `limit` ssh masters connecting at once; shared by the nodes of one
     orchestrator.  With hundreds of nodes, many of them dead, a start for each at once
@@ -4323,16 +4338,29 @@ class _StartGate:
 
     def knock_slots(self) -> "asyncio.Semaphore":
         """Knocks in flight at once: each holds a socket (a file descriptor) for up to the
-        connect timeout; a quarter of the process's soft limit is theirs."""
+        connect timeout.  The soft open-files limit is raised first when the hard one
+        allows (_knock_budget): with the common default of 1024, a quarter of it let 256
+        silent nodes listed first hold every knock for the whole connect timeout while
+        the live ones listed after them waited."""
         if self._knock_slots is None:
             try:
                 import resource
-                soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-                if soft == resource.RLIM_INFINITY:
-                    soft = 1 << 16
+                unlimited = resource.RLIM_INFINITY
+                soft, hard = (None if v == unlimited else v
+                              for v in resource.getrlimit(resource.RLIMIT_NOFILE))
+                raised, slots = _knock_budget(self.knockable, soft, hard, self.limit)
+                if raised != soft:
+                    try:
+                        resource.setrlimit(resource.RLIMIT_NOFILE,
+                                           (raised, unlimited if hard is None else hard))
+                    except (OSError, ValueError):   # e.g. macOS caps it below RLIM_INFINITY
+                        _, slots = _knock_budget(self.knockable, soft, soft, self.limit)
+                    else:
+                        logger.debug("open files limit raised from %s to %s for %s knocks",
+                                     soft, raised, self.knockable)
             except (ImportError, OSError, ValueError):
-                soft = 1024
-            self._knock_slots = asyncio.Semaphore(max(self.limit, soft // 4))
+                slots = max(self.limit, 1024 // 4)
+            self._knock_slots = asyncio.Semaphore(slots)
         return self._knock_slots
 
     def _cap(self, rank: int) -> int:
@@ -5037,8 +5065,10 @@ class SSHTransport(Transport):
         import socket
         host, port = self.knock_address
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.connect_timeout
         async with self.start_gate.knock_slots():
+            # the connect timeout counts from here: a knock that waited for a slot (behind
+            # hundreds of silent ones) would otherwise call a live node silent unheard
+            deadline = loop.time() + self.connect_timeout
             addresses = [host] if _is_ip_literal(host) else None
             if addresses is None:
                 try:   # through the loop (a thread): a slow resolver does not stall the others

@@ -599,6 +599,45 @@ def test_knock(target, host, verdict):
             s.close()
 
 
+def test_knock_waiting_for_a_slot_keeps_its_connect_timeout():
+    """Knocks beyond the gate's slots wait behind the silent ones: a live node knocked
+    after that wait still answers (its connect timeout was spent in the queue: 'silent',
+    started last - with the open-files limit at 1024, 300 silent nodes listed first kept
+    the live ones from starting for 50 s)."""
+    import socket
+    quiet_port, keep = silent_port()
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    keep.append(srv)
+
+    async def go():
+        gate = mesh._StartGate(1)
+        gate._knock_slots = asyncio.Semaphore(1)     # as when the open-files limit is reached
+        ts = [mesh.SSHTransport(name, "localhost", 11434, config=None, ssh="ssh", connect_timeout=1,
+                                control_persist=1, start_gate=gate, knock_address=("127.0.0.1", port))
+              for name, port in (("quiet", quiet_port), ("live", srv.getsockname()[1]))]
+        return await asyncio.gather(*(t.knock() for t in ts))
+    try:
+        assert run(go()) == ["silent", "answered"]
+    finally:
+        for s in keep:
+            s.close()
+
+
+@pytest.mark.parametrize("knocks, soft, hard, budget", [
+    (500, 1024, 524288, (3024, 500)),       # the usual desktop default: raised as far as needed
+    (500, 1024, 1024, (1024, 256)),         # a hard limit: a quarter of it
+    (500, 1024, None, (3024, 500)),         # unlimited hard limit
+    (500, 65536, 65536, (65536, 500)),      # enough already: left alone
+    (500, None, None, (None, 500)),
+    (10, 256, 256, (256, 64)),              # never fewer than the master starts at once
+    (0, 1024, 524288, (1024, 64)),          # nothing to knock on
+])
+def test_knock_budget(knocks, soft, hard, budget):
+    assert mesh._knock_budget(knocks, soft, hard, 64) == budget
+
+
 def test_many_nodes_knocked_before_ssh(mesh_env, tmp_path):
     """More nodes than master starts at once (max_starts lowered to 1): each ssh port is
     knocked on first - the node that answers gets the one start slot although a silent
