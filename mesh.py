@@ -7568,7 +7568,9 @@ poll();
 #   Route, Router  (method, path pattern) -> handler; a table per API
 #   OllamaAPI      Ollama's API (and MeshOpsAPI: mesh's own operations)
 #   Exchange       one request and its response: what a handler gets
-#   StreamRelay    moves a node's streamed reply to the client
+#   StreamRelay    moves a node's streamed reply to the client (RawStream.relay_rest)
+#   _ClientReader  a client connection's protocol: its bytes, and its leaving, which
+#                  cancels the request's task (no task per request watches it)
 #   MeshServer     connections: reading heads and bodies, keep-alive, errors
 # ---------------------------------------------------------------------------
 

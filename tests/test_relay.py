@@ -189,6 +189,7 @@ def test_a_client_that_reads_slowly_gets_the_whole_stream(lab):
     try:
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(60)             # a stall fails the test instead of hanging it
         sock.connect(("127.0.0.1", s.port))
         body = json.dumps({"model": "m:1", "prompt": "x"}).encode()
         sock.sendall(b"POST /api/generate HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
