@@ -4818,12 +4818,15 @@ def curl_command(url: str, body_size: Optional[int], method: Optional[str] = Non
     # list's stdin would be /dev/null.  `exec 2>` rather than a redirection on the group:
     # dash keeps a copy of the old fd 2 for a group's redirection, and the watcher would
     # hold ssh's stderr open (its end is what mesh waits for to read why curl failed).
-    # The watcher kills the group only while the shell ($$) still leads it: after a
-    # normal end the shell is gone, and under an sshd without setsid() the group is not
-    # ours.  `exec sh`: the login shell makes way, so sh is the session's leader.
+    # The watcher kills the group only while the shell ($$, its $1) still leads it: after
+    # a normal end the shell is gone, and under an sshd without setsid() the group is not
+    # ours.  `exec sh`: the login shell makes way, so sh is the session's leader.  The
+    # watcher is a command of its own (sh -c), not a { group } of the forked shell: mksh
+    # keeps a copy of the pipe to curl in a subshell, and a subshell waiting for `cat`
+    # held curl's stdin open - curl never sent the body, every request with one hung.
     body = f"head -c {int(body_size)}; " if body_size is not None else ""
-    ours = "g=$(cut -d' ' -f5 /proc/$$/stat || ps -o pgid= -p $$); [ \"$g\" -eq $$ ] && kill 0"
-    script = (f"exec 3<&0; {{ exec 2>/dev/null; {body}exec >&-; {{ cat >/dev/null; {ours}; }} <&3 & }} | "
+    watch = "cat >/dev/null; g=$(cut -d\" \" -f5 /proc/$1/stat || ps -o pgid= -p $1); [ \"$g\" -eq $1 ] && kill 0"
+    script = (f"exec 3<&0; {{ exec 2>/dev/null; {body}exec >&-; sh -c {shlex.quote(watch)} sh $$ <&3 & }} | "
               f"{' '.join(map(shlex.quote, curl))} 3<&-")
     return "exec sh -c " + shlex.quote(script)
 

@@ -482,6 +482,56 @@ def test_exec_transport_command_ends_curl_when_stdin_ends(own_group):
         fake.close()
 
 
+@pytest.mark.parametrize("shell", ["dash", "bash", "mksh", "busybox"])
+def test_exec_transport_command_under_other_shells(shell, tmp_path):
+    """The node's `sh` is whatever its PATH finds (mksh on some BSD-likes, busybox on
+    Alpine): a reply comes back for a request with a body, and a client that leaves
+    still ends curl.  Under mksh a subshell kept a copy of the pipe to curl, so curl
+    never saw the body's end: every request with a body hung."""
+    import subprocess
+    import threading
+    from lab import FakeOllama
+    found = shutil.which(shell)
+    if not found:
+        pytest.skip(f"{shell} not installed")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in (["sh", "head", "cut", "cat", "ps"] if shell == "busybox" else ["sh"]):
+        (bin_dir / tool).symlink_to(found)         # busybox: its applets, as on Alpine
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    fake = FakeOllama(["m:1"])
+    body = json.dumps({"model": "m:1", "prompt": "x", "stream": False}).encode()
+    cmd = mesh.curl_command(f"http://127.0.0.1:{fake.port}/api/generate", len(body))
+    procs = []
+
+    def start():
+        p = subprocess.Popen(["sh", "-c", cmd], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+        procs.append(p)
+        p.stdin.write(body)
+        p.stdin.flush()
+        return p
+    try:
+        p, out = start(), []
+        reader = threading.Thread(target=lambda: out.append(p.stdout.read()), daemon=True)
+        reader.start()
+        reader.join(30)                              # stdin still open, as mesh keeps it
+        assert out, "no reply while stdin stays open"
+        assert json.loads(out[0].split(b"\r\n\r\n", 1)[1])["response"] == "Hello from fake."
+        p.stdin.close()
+        fake.delay = 60
+        p = start()
+        wait_for(lambda: fake.active == 1, 10, "the generation to start")
+        p.stdin.close()
+        wait_for(lambda: fake.cancelled == 1, 10, "the generation to be cancelled")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
+        fake.close()
+
+
 def test_curl_fallback_names_a_stopped_ollama(lab):
     fake = lab.add_node("locked", ["m:1"], allow_forwarding=False)
     fake.stop()
