@@ -4284,7 +4284,11 @@ def start_rank(knock: Optional[str], failed_lately: bool) -> Optional[int]:
     if knock == "refused":
         return None         # ssh would say "Connection refused" after spending a process on it
     if knock == "answered":
-        return 0            # something listens there: most likely a live sshd
+        # something listens there: most likely a live sshd - unless its last start failed
+        # there (a hung machine whose kernel still completes handshakes, a firewall that
+        # answers for everything): those go after the ones with no such mark, or 150 of
+        # them listed first held every slot for a connect timeout on every run
+        return 1 if failed_lately else 0
     if knock == "silent" or failed_lately:
         return 2
     return 1

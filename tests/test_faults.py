@@ -565,7 +565,8 @@ def test_killed_master_is_replaced_for_per_request_transports(mesh_env, transpor
 
 
 @pytest.mark.parametrize("knock, failed_lately, rank", [
-    ("answered", False, 0), ("answered", True, 0),     # it answers now: first, whatever it did before
+    ("answered", False, 0),                             # it answers: first
+    ("answered", True, 1),      # answers, but its ssh failed lately (a hung host's kernel): after those
     (None, False, 1),                                   # not knocked (few nodes, ProxyJump): as listed
     (None, True, 2), ("silent", False, 2), ("silent", True, 2),
     ("refused", False, None), ("refused", True, None),  # down: no ssh process at all
