@@ -4281,15 +4281,19 @@ def start_rank(knock: Optional[str], failed_lately: bool) -> Optional[int]:
     the node was not knocked (a small pool; ProxyJump/ProxyCommand; an address only ssh
     knows; a connect that failed otherwise).  failed_lately: the node's last master start
     failed (its `.down` mark)."""
-    if knock == "refused":
-        return None         # ssh would say "Connection refused" after spending a process on it
+    if knock in ("refused", "silent"):
+        # ssh would say "Connection refused", or "Connection timed out" after the same
+        # ConnectTimeout (shared by the addresses, as the knock's), after spending a process
+        # on it - and a silent node started last made `test`, `list` and `ps` wait two
+        # connect timeouts for it
+        return None
     if knock == "answered":
         # something listens there: most likely a live sshd - unless its last start failed
         # there (a hung machine whose kernel still completes handshakes, a firewall that
         # answers for everything): those go after the ones with no such mark, or 150 of
         # them listed first held every slot for a connect timeout on every run
         return 1 if failed_lately else 0
-    if knock == "silent" or failed_lately:
+    if failed_lately:
         return 2
     return 1
 
@@ -4315,9 +4319,9 @@ class _StartGate:
     is a fork storm that slows the live ones too (and every ssh waits out its
     ConnectTimeout on a dead one).  Waiting starts go by rank (start_rank), then first
     come first served: a node whose ssh port answered a knock goes first, one whose last
-    start failed (a mark in the control directory, from this or an earlier run) or whose
-    port stayed silent goes last, so the live nodes are reached first even when hundreds
-    of dead ones come before them in the config.  A quarter of the slots is kept free
+    start failed (a mark in the control directory, from this or an earlier run) goes
+    later, and one whose port refused or stayed silent does not start at all, so the live
+    nodes are reached first even when hundreds of dead ones come before them in the config.  A quarter of the slots is kept free
     of each rank for the ranks before it (_cap).  `peak` is the most seen at once.
 
     Knocks happen only when the pool has more ssh nodes (`pool`) than `limit`: a small
@@ -5040,10 +5044,11 @@ class SSHTransport(Transport):
         if rank is None:
             self._mark_failed(True)
             host, port = self.knock_address or ("", 0)
-            logger.info("%s: %s port %s refused a knock; no ssh started", self.name, host, port)
+            why = "Connection refused" if knock == "refused" else "Connection timed out"
+            logger.info("%s: %s port %s: %s to a knock; no ssh started", self.name, host, port, why.lower())
             # what ssh would have said, read as any ssh failure is: the same message
             raise NodeError(self.name, describe_ssh_failure(
-                f"ssh: connect to host {host} port {port}: Connection refused", 255))
+                f"ssh: connect to host {host} port {port}: {why}", 255))
         await self.start_gate.acquire(rank=rank)
         try:
             rc, _, err = await run_command(argv, timeout=self.connect_timeout + 5)
