@@ -4310,7 +4310,7 @@ def _knock_budget(knocks: int, soft: Optional[int], hard: Optional[int],
     if soft is not None and soft < want:
         soft = want if hard is None else max(soft, min(hard, want))
     quarter = (1 << 16) if soft is None else soft // 4
-    return soft, max(limit, min(knocks, quarter))
+    return soft, max(limit, quarter)
 
 
 class _StartGate:
@@ -4337,6 +4337,8 @@ class _StartGate:
         self._waiting: List[Tuple[int, int, Any]] = []   # heap: (rank, arrival, future)
         self._arrivals = itertools.count()
         self._knock_slots: Optional[asyncio.Semaphore] = None
+        self._slots_sized_for = 0       # the knockable count the slots were made for,
+        self._slots_made = 0            # and how many they are
 
     @property
     def knocks(self) -> bool:
@@ -4349,27 +4351,37 @@ class _StartGate:
         connect timeout.  The soft open-files limit is raised first when the hard one
         allows (_knock_budget): with the common default of 1024, a quarter of it let 256
         silent nodes listed first hold every knock for the whole connect timeout while
-        the live ones listed after them waited."""
-        if self._knock_slots is None:
-            try:
-                import resource
-                unlimited = resource.RLIM_INFINITY
-                soft, hard = (None if v == unlimited else v
-                              for v in resource.getrlimit(resource.RLIMIT_NOFILE))
-                raised, slots = _knock_budget(self.knockable, soft, hard, self.limit)
-                if raised != soft:
-                    try:
-                        resource.setrlimit(resource.RLIMIT_NOFILE,
-                                           (raised, unlimited if hard is None else hard))
-                    except (OSError, ValueError):   # e.g. macOS caps it below RLIM_INFINITY
-                        _, slots = _knock_budget(self.knockable, soft, soft, self.limit)
-                    else:
-                        logger.debug("open files limit raised from %s to %s for %s knocks",
-                                     soft, raised, self.knockable)
-            except (ImportError, OSError, ValueError):
-                slots = max(self.limit, 1024 // 4)
-            self._knock_slots = asyncio.Semaphore(slots)
+        the live ones listed after them waited.  A pool that grows (serve's config
+        reload) gets more slots, and the limit raised again."""
+        if self._knock_slots is None or self.knockable > self._slots_sized_for:
+            self._slots_sized_for = self.knockable
+            slots = self._slots_for_knocks()
+            if self._knock_slots is None:
+                self._knock_slots = asyncio.Semaphore(slots)
+                self._slots_made = slots
+            while self._slots_made < slots:     # a Semaphore's counter grows by release()
+                self._knock_slots.release()
+                self._slots_made += 1
         return self._knock_slots
+
+    def _slots_for_knocks(self) -> int:
+        try:
+            import resource
+            unlimited = resource.RLIM_INFINITY
+            soft, hard = (None if v == unlimited else v
+                          for v in resource.getrlimit(resource.RLIMIT_NOFILE))
+            raised, slots = _knock_budget(self.knockable, soft, hard, self.limit)
+            if raised != soft:
+                try:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (raised, unlimited if hard is None else hard))
+                except (OSError, ValueError):   # e.g. macOS caps it below RLIM_INFINITY
+                    _, slots = _knock_budget(self.knockable, soft, soft, self.limit)
+                else:
+                    logger.debug("open files limit raised from %s to %s for %s knocks",
+                                 soft, raised, self.knockable)
+            return slots
+        except (ImportError, OSError, ValueError):
+            return max(self.limit, 1024 // 4)
 
     def _cap(self, rank: int) -> int:
         """How many may be starting when a start of this rank takes a slot.  A quarter of

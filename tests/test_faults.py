@@ -677,14 +677,45 @@ def test_knock_waiting_for_a_slot_keeps_its_connect_timeout():
             s.close()
 
 
+def test_knock_slots_grow_with_the_pool():
+    """serve's config reload adds nodes: the knock slots (and the open-files limit) grow
+    with them; made for the first pool only, they stayed its size."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4 * 3000 + 1024:
+        pytest.skip("hard open-files limit too low to grow into")
+
+    async def free(sem):            # knocks that could start now
+        n = 0
+        while not sem.locked():
+            await sem.acquire()
+            n += 1
+        for _ in range(n):
+            sem.release()
+        return n
+
+    async def go():
+        gate = mesh._StartGate(4)
+        gate.pool = gate.knockable = 10
+        small = await free(gate.knock_slots())
+        gate.pool = gate.knockable = 3000
+        return small, await free(gate.knock_slots())
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))      # the common default
+    try:
+        assert run(go()) == ((4 * 10 + 1024) // 4, (4 * 3000 + 1024) // 4)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == 4 * 3000 + 1024
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 @pytest.mark.parametrize("knocks, soft, hard, budget", [
-    (500, 1024, 524288, (3024, 500)),       # the usual desktop default: raised as far as needed
+    (500, 1024, 524288, (3024, 756)),       # the usual desktop default: raised as far as needed
     (500, 1024, 1024, (1024, 256)),         # a hard limit: a quarter of it
-    (500, 1024, None, (3024, 500)),         # unlimited hard limit
-    (500, 65536, 65536, (65536, 500)),      # enough already: left alone
-    (500, None, None, (None, 500)),
+    (500, 1024, None, (3024, 756)),         # unlimited hard limit
+    (500, 65536, 65536, (65536, 16384)),    # enough already: left alone
+    (500, None, None, (None, 65536)),
     (10, 256, 256, (256, 64)),              # never fewer than the master starts at once
-    (0, 1024, 524288, (1024, 64)),          # nothing to knock on
+    (0, 1024, 524288, (1024, 256)),         # nothing to knock on
 ])
 def test_knock_budget(knocks, soft, hard, budget):
     assert mesh._knock_budget(knocks, soft, hard, 64) == budget
