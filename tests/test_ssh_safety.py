@@ -274,17 +274,24 @@ def test_no_marked_host_means_the_local_ollama_with_a_note(lab, tmp_path):
 
 # -- one master per resolved destination ----------------------------------------------------
 
-@needs_sshd
-def test_a_changed_hostname_moves_requests_and_retires_the_old_master(mesh_env):
-    """The same alias, re-pointed at another machine: a new master for the new one,
-    the old master ended, nothing sent to the old machine any more."""
-    lab = mesh_env
+def _alias_n(lab):
+    """Two machines, "first" and "second", and a function that points alias n (the only
+    Host in the config) at one of them, as an edit of its HostName and Port does."""
     lab.add_node("first", ["m:1"])
     lab.add_node("second", ["m:1"])
 
     def point_n_at(name):
         with open(lab.config_path, "w") as fh:
             fh.write(lab.host_block(name).replace(f"Host {name}\n", "Host n\n"))
+    return point_n_at
+
+
+@needs_sshd
+def test_a_changed_hostname_moves_requests_and_retires_the_old_master(mesh_env):
+    """The same alias, re-pointed at another machine: a new master for the new one,
+    the old master ended, nothing sent to the old machine any more."""
+    lab = mesh_env
+    point_n_at = _alias_n(lab)
 
     async def go():
         point_n_at("first")
@@ -312,12 +319,7 @@ def test_a_one_shot_command_after_an_edit_retires_the_old_master(mesh_env):
     master the previous command left for the old one ends instead of staying connected
     for ControlPersist seconds; `connections` lists only the new one."""
     lab = mesh_env
-    lab.add_node("first", ["m:1"])
-    lab.add_node("second", ["m:1"])
-
-    def point_n_at(name):
-        with open(lab.config_path, "w") as fh:
-            fh.write(lab.host_block(name).replace(f"Host {name}\n", "Host n\n"))
+    point_n_at = _alias_n(lab)
 
     point_n_at("first")
     p = lab.run("generate", "--model", "m:1", "x")
