@@ -5906,7 +5906,12 @@ class RawStream:
             return out
         if scan.done or not data:
             self._ended = True
-            self._finish(cut)
+            try:
+                self._finish(cut)
+            except NodeError:
+                if not out:
+                    raise
+                return out      # pass on what came; the error (self._error) ends the reply next
             if not out and scan.lines == 0 and not scan.sse:
                 raise NodeError(node, "empty reply", retryable=first)
             return out
@@ -6005,26 +6010,32 @@ class _NodeRelay:
         raw, ex = self.raw, self.ex
         try:
             payload = ex.unframe(data)
-            block = raw._take(payload, None, False) if payload else None
+            if payload:
+                self._pass(raw._take(payload, None, False))
             if ex._complete and not raw._ended and raw._error is None:
-                tail = raw._take(b"", None, False)      # the body's end: the scanner's too
-                block = (block or b"") + (tail or b"")
+                # The body's end, the scanner's too: what came with it is passed on
+                # before an error that end may raise (a reply without its final line).
+                self._pass(raw._take(b"", None, False))
         except NodeError as exc:
             self._end(exc)
             return
         except ProtocolError as exc:
             self._end(NodeError(raw.node, f"bad reply: {exc}", retryable=False))
             return
-        if block:
-            raw._relayed = True
-            if self.write(block):
-                self.full = True
-                self.transport.pause_reading()
-                self._wake()
         if raw._error is not None:
             self._end(raw._error)
         elif raw._ended:
             self._end(None)
+
+    def _pass(self, block: Optional[bytes]) -> None:
+        """A block to the receiver; when it is full, stop reading the node."""
+        if not block:
+            return
+        self.raw._relayed = True
+        if self.write(block) and not self.full:
+            self.full = True
+            self.transport.pause_reading()
+            self._wake()
 
     def eof_received(self) -> Any:
         self._cut()
@@ -6051,12 +6062,10 @@ class _NodeRelay:
         except _CutOff as exc:
             cut = exc
         try:
-            block = raw._take(b"", cut, False)
+            self._pass(raw._take(b"", cut, False))
         except NodeError as exc:
             self._end(exc)
             return
-        if block:
-            self.write(block)
         self._end(raw._error)
 
     def _check(self) -> None:

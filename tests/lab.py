@@ -66,7 +66,8 @@ class FakeOllama:
     error_line (an error mid-stream, `error_text`), badhead (not HTTP at all),
     bad_line (a line that is not JSON mid-stream), after_done (more lines after
     done, then the reply held open - for stream:false too), done_reason (a last line
-    with done_reason but no done).
+    with done_reason but no done), no_final (the body ends properly without the final
+    line, the last token sent in one write with the body's end).
     `lacks`: paths (or prefixes ending in "/") this Ollama is too old to have; they
     get Go's plain-text `404 page not found`, as a real old Ollama answers.
     `old=True` is an Ollama from before /api/embed and the /v1 endpoints.
@@ -567,6 +568,11 @@ class _OllamaShapes:
                 self.close_connection = True
                 self.wfile.flush()
                 return  # no terminating chunk
+            if fake.mode == "no_final" and i == len(tokens) - 1:
+                line = json.dumps(self._piece(model, chat, tok, False)).encode() + b"\n"
+                self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(line), line))
+                self.wfile.flush()
+                return
             self._chunk(self._piece(model, chat, tok, False))
             self._pace()
         self._hold()

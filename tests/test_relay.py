@@ -179,6 +179,16 @@ def test_node_cut_off_or_silent_mid_stream_ends_with_an_error_line(hostile, lab)
     assert [g["done"] for g in lines(post(s, {"model": "m:1", "prompt": "x"})[2])][-1] is True
 
 
+def test_a_reply_that_ends_without_its_final_line_loses_no_token(hostile):
+    """The body's proper end arriving in the same read as the last tokens, no done line:
+    those tokens are passed on, then the error line (they were dropped with the error)."""
+    fake, s = hostile
+    fake.mode, fake.token_delay = "no_final", 0.05   # paced: the end comes to the relay, not the first read
+    got = lines(post(s, {"model": "m:1", "prompt": "x"})[2])
+    assert [g.get("response") for g in got[:-1]] == ["Hello", " \ud800", " there"] and list(got[-1]) == ["error"]
+    assert "stream ended before the final chunk (truncated)" in got[-1]["error"]
+
+
 def test_a_client_that_reads_slowly_gets_the_whole_stream(lab):
     """A reply far larger than the socket buffers, to a client with a small receive
     buffer: serve stops reading the node while the client is behind (no unbounded
