@@ -8081,6 +8081,9 @@ class _ClientReader:
             self.transport.pause_reading()
 
     def eof_received(self) -> bool:
+        if self._on_gone is not None and self._buf:
+            self.eof = True     # pipelined, then half-closed: see left()
+            return True
         self._gone()
         return True         # half-closed: the reply can still be written
 
@@ -8116,10 +8119,19 @@ class _ClientReader:
             waiter.set_result(None)
 
     # -- for the front -------------------------------------------------------------
+    def left(self) -> bool:
+        """Whether the client has gone: its connection is lost, or it closed its side
+        with no request of its own waiting.  A client that pipelined its next request
+        and then half-closed has said all it will, not left: the reply being made goes
+        on (Go's net/http stops watching at the first pipelined byte; nginx peeks and
+        sees it), and the connection closes after it.  A client really gone shows
+        when the reply is written to it (connection_lost)."""
+        return self.lost or (self.eof and not self._buf)
+
     def watch(self, on_gone: Any) -> None:
-        """Call on_gone() once if the client closes its side or the connection before
-        unwatch() (at once if it already has)."""
-        if self.eof:
+        """Call on_gone() once if the client leaves (left()) before unwatch() (at once
+        if it already has)."""
+        if self.left():
             on_gone()
             return
         self._on_gone = on_gone
@@ -8493,7 +8505,7 @@ class Exchange:
         the client connection's protocol, which learns of the client leaving anyway,
         cancels it (no watching task, no asyncio.wait per request)."""
         reader = self.conn.reader
-        if reader.eof:
+        if reader.left():
             work.close()
             return self._client_left(what)
         task = asyncio.current_task()

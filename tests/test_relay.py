@@ -189,6 +189,30 @@ def test_a_reply_that_ends_without_its_final_line_loses_no_token(hostile):
     assert "stream ended before the final chunk (truncated)" in got[-1]["error"]
 
 
+def test_a_client_that_pipelines_then_half_closes_gets_its_reply(hostile):
+    """Two requests sent together, then the client's side closed (it has said all it
+    will): the first is answered whole, as Go's net/http and nginx do, not cancelled
+    as if the client had left; the connection closes after it."""
+    _, s = hostile
+    body = json.dumps({"model": "m:1", "prompt": "x"}).encode()
+    req = (b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    sock = socket.create_connection(("127.0.0.1", s.port))
+    sock.settimeout(30)
+    sock.sendall(req + req)
+    sock.shutdown(socket.SHUT_WR)
+    data = b""
+    while True:
+        piece = sock.recv(65536)
+        if not piece:
+            break
+        data += piece
+    sock.close()
+    head, _, payload = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and payload.endswith(b"0\r\n\r\n")
+    assert b'"done": true' in payload and b"HTTP/1.1" not in payload
+
+
 def test_a_client_that_reads_slowly_gets_the_whole_stream(lab):
     """A reply far larger than the socket buffers, to a client with a small receive
     buffer: serve stops reading the node while the client is behind (no unbounded
