@@ -6184,8 +6184,8 @@ class MeshOrchestrator:
     to every other candidate as before; a node that keeps answering is waited for.
     max_starts: ssh masters connecting at once (default 64); the others wait their turn.
         With more ssh nodes than that, each node's ssh port is first knocked on (a
-        plain TCP connect, closed at once): answering nodes start first, refusing ones
-        are down without an ssh process, silent ones start last (start_rank).
+        plain TCP connect, closed at once): answering nodes start first, refusing and
+        silent ones are down without an ssh process (start_rank).
     """
 
     def __init__(self, config: Optional[str] = None, nodes: Optional[Sequence[str]] = None, *,
