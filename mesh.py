@@ -4946,9 +4946,15 @@ class SSHTransport(Transport):
         for option in SSH_OPTIONS:
             argv += ["-o", option]
         argv += ["-o", f"ControlPath={ssh_quote(self.ctl)}",
-                 "-o", f"ConnectTimeout={max(1, int(round(self.connect_timeout)))}"]
+                 "-o", f"ConnectTimeout={self.ssh_connect_timeout}"]
         argv += list(extra)
         return argv
+
+    @property
+    def ssh_connect_timeout(self) -> int:
+        """ssh's ConnectTimeout for connect_timeout: whole seconds, at least 1 (ssh takes
+        no fractions).  A knock waits exactly as long: its verdict stands for ssh's."""
+        return max(1, int(round(self.connect_timeout)))
 
     def _mux(self, op: str, *extra: str) -> List[str]:
         """`ssh -O op` to our master.  `-F none`: a mux client sends the LocalForward and
@@ -5092,7 +5098,7 @@ class SSHTransport(Transport):
         async with self.start_gate.knock_slots():
             # the connect timeout counts from here: a knock that waited for a slot (behind
             # hundreds of silent ones) would otherwise call a live node silent unheard
-            deadline = loop.time() + self.connect_timeout
+            deadline = loop.time() + self.ssh_connect_timeout
             addresses = [host] if _is_ip_literal(host) else None
             if addresses is None:
                 try:   # through the loop (a thread): a slow resolver does not stall the others

@@ -651,6 +651,16 @@ def test_knock(target, host, verdict):
             s.close()
 
 
+@pytest.mark.parametrize("connect_timeout, seconds", [(0.3, 1), (1, 1), (2.5, 2), (10, 10)])
+def test_knock_waits_as_long_as_ssh(connect_timeout, seconds):
+    """A silent knock is the node's verdict (down, no ssh): it waits ssh's own
+    ConnectTimeout, whole seconds and at least 1, not a `--connect-timeout 0.3` ssh
+    never applies."""
+    t = mesh.SSHTransport("n", "localhost", 11434, config=None, ssh="ssh", connect_timeout=connect_timeout,
+                          control_persist=1, start_gate=mesh._StartGate(1), knock_address=("127.0.0.1", 22))
+    assert t.ssh_connect_timeout == seconds          # ssh's -o ConnectTimeout and the knock's wait
+
+
 def test_knock_waiting_for_a_slot_keeps_its_connect_timeout():
     """Knocks beyond the gate's slots wait behind the silent ones: a live node knocked
     after that wait still answers (its connect timeout was spent in the queue: 'silent',
