@@ -174,8 +174,14 @@ def test_node_killed_mid_answer_keeps_the_session_and_verbose_names_the_node(lab
         term.type("/set verbose\r")
         term.expect(">>> ")
         term.type("go\r")
-        term.expect(" ")
-        serving = wait_for(lambda: [n for n, f in lab.fakes.items() if f.active], 10, "a node to answer")[0]
+        # Two tokens on the screen: the answer has begun (the spinner before it draws a
+        # space too, and a node killed before its first token is rightly replaced).
+        marks = {"alpha": b"a a ", "beta": b"b b "}
+
+        def answering():
+            term._pump()
+            return [n for n, mark in marks.items() if term.seen.find(mark, term.mark) >= 0]
+        serving = wait_for(answering, 20, "the answer to begin")[0]
         other = "beta" if serving == "alpha" else "alpha"
         lab.nodes[serving].kill()
         broke = term.expect(">>> ").decode()
