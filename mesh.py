@@ -6580,6 +6580,12 @@ class MeshOrchestrator:
         except NodeError as exc:
             result["error"] = exc.reason
             self._mark_down(node, exc.reason)
+        except OSError as exc:
+            # mesh.py's own limits (out of file descriptors or processes): no ssh could be
+            # started; the node is asked again at its next check, like any down node.
+            reason = f"mesh.py could not start ssh for it: {exc.strerror or exc}"
+            result["error"] = reason
+            self._mark_down(node, reason)
         else:
             result.update(ok=True, version=node.version,
                           models=sorted(m["name"] for m in node.models.values()),

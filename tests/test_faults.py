@@ -827,3 +827,28 @@ def test_many_dead_nodes(mesh_env):
     finally:
         for pid in _pids_matching(marker):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_check_that_cannot_start_ssh_says_why(lab):
+    """mesh.py out of file descriptors (a busy serve under `ulimit -n`): the node's check
+    says why in one reason - no "Task exception was never retrieved" traceback on serve's
+    stderr - and the node is used again once descriptors are free."""
+    import resource
+    lab.add_node("a", ["m:1"])
+
+    async def go():
+        async with mesh.MeshOrchestrator(config=lab.config_path, **FAST) as m:
+            node = m.node("a")
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            lowest = os.dup(0)       # the descriptor the next open would get
+            os.close(lowest)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, hard))
+            try:
+                failed = await m.check_node(node)
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            return failed, await m.check_node(node)
+
+    failed, again = run(go())
+    assert not failed.get("ok") and "could not start ssh for it: Too many open files" in failed["error"]
+    assert again.get("ok") and again["models"] == ["m:1"]
