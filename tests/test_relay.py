@@ -189,6 +189,18 @@ def test_a_reply_that_ends_without_its_final_line_loses_no_token(hostile):
     assert "stream ended before the final chunk (truncated)" in got[-1]["error"]
 
 
+def read_to_end(sock, size=65536):
+    """Everything the socket gives until serve closes it; the socket is closed."""
+    data = bytearray()
+    while True:
+        piece = sock.recv(size)
+        if not piece:
+            break
+        data += piece
+    sock.close()
+    return bytes(data)
+
+
 def test_a_client_that_pipelines_then_half_closes_gets_its_reply(hostile):
     """Two requests sent together, then the client's side closed (it has said all it
     will): the first is answered whole, as Go's net/http and nginx do, not cancelled
@@ -201,13 +213,7 @@ def test_a_client_that_pipelines_then_half_closes_gets_its_reply(hostile):
     sock.settimeout(30)
     sock.sendall(req + req)
     sock.shutdown(socket.SHUT_WR)
-    data = b""
-    while True:
-        piece = sock.recv(65536)
-        if not piece:
-            break
-        data += piece
-    sock.close()
+    data = read_to_end(sock)
     head, _, payload = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and payload.endswith(b"0\r\n\r\n")
     assert b'"done": true' in payload and b"HTTP/1.1" not in payload
@@ -228,14 +234,9 @@ def test_a_client_that_reads_slowly_gets_the_whole_stream(lab):
         body = json.dumps({"model": "m:1", "prompt": "x"}).encode()
         sock.sendall(b"POST /api/generate HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        data = bytearray(sock.recv(1024))
+        first = sock.recv(1024)
         time.sleep(1)                   # a client busy elsewhere: what it was sent piles up in serve
-        while True:
-            piece = sock.recv(1024)
-            if not piece:
-                break
-            data += piece
-        sock.close()
+        data = first + read_to_end(sock, 1024)
     finally:
         s.stop()
     head, _, payload = bytes(data).partition(b"\r\n\r\n")
