@@ -4426,17 +4426,6 @@ class _StartGate:
             return
 
 
-def _is_ip_literal(host: str) -> bool:
-    import socket
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            socket.inet_pton(family, host)
-            return True
-        except (OSError, ValueError):
-            pass
-    return False
-
-
 def _which(program: str) -> str:
     """An absolute path, so subprocess can use posix_spawn (much cheaper than fork
     for a large process: it matters when `test` starts hundreds of masters)."""
@@ -5099,7 +5088,8 @@ class SSHTransport(Transport):
             # the connect timeout counts from here: a knock that waited for a slot (behind
             # hundreds of silent ones) would otherwise call a live node silent unheard
             deadline = loop.time() + self.ssh_connect_timeout
-            addresses = [host] if _is_ip_literal(host) else None
+            numeric = canonical_address(host)   # a numeric HostName needs no lookup
+            addresses = [numeric] if numeric else None
             if addresses is None:
                 try:   # through the loop (a thread): a slow resolver does not stall the others
                     infos = await asyncio.wait_for(
