@@ -2343,9 +2343,18 @@ def decode_json_body(body: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     a cut emoji) become U+FFFD instead of failing.  None for an empty body.  Raises
     ValueError with the message to show for a syntax error or nesting deeper than
     max_depth ("exceeded max depth", as Go says)."""
-    text = body.decode("utf-8", "replace")
+    return _decode_json(body, max_depth)[0]
+
+
+def _decode_json(body: bytes, max_depth: int = MAX_JSON_DEPTH) -> Tuple[Any, bool]:
+    """decode_json_body, and whether the body was sound as it came: valid UTF-8 with no
+    lone surrogate escapes (then the bytes say exactly what the object does)."""
+    try:
+        text, sound = body.decode("utf-8"), True
+    except UnicodeDecodeError:
+        text, sound = body.decode("utf-8", "replace"), False
     if not text.strip():
-        return None
+        return None, sound
     try:
         # Go's encoding/json has no NaN/Infinity and refuses a number a float64
         # cannot hold; Python would take both and send the node invalid JSON.
@@ -2377,7 +2386,7 @@ def decode_json_body(body: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
                 value[key] = _LONE_SURROGATE.sub("\ufffd", item)
     if fix and isinstance(obj, str):
         obj = _LONE_SURROGATE.sub("\ufffd", obj)
-    return obj
+    return obj, sound and not fix
 
 
 # The request structs of Ollama's api/types.go, and the fields mesh itself reads.
@@ -2444,6 +2453,11 @@ HTTP_REASONS = {
 _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")          # RFC 9110 5.6.2
 _VERSION_RE = re.compile(r"HTTP/(\d)\.(\d)\Z")
 _FIELD_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")          # CTLs other than HTAB
+# The common request line and field line, whole (parse_request_head's fast path): a
+# token method, a target without spaces or CTLs, HTTP/1.0 or 1.1; a token name, a value
+# of no CTL but HTAB (its surrounding blanks stripped after), the line ending in CRLF or LF.
+_REQUEST_LINE_RE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([^ \x00-\x1f\x7f]+) HTTP/1\.([01])\r?\n")
+_FIELD_LINE_RE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):([^\x00-\x08\x0a-\x1f\x7f]*)\r?\n")
 _HOST_RE = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@%\[\]]*\Z")      # reg-name / IP-literal, port
 _ABSOLUTE_RE = re.compile(r"(https?)://([^/?#]*)(.*)\Z", re.I)
 _CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;.*)?\Z")  # Go allows 16 hex digits
@@ -2516,7 +2530,23 @@ def parse_request_head(head: bytes) -> HTTPRequest:
     RFC 9112 section 6.3 calls a smuggling attempt); 501 for a transfer coding other
     than chunked; 505 for an HTTP version other than 1.0 and 1.1; 417 for an
     Expect other than 100-continue.  Every one of them closes the connection."""
-    lines = head.decode("latin-1").split("\n")
+    text = head.decode("latin-1")
+    m = _REQUEST_LINE_RE.match(text)
+    fields: List[Tuple[str, str]] = []
+    if m:
+        # The common head in one pass of two regexes; anything they do not take (and
+        # every malformed head) goes through the line-by-line checks below, which give
+        # the precise error.
+        pos, match_field = m.end(), _FIELD_LINE_RE.match
+        f = match_field(text, pos)
+        while f:
+            fields.append((f.group(1).lower(), f.group(2).strip(" \t")))
+            pos = f.end()
+            f = match_field(text, pos)
+        if text[pos:] in ("\r\n", "\n"):
+            return _request_from(m.group(1), m.group(2), (1, int(m.group(3))), fields)
+        fields = []
+    lines = text.split("\n")
     lines = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
     while lines and not lines[-1]:
         lines.pop()
@@ -2547,6 +2577,11 @@ def parse_request_head(head: bytes) -> HTTPRequest:
         if _FIELD_VALUE_BAD.search(value):
             raise HTTPError(400, f"control character in header {name}")
         fields.append((name.lower(), value))
+    return _request_from(method, target, version, fields)
+
+
+def _request_from(method: str, target: str, version: Tuple[int, int], fields: List[Tuple[str, str]]) -> HTTPRequest:
+    """The checks of parse_request_head on a head already split into its parts."""
     path, query = _parse_target(method, target)
     req = HTTPRequest(method, target, path, query, version, fields)
     hosts = [v for n, v in fields if n == "host"]
@@ -2557,10 +2592,11 @@ def parse_request_head(head: bytes) -> HTTPRequest:
     if hosts and not _HOST_RE.match(hosts[0]):
         raise HTTPError(400, "malformed Host header")
     _parse_framing(req, fields)
-    connection = {t.strip().lower() for t in req.header("connection").split(",")}
+    connection = req.headers.get("connection")
     # HTTP/1.0 connections end after one response: its body is then close-delimited.
-    req.keep_alive = version == (1, 1) and "close" not in connection
-    expect = req.header("expect").lower()
+    req.keep_alive = version == (1, 1) and (
+        connection is None or "close" not in {t.strip().lower() for t in connection.split(",")})
+    expect = req.headers.get("expect", "").lower()
     if expect and version == (1, 1):
         if expect != "100-continue":
             raise HTTPError(417, f"unsupported Expect: {expect}")
@@ -2570,7 +2606,6 @@ def parse_request_head(head: bytes) -> HTTPRequest:
 
 def _parse_target(method: str, target: str) -> Tuple[str, str]:
     """(path, query) of an origin-form or absolute-form target (RFC 9112 3.2)."""
-    from urllib.parse import unquote
     if target.startswith("/"):
         raw = target
     elif target == "*" and method == "OPTIONS":
@@ -2586,6 +2621,9 @@ def _parse_target(method: str, target: str) -> Tuple[str, str]:
             raw = "/" + raw
     raw = raw.split("#", 1)[0]
     path, _, query = raw.partition("?")
+    if "%" not in path:
+        return path, query
+    from urllib.parse import unquote
     return unquote(path), query
 
 
@@ -5782,6 +5820,7 @@ class RawStream:
         self._error: Optional[NodeError] = None
         self._handed_off = False         # the exchange finishes its body in the background
         self._whole: Dict[str, Any] = {}  # stream=False: the answer
+        self.whole_bytes: Optional[bytes] = None   # ... and its bytes, when the node sent one object
         self.route_req: Optional[RouteRequest] = None   # what the balancer planned, if it did
 
     @property
@@ -7200,11 +7239,14 @@ class MeshOrchestrator:
         obj = raw._scan.final_obj() if raw._scan.final is not None else None
         if obj is not None:
             obj = dict(obj)       # the answer (it gets "node"); final_obj stays the node's line
-        if obj is not None and raw._scan.lines > 1:
-            obj = self._merge_lines(data, obj)
+            if raw._scan.lines > 1:
+                obj = self._merge_lines(data, obj)
+            else:
+                raw.whole_bytes = data
         if obj is None:
             try:
                 obj = json.loads(data)
+                raw.whole_bytes = data
             except ValueError:
                 obj = raw._scan.final_obj()   # several lines, none done: the last one
                 obj = dict(obj) if isinstance(obj, dict) else obj
@@ -7807,6 +7849,7 @@ class OllamaAPI(_API):
             raise HTTPError(400, "model is required")
         if "model" not in payload:
             payload["model"] = payload["name"]
+            ex.clean_body = None       # the node gets the request with "model" set
         ex.model = str(payload["model"])
         return payload
 
@@ -7822,11 +7865,25 @@ class OllamaAPI(_API):
             return
         # The node's work is watched from the start: a client that leaves while a model
         # loads, or before a stream=false answer is whole, ends the node's request too.
+        # The client's own bytes go to the node unless mesh changed the request (Ollama
+        # reads them as it would have); a node's one-object answer comes back as its bytes.
+        body = ex.clean_body
         if not streaming:
-            result = await ex.unless_client_leaves(self.orch.request(path, payload, node=pinned, stream=False))
-            await ex.send_json(200, result, node=result.pop("node", None))
+            raw = await ex.unless_client_leaves(
+                self.orch.open_stream(path, payload, node=pinned, stream=False, body=body))
+            try:
+                result = raw._whole
+                result.pop("node", None)
+            finally:
+                await raw.aclose()
+            if raw.whole_bytes is None:
+                await ex.send_json(200, result, node=raw.node)
+                return
+            ex._note(result)
+            await ex.send(200, raw.whole_bytes, raw.content_type, node=raw.node)
             return
-        stream = await ex.unless_client_leaves(self.orch.open_stream(path, payload, node=pinned, stream=True))
+        stream = await ex.unless_client_leaves(
+            self.orch.open_stream(path, payload, node=pinned, stream=True, body=body))
         await self.server.relay(ex).run(stream)
 
     async def unload(self, ex: "Exchange", path: str, payload: Dict[str, Any], pinned: Optional[str]) -> None:
@@ -8314,6 +8371,7 @@ class Exchange:
         self._streaming = False
         self._body: Optional[bytes] = None
         self.extra_headers: List[Tuple[str, str]] = []   # on every response (CORS)
+        self.clean_body: Optional[bytes] = None   # json(): the body, while it says what the object does
 
     # -- the request body -----------------------------------------------------
     async def body_chunks(self, *, max_body: Optional[int] = None) -> AsyncIterator[bytes]:
@@ -8347,15 +8405,20 @@ class Exchange:
 
     async def json(self) -> Dict[str, Any]:
         """The body as a JSON object (see decode_json_body); HTTPError 400 otherwise,
-        with Ollama's messages."""
+        with Ollama's messages.  Sets clean_body to the body's bytes when they say
+        exactly what the object does; a handler that changes the object before sending
+        it on sets clean_body to None."""
+        body = await self.body()
         try:
-            payload = decode_json_body(await self.body())
+            payload, sound = _decode_json(body)
         except ValueError as exc:
             raise HTTPError(400, str(exc)) from None
         if payload is None:
             raise HTTPError(400, "missing request body")
         if not isinstance(payload, dict):
             raise HTTPError(400, "request body must be a JSON object")
+        # Invalid UTF-8 or a lone surrogate: the node gets the object re-encoded (as mended).
+        self.clean_body = body if sound else None
         return payload
 
     # -- the response ---------------------------------------------------------
