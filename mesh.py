@@ -7880,7 +7880,7 @@ class OllamaAPI(_API):
                 await ex.send_json(200, result, node=raw.node)
                 return
             ex._note(result)
-            await ex.send(200, raw.whole_bytes, raw.content_type, node=raw.node)
+            await ex.send(200, raw.whole_bytes, "application/json; charset=utf-8", node=raw.node)
             return
         stream = await ex.unless_client_leaves(
             self.orch.open_stream(path, payload, node=pinned, stream=True, body=body))
