@@ -71,6 +71,7 @@ Sections, in dependency order (each begins with a banner comment)::
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import json
 import logging
@@ -2232,10 +2233,13 @@ def _excerpt(data: bytes, limit: int = 80) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
+_STATUS_LINE_RE = re.compile(r"HTTP/1\.[01] (\d{3})")
+
+
 def parse_http_head(head: bytes) -> Tuple[int, Dict[str, str]]:
     """Status and lowercased headers of an HTTP/1.x response head."""
     lines = head.decode("latin-1").split("\r\n")
-    m = re.match(r"HTTP/1\.[01] (\d{3})", lines[0])
+    m = _STATUS_LINE_RE.match(lines[0])
     if not m:
         raise ProtocolError(f"not an HTTP response: {_excerpt(head)}")
     headers: Dict[str, str] = {}
@@ -2337,6 +2341,9 @@ def _go_json_float(text: str) -> float:
     return value
 
 
+_GO_JSON = json.JSONDecoder(parse_constant=_go_json_constant, parse_float=_go_json_float)   # made once
+
+
 def decode_json_body(body: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """A request body as JSON, read the way Go's encoding/json (Ollama) reads it:
     invalid UTF-8 and lone UTF-16 surrogates (`"\\ud83d"`, what JavaScript emits for
@@ -2358,7 +2365,7 @@ def _decode_json(body: bytes, max_depth: int = MAX_JSON_DEPTH) -> Tuple[Any, boo
     try:
         # Go's encoding/json has no NaN/Infinity and refuses a number a float64
         # cannot hold; Python would take both and send the node invalid JSON.
-        obj = json.loads(text, parse_constant=_go_json_constant, parse_float=_go_json_float)
+        obj = _GO_JSON.decode(text)
     except RecursionError:
         raise ValueError("exceeded max depth") from None
     except ValueError as exc:
@@ -2963,6 +2970,7 @@ class ReplyScanner:
             obj = self._decode(block[start:stop])
             if isinstance(obj, dict) and obj.get("done") is True:
                 self.done, self.final = True, block[start:stop]
+                self._final_line, self._final_obj = self.final, obj    # final_obj() needs no second decode
                 self.extra += len(block) - stop + len(self._tail)
                 self._tail = b""
                 self.error = self.node_error = None
@@ -3258,7 +3266,9 @@ class MetricFamily:
             self.samples[()] = 0.0
 
     def _key(self, values: Sequence[Any]) -> Tuple[str, ...]:
-        key = tuple("" if v is None else str(v) for v in values)
+        key = tuple(values)
+        if not all(type(v) is str for v in key):
+            key = tuple("" if v is None else str(v) for v in key)
         if len(key) != len(self.labels):
             raise ValueError(f"{self.name}: {len(self.labels)} label values expected, got {len(key)}")
         return key
@@ -3284,9 +3294,10 @@ class MetricFamily:
         counts = self.samples.get(key)
         if counts is None:
             counts = self.samples[key] = [[0] * len(self.buckets), 0.0, 0]
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                counts[0][i] += 1
+        # Counted in the lowest bucket that holds it; render() makes the counts cumulative.
+        i = bisect.bisect_left(self.buckets, value)
+        if i < len(self.buckets):
+            counts[0][i] += 1
         counts[1] += value
         counts[2] += 1
 
@@ -3302,7 +3313,8 @@ class MetricFamily:
             if self.kind != "histogram":
                 out.append(f"{self.name}{plain} {_prom_float(value)}")
                 continue
-            buckets, total, count = value
+            per_bucket, total, count = value
+            buckets = list(itertools.accumulate(per_bucket))
             for bound, n in list(zip(self.buckets, buckets)) + [(float("inf"), count)]:
                 le = "{" + ",".join(pairs + [f'le="{_prom_float(bound)}"']) + "}"
                 out.append(f"{self.name}_bucket{le} {n}")
@@ -3692,7 +3704,7 @@ class RouteRequest:
     fingerprints, and (once planned) the node, the reason and a ticket."""
 
     __slots__ = ("model", "tokens", "chain", "max_tokens", "arrived", "candidates", "node", "why",
-                 "ticket", "future", "path", "payload", "exclude", "concurrency")
+                 "ticket", "future", "path", "payload", "exclude", "concurrency", "fresh")
 
     def __init__(self, path: str, payload: Dict[str, Any], *, now: float) -> None:
         self.path, self.payload = path, payload
@@ -3709,6 +3721,7 @@ class RouteRequest:
         self.future: Any = None
         self.exclude: set = set()
         self.concurrency = 1
+        self.fresh = False
 
 
 class Balancer:
@@ -3734,9 +3747,10 @@ class Balancer:
         self.affinity = OrderedDict()      # fingerprint -> (node, tokens, node serial)
         self.reply_tokens: Dict[str, float] = {}
         self._tickets = 0
-        # The pool's median rates per (model, attr): they change only when a reply teaches
-        # something (finished) or a node comes; kept between plans, not worked out per request.
-        self._pool: Dict[Tuple[str, str], Optional[float]] = {}
+        # The pool's median rates per (model, attr), and per (node, model, attr) the rate a
+        # node not measured for a model is given: they change only when a reply teaches that
+        # rate (finished) or the nodes change; kept between plans, not worked out per request.
+        self._pool: Dict[Tuple[str, ...], Optional[float]] = {}
 
     def node(self, name: str, **kw: Any) -> NodeRouteState:
         st = self.nodes.get(name)
@@ -3761,17 +3775,27 @@ class Balancer:
         return None
 
     def rate(self, node: NodeRouteState, key: str, attr: str, prior: float,
-             pool: Dict[Tuple[str, str], Optional[float]]) -> float:
+             pool: Dict[Tuple[str, ...], Optional[float]]) -> float:
         st = node.stats.get(key)
-        if st is not None and getattr(st, attr):
-            return getattr(st, attr)
+        if st is not None:
+            value = getattr(st, attr)
+            if value:
+                return value
+        # Not measured here for this model: the node's other models, else the pool's.
+        # Kept in `pool` until a reply teaches this rate somewhere (finished).
+        memo = pool.get((node.name, key, attr))
+        if memo is not None:
+            return memo
         own = [getattr(s, attr) for s in node.stats.values() if getattr(s, attr)]
         if own:
-            return sum(own) / len(own)
-        if (key, attr) not in pool:
-            pool[(key, attr)] = self._pool_rate(key, attr)
-        rate = pool[(key, attr)]
-        return (rate if rate else prior) * node.weight
+            result = sum(own) / len(own)
+        else:
+            if (key, attr) not in pool:
+                pool[(key, attr)] = self._pool_rate(key, attr)
+            rate = pool[(key, attr)]
+            result = (rate if rate else prior) * node.weight
+        pool[(node.name, key, attr)] = result
+        return result
 
     def load_seconds(self, node: NodeRouteState, key: str) -> float:
         st = node.stats.get(key)
@@ -3808,6 +3832,8 @@ class Balancer:
     def eviction_cost(self, node: NodeRouteState, now: float, prompt_tps: float) -> float:
         """Seconds another conversation would lose if a new sequence took its slot: the
         least recent of our sequences there, when they fill its slots."""
+        if len(node.resident) + len(node.new_sequences) < node.slots:
+            return 0.0          # (the list below could not fill them either)
         live = [tokens for tokens, when in node.resident.values() if now - when < RESIDENT_WINDOW]
         live += node.new_sequences.values()     # conversations starting there now
         if len(live) < node.slots:
@@ -3838,7 +3864,6 @@ class Balancer:
         node.new_sequences.pop(req.ticket, None)
         if not reply:
             return False
-        self._pool.clear()
 
         def num(field: str) -> float:
             v = reply.get(field)
@@ -3851,8 +3876,10 @@ class Balancer:
         if ev_n >= 1 and ev_d > 0:
             st.gen_tps = ewma(st.gen_tps, ev_n / ev_d, 0.5)
             self.reply_tokens[req.model] = ewma(self.reply_tokens.get(req.model), ev_n, 0.3)
+            self._learned("gen_tps")
         if pr_n >= 32 and pr_d > 0:
             st.prompt_tps = ewma(st.prompt_tps, pr_n / pr_d, 0.5)
+            self._learned("prompt_tps")
         loaded_now = load_d > 0.1
         if loaded_now:
             st.load_s = ewma(st.load_s, load_d, 0.5)
@@ -3890,6 +3917,11 @@ class Balancer:
         elif req.chain:
             self._remember(req.chain[-1][0], node, req.tokens + reply_tokens, now)
         return loaded_now
+
+    def _learned(self, attr: str) -> None:
+        """A rate was measured: what rate() worked out from the others for it is stale."""
+        if self._pool:
+            self._pool = {k: v for k, v in self._pool.items() if k[-1] != attr}
 
     def _remember(self, fp: bytes, node: NodeRouteState, tokens: int, now: float) -> None:
         self.affinity[fp] = (node.name, tokens, node.serial)
@@ -6960,7 +6992,9 @@ class MeshOrchestrator:
 
     async def _acquire_planned(self, model: Optional[str], exclude: set, req: RouteRequest) -> SSHNode:
         """Wait in mesh until the router sends this request to a node (Balancer.plan)."""
-        req.candidates = [n.name for n in self._candidates(model, None, exclude)]
+        req.candidates = [n.name for n in self._candidates(model, None, exclude)
+                          if n.active_requests < n.max_concurrent]
+        req.fresh = True        # _plan need not work its candidates out again this time
         req.exclude = exclude
         req.future = asyncio.get_event_loop().create_future()
         self._waiting.append(req)
@@ -6986,6 +7020,9 @@ class MeshOrchestrator:
             return
         now = time.monotonic()
         for req in self._waiting[:PLAN_DEPTH]:
+            if req.fresh:
+                req.fresh = False
+                continue
             try:
                 req.candidates = [n.name for n in self._candidates(req.payload.get("model"), None, req.exclude)
                                   if n.active_requests < n.max_concurrent]
