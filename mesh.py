@@ -5891,7 +5891,7 @@ class RawStream:
         return StreamInterruptedError(f"{exc} (after part of the answer was sent; not retried)",
                                       node=exc.node, reason=exc.reason)
 
-    async def relay_rest(self, write: Any, drain: Any) -> None:
+    async def relay_rest(self, write: Any, drain: Any, write_chunk: Any = None) -> None:
         """Pass the rest of the reply on as it arrives: write(block) for each block (the
         node's bytes, whole lines or events, as iteration yields them); when write returns
         True the receiver is full, and the node is not read until `await drain()`
@@ -5899,13 +5899,15 @@ class RawStream:
         StreamInterruptedError as iteration does, and closes the stream on any exception.
         On a node's socket (HTTP, or an SSH forward) the bytes go from the connection's
         data_received through the dechunker and the scanner to write() in the same call,
-        no await per read (_NodeRelay); else by iteration."""
+        no await per read (_NodeRelay); else by iteration.  write_chunk(chunk, size), if
+        given (Exchange.relay_chunk_writer), takes a read that is exactly one of the
+        node's chunks holding one token line as the node framed it."""
         if self._first:
             block, self._first = self._first, b""
             self._relayed = True
             if write(block):
                 await drain()
-        relay = _NodeRelay.start(self, write)
+        relay = _NodeRelay.start(self, write, write_chunk)
         if relay is None:
             async for block in self:
                 if write(block):
@@ -6039,8 +6041,11 @@ class _NodeRelay:
     pooled, finished in the background (finish_body) or retired exactly as after
     iteration."""
 
-    def __init__(self, raw: RawStream, write: Any, transport: Any) -> None:
+    def __init__(self, raw: RawStream, write: Any, transport: Any, write_chunk: Any = None) -> None:
         self.raw, self.ex, self.write = raw, raw._ex, write
+        # A node chunk passes on as it is when both sides are chunked and nothing but
+        # the scanner must look at it (not SSE: events may span chunks).
+        self.write_chunk = write_chunk if raw._ex._dechunk is not None and not raw.sse else None
         self.transport = transport
         self.orig = transport.get_protocol()
         self.loop = asyncio.get_running_loop()
@@ -6053,7 +6058,7 @@ class _NodeRelay:
         self._timer: Any = None
 
     @classmethod
-    def start(cls, raw: RawStream, write: Any) -> "Optional[_NodeRelay]":
+    def start(cls, raw: RawStream, write: Any, write_chunk: Any = None) -> "Optional[_NodeRelay]":
         """Take over the connection's reads, or None when it is not a socket whose
         buffered bytes are all taken (then the caller iterates)."""
         ex = raw._ex
@@ -6064,7 +6069,7 @@ class _NodeRelay:
         if transport is None or not hasattr(transport, "set_protocol") or buffered is None or buffered \
                 or reader.exception() is not None or reader.at_eof() or transport.is_closing():
             return None
-        relay = cls(raw, write, transport)
+        relay = cls(raw, write, transport, write_chunk)
         ex.unwatch()                      # this relay's own idle timer takes over
         if relay.timeout:
             relay._timer = relay.loop.call_later(relay.timeout, relay._check)
@@ -6074,6 +6079,8 @@ class _NodeRelay:
     # -- asyncio's protocol calls ------------------------------------------------
     def data_received(self, data: bytes) -> None:
         self.seen = True
+        if self.write_chunk is not None and self._one_token_chunk(data):
+            return
         raw, ex = self.raw, self.ex
         try:
             payload = ex.unframe(data)
@@ -6093,6 +6100,34 @@ class _NodeRelay:
             self._end(raw._error)
         elif raw._ended:
             self._end(None)
+
+    def _one_token_chunk(self, data: bytes) -> bool:
+        """The usual read of a token stream: exactly one whole chunk, at a chunk
+        boundary, holding one whole JSON line that is neither the final line nor an
+        error (the checks of ReplyDechunker's and ReplyScanner's fast paths, on the
+        framed bytes).  Passed on as the node framed it; True when it was."""
+        dechunk, scan = self.ex._dechunk, self.raw._scan
+        nl = data.find(b"\r\n")
+        if not (0 < nl <= 16 and data.endswith(b"}\n\r\n") and data[nl + 2:nl + 3] == b"{"
+                and data.find(b"\n", nl + 2) == len(data) - 3 and data.find(b'"error"', nl + 2) < 0):
+            return False
+        if scan._tail or scan.done or scan.error or dechunk is None or dechunk.done \
+                or dechunk._exact._state != "size" or dechunk._exact._line:
+            return False
+        try:
+            size = int(data[:nl], 16)
+        except ValueError:
+            return False
+        if len(data) != nl + size + 4 or _DONE_TRUE.search(data, nl + 2):
+            return False
+        scan.lines += 1
+        scan.last = data[nl + 2:-2]
+        self.raw._relayed = True
+        if self.write_chunk(data, size) and not self.full:
+            self.full = True
+            self.transport.pause_reading()
+            self._wake()
+        return True
 
     def _pass(self, block: Optional[bytes]) -> None:
         """A block to the receiver; when it is full, stop reading the node."""
@@ -8565,6 +8600,23 @@ class Exchange:
             return transport.get_write_buffer_size() > _WRITE_HIGH_WATER
         return write
 
+    def relay_chunk_writer(self) -> Any:
+        """For a relayed stream after start_stream, when this response is chunked: a
+        write(chunk, size) that passes one of the node's own HTTP/1.1 chunks (its size
+        line, `size` payload bytes, CRLF) on as it is - the same bytes relay_writer()'s
+        write would make of its payload.  None when the response is not chunked."""
+        if not self._chunked or not body_allowed(self.request.method, self.status or 200):
+            return None
+        transport = self.conn.writer.transport
+        if self.first_byte_at is None:
+            self.first_byte_at = time.monotonic()
+
+        def write(chunk: bytes, size: int) -> bool:
+            self.bytes_out += size
+            transport.write(chunk)
+            return transport.get_write_buffer_size() > _WRITE_HIGH_WATER
+        return write
+
     async def drain_client(self) -> None:
         await self.conn.drain()
 
@@ -8681,7 +8733,7 @@ class StreamRelay:
                 await ex.start_stream(stream.content_type, node=stream.node, headers=headers, first=block)
                 break
             if started:
-                await stream.relay_rest(ex.relay_writer(), ex.drain_client)
+                await stream.relay_rest(ex.relay_writer(), ex.drain_client, ex.relay_chunk_writer())
         except MeshError as exc:
             if not started:
                 raise
