@@ -5891,7 +5891,12 @@ class RawStream:
         return StreamInterruptedError(f"{exc} (after part of the answer was sent; not retried)",
                                       node=exc.node, reason=exc.reason)
 
-    async def relay_rest(self, write: Any, drain: Any, write_chunk: Any = None) -> None:
+    @property
+    def complete(self) -> bool:
+        """The reply has ended properly and all of it has been handed out."""
+        return self._ended and self._error is None and not self._first
+
+    async def relay_rest(self, write: Any, drain: Any, write_chunk: Any = None, write_end: Any = None) -> None:
         """Pass the rest of the reply on as it arrives: write(block) for each block (the
         node's bytes, whole lines or events, as iteration yields them); when write returns
         True the receiver is full, and the node is not read until `await drain()`
@@ -5901,13 +5906,15 @@ class RawStream:
         data_received through the dechunker and the scanner to write() in the same call,
         no await per read (_NodeRelay); else by iteration.  write_chunk(chunk, size), if
         given (Exchange.relay_chunk_writer), takes a read that is exactly one of the
-        node's chunks holding one token line as the node framed it."""
+        node's chunks holding one token line as the node framed it; write_end(block), if
+        given (Exchange.relay_end_writer), takes the block that ends the reply properly
+        (and ends the receiver's body with it)."""
         if self._first:
             block, self._first = self._first, b""
             self._relayed = True
-            if write(block):
+            if (write_end if write_end is not None and self.complete else write)(block):
                 await drain()
-        relay = _NodeRelay.start(self, write, write_chunk)
+        relay = _NodeRelay.start(self, write, write_chunk, write_end)
         if relay is None:
             async for block in self:
                 if write(block):
@@ -6041,8 +6048,9 @@ class _NodeRelay:
     pooled, finished in the background (finish_body) or retired exactly as after
     iteration."""
 
-    def __init__(self, raw: RawStream, write: Any, transport: Any, write_chunk: Any = None) -> None:
-        self.raw, self.ex, self.write = raw, raw._ex, write
+    def __init__(self, raw: RawStream, write: Any, transport: Any, write_chunk: Any = None,
+                 write_end: Any = None) -> None:
+        self.raw, self.ex, self.write, self.write_end = raw, raw._ex, write, write_end
         # A node chunk passes on as it is when both sides are chunked and nothing but
         # the scanner must look at it (not SSE: events may span chunks).
         self.write_chunk = write_chunk if raw._ex._dechunk is not None and not raw.sse else None
@@ -6058,7 +6066,8 @@ class _NodeRelay:
         self._timer: Any = None
 
     @classmethod
-    def start(cls, raw: RawStream, write: Any, write_chunk: Any = None) -> "Optional[_NodeRelay]":
+    def start(cls, raw: RawStream, write: Any, write_chunk: Any = None,
+              write_end: Any = None) -> "Optional[_NodeRelay]":
         """Take over the connection's reads, or None when it is not a socket whose
         buffered bytes are all taken (then the caller iterates)."""
         ex = raw._ex
@@ -6069,7 +6078,7 @@ class _NodeRelay:
         if transport is None or not hasattr(transport, "set_protocol") or buffered is None or buffered \
                 or reader.exception() is not None or reader.at_eof() or transport.is_closing():
             return None
-        relay = cls(raw, write, transport, write_chunk)
+        relay = cls(raw, write, transport, write_chunk, write_end)
         ex.unwatch()                      # this relay's own idle timer takes over
         if relay.timeout:
             relay._timer = relay.loop.call_later(relay.timeout, relay._check)
@@ -6133,8 +6142,10 @@ class _NodeRelay:
         """A block to the receiver; when it is full, stop reading the node."""
         if not block:
             return
-        self.raw._relayed = True
-        if self.write(block) and not self.full:
+        raw = self.raw
+        raw._relayed = True
+        end = self.write_end is not None and raw._ended and raw._error is None
+        if (self.write_end if end else self.write)(block) and not self.full:
             self.full = True
             self.transport.pause_reading()
             self._wake()
@@ -7943,16 +7954,18 @@ class OllamaAPI(_API):
         if not streaming:
             raw = await ex.unless_client_leaves(
                 self.orch.open_stream(path, payload, node=pinned, stream=False, body=body))
-            try:
+            try:        # the answer goes out first, then the node's slot is given back
                 result = raw._whole
                 result.pop("node", None)
+                if raw.whole_bytes is None:
+                    await ex.send_json(200, result, node=raw.node, drain=False)
+                else:
+                    ex._note(result)
+                    await ex.send(200, raw.whole_bytes, "application/json; charset=utf-8", node=raw.node,
+                                  drain=False)
             finally:
                 await raw.aclose()
-            if raw.whole_bytes is None:
-                await ex.send_json(200, result, node=raw.node)
-                return
-            ex._note(result)
-            await ex.send(200, raw.whole_bytes, "application/json; charset=utf-8", node=raw.node)
+            await ex.drain_client()     # a slow client holds its connection, not the node's slot
             return
         stream = await ex.unless_client_leaves(
             self.orch.open_stream(path, payload, node=pinned, stream=True, body=body))
@@ -8441,6 +8454,7 @@ class Exchange:
         self._pending_head = b""
         self._chunked = False
         self._streaming = False
+        self._body_ended = False     # a chunked body's last chunk is written
         self._body: Optional[bytes] = None
         self.extra_headers: List[Tuple[str, str]] = []   # on every response (CORS)
         self.clean_body: Optional[bytes] = None   # json(): the body, while it says what the object does
@@ -8523,8 +8537,9 @@ class Exchange:
         return head + data if head else data
 
     async def send(self, status: int, body: bytes, content_type: str, *, node: Optional[str] = None,
-                   headers: Sequence[Tuple[str, str]] = ()) -> None:
-        """A whole response with Content-Length (HEAD: the head alone)."""
+                   headers: Sequence[Tuple[str, str]] = (), drain: bool = True) -> None:
+        """A whole response with Content-Length (HEAD: the head alone).  drain=False:
+        written without waiting for the client to take it (the caller drains later)."""
         await self._head(status, len(body), content_type, headers, node)
         if body_allowed(self.request.method, status):
             self.bytes_out += len(body)
@@ -8532,7 +8547,8 @@ class Exchange:
             body = b""
         self.conn.writer.write(self._with_head(body))
         self.first_byte_at = time.monotonic()
-        await self.conn.drain()
+        if drain:
+            await self.conn.drain()
 
     def _note(self, obj: Any) -> None:
         # the final object of a generation carries Ollama's token count and timing
@@ -8551,22 +8567,29 @@ class Exchange:
                 self.tokens = count
 
     async def send_json(self, status: int, obj: Any, *, node: Optional[str] = None,
-                        headers: Sequence[Tuple[str, str]] = ()) -> None:
+                        headers: Sequence[Tuple[str, str]] = (), drain: bool = True) -> None:
         self._note(obj)
         try:
             body = json.dumps(obj, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:   # a lone surrogate from a node: keep it as the \\udXXX escape it came as
             body = json.dumps(obj).encode("ascii")
-        await self.send(status, body, "application/json; charset=utf-8", node=node, headers=headers)
+        await self.send(status, body, "application/json; charset=utf-8", node=node, headers=headers, drain=drain)
 
     async def start_stream(self, content_type: str = "application/x-ndjson", *, status: int = 200,
                            node: Optional[str] = None, headers: Sequence[Tuple[str, str]] = (),
-                           first: bytes = b"") -> None:
+                           first: bytes = b"", last: bool = False) -> None:
         """Start a body of unknown length: chunked to HTTP/1.1, close-delimited to 1.0.
-        `first`, the body's first piece, goes out with the head (one write, one segment)."""
+        `first`, the body's first piece, goes out with the head (one write, one segment);
+        last=True: it is the whole body, and the body's end goes with it too."""
         await self._head(status, None, content_type, headers, node)
         self._streaming = True
-        if first:
+        if first and last and self._chunked and body_allowed(self.request.method, status):
+            if self.first_byte_at is None:
+                self.first_byte_at = time.monotonic()
+            self.bytes_out += len(first)
+            self._body_ended = True
+            self.conn.writer.write(self._with_head(b"%x\r\n%s\r\n0\r\n\r\n" % (len(first), first)))
+        elif first:
             self.write_nowait(first)
         if self._pending_head:          # no first piece (or a body HEAD does not get)
             self.conn.writer.write(self._with_head(b""))
@@ -8643,8 +8666,25 @@ class Exchange:
             line = json.dumps(obj).encode("ascii")
         await self.write(line + b"\n")
 
+    def relay_end_writer(self) -> Any:
+        """For a relayed stream after start_stream, when this response is chunked: a
+        write(data) for the body's last piece that ends the body in the same write (one
+        segment: the client has the whole reply as soon as the node's final line is
+        here, before mesh's own bookkeeping).  None when the response is not chunked."""
+        if not self._chunked or not body_allowed(self.request.method, self.status or 200):
+            return None
+        transport = self.conn.writer.transport
+
+        def write(data: bytes) -> bool:
+            self.bytes_out += len(data)
+            self._body_ended = True
+            transport.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data))
+            return transport.get_write_buffer_size() > _WRITE_HIGH_WATER
+        return write
+
     async def end_stream(self) -> None:
-        if self._chunked:
+        if self._chunked and not self._body_ended:
+            self._body_ended = True
             self.conn.writer.write(b"0\r\n\r\n")
             await self.conn.drain()
         self._streaming = False
@@ -8730,10 +8770,12 @@ class StreamRelay:
             async for block in stream:      # the first block: the head goes out with it
                 started = True
                 ex.first_token_at = time.monotonic()
-                await ex.start_stream(stream.content_type, node=stream.node, headers=headers, first=block)
+                await ex.start_stream(stream.content_type, node=stream.node, headers=headers, first=block,
+                                      last=stream.complete)
                 break
             if started:
-                await stream.relay_rest(ex.relay_writer(), ex.drain_client, ex.relay_chunk_writer())
+                await stream.relay_rest(ex.relay_writer(), ex.drain_client, ex.relay_chunk_writer(),
+                                        ex.relay_end_writer())
         except MeshError as exc:
             if not started:
                 raise

@@ -237,15 +237,28 @@ class OpenAIConn(Conn):
 
 
 def proc_cpu(pids):
-    total = 0
+    """CPU seconds the processes have used: the scheduler's own count in nanoseconds
+    (/proc/PID/task/TID/schedstat, first field) summed over their threads; where the
+    kernel keeps no schedstat, utime + stime from /proc/PID/stat (10 ms ticks).  A
+    thread that ended takes its nanoseconds with it: the routers measured here are
+    single-threaded while they relay (LiteLLM's and Herd's helper threads, if any,
+    may be under-counted)."""
+    total = 0.0
     for pid in pids:
         try:
+            ns = 0
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as fh:
+                    ns += int(fh.read().split()[0])
+            if ns:
+                total += ns / 1e9
+                continue
             with open(f"/proc/{pid}/stat") as fh:
                 f = fh.read().rsplit(")", 1)[1].split()
-            total += int(f[11]) + int(f[12])
-        except (OSError, IndexError):
+            total += (int(f[11]) + int(f[12])) / TICK
+        except (OSError, IndexError, ValueError):
             pass
-    return total / TICK
+    return total
 
 
 class Contender:
@@ -687,7 +700,7 @@ def report(contenders, res, short_fresh, short_reused, versions):
          "" if not ngx else f">= 0.8x nginx: http {r['mesh/http'] / ngx:.2f}x, ssh {r['mesh/ssh'] / ngx:.2f}x")
     cpu = {n: med(res[n]["cpu_chunk"]) for n in names}
     line("  router CPU per chunk (us)", ["-" if n == "direct" else f"{cpu[n]:.1f}" for n in names],
-         "(/proc ticks of 10 ms: coarse for one stream)")
+         "(scheduler's ns count, /proc/PID/task/*/schedstat)")
     line("  ssh masters' / herd-nodes' CPU/chunk, apart", [f"{med(res[n]['ssh_cpu_chunk']):.1f}" if n in apart
                                                            else "" for n in names])
     for n_ in (50, 200, 500):
