@@ -137,6 +137,7 @@ PROBE_TIMEOUT = 5.0                  # a /api/version probe answers within this 
 FACTS_TTL = 60.0                     # serve re-reads a node's GPU/RAM/load facts this often
 INVENTORY_TTL = 30.0                 # how long /api/tags and /api/ps answers are trusted
 COOLDOWN_MIN, COOLDOWN_MAX = 1.0, 30.0
+IDLE_KEEP = 32                       # idle keep-alive connections kept per node, at least
 EXEC_SESSION_CAP = 8                 # below sshd's default MaxSessions 10 for `ssh node curl`
 MAX_MASTER_STARTS = 64               # ssh masters connecting at once (many dead nodes: no fork storm)
 CONFIG_POLL_INTERVAL = 2.0           # serve: how often the SSH config's files are stat()ed for changes
@@ -4774,6 +4775,9 @@ class Transport:
         self.name, self.host, self.port = name, host, port
         self.connect_timeout = connect_timeout
         self._idle: List[Tuple[asyncio.StreamReader, Any]] = []
+        # Idle keep-alive connections kept for reuse: as many as the node may be sent
+        # requests at once (SSHNode sets it from max_concurrent), at least IDLE_KEEP.
+        self.idle_cap = IDLE_KEEP
 
     async def prepare(self) -> None:
         """Make the node reachable (start the SSH master); nothing to do for plain HTTP."""
@@ -4841,7 +4845,7 @@ class Transport:
         return results
 
     async def _done(self, ex: _Exchange, reusable: bool) -> None:
-        if reusable and len(self._idle) < 32:
+        if reusable and len(self._idle) < self.idle_cap:
             self._idle.append((ex.reader, ex.writer))
         else:
             ex.writer.close()
@@ -5518,6 +5522,7 @@ class SSHNode:
         self.weight = spec.weight
         self.max_concurrent = spec.max_concurrent
         self.transport = transport
+        transport.idle_cap = max(IDLE_KEEP, spec.max_concurrent)
         self.active_requests = 0
         self.avg_latency: Optional[float] = None   # seconds to first byte, EWMA
         self.healthy = True
@@ -6573,6 +6578,7 @@ class MeshOrchestrator:
             if node is not None and node.spec.destination() == spec.destination():
                 node.spec, node.display_name = spec, spec.display_name
                 node.weight, node.max_concurrent = spec.weight, spec.max_concurrent
+                node.transport.idle_cap = max(IDLE_KEEP, spec.max_concurrent)
                 nodes.append(node)
                 continue
             fresh = self._make_node(spec)
