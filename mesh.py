@@ -4775,9 +4775,12 @@ class Transport:
         self.name, self.host, self.port = name, host, port
         self.connect_timeout = connect_timeout
         self._idle: List[Tuple[asyncio.StreamReader, Any]] = []
-        # Idle keep-alive connections kept for reuse: as many as the node may be sent
-        # requests at once (SSHNode sets it from max_concurrent), at least IDLE_KEEP.
-        self.idle_cap = IDLE_KEEP
+        self.idle_cap = IDLE_KEEP       # idle keep-alive connections kept (set_concurrency)
+
+    def set_concurrency(self, max_concurrent: int) -> None:
+        """The node may be sent this many requests at once: keep as many idle
+        connections for reuse (at least IDLE_KEEP)."""
+        self.idle_cap = max(IDLE_KEEP, max_concurrent)
 
     async def prepare(self) -> None:
         """Make the node reachable (start the SSH master); nothing to do for plain HTTP."""
@@ -4924,6 +4927,13 @@ class SSHTransport(Transport):
       stdio   - `ssh -W host:port` per request through the master;
       exec    - `ssh NODE curl ...` per request, for an sshd that refuses forwarding.
     """
+
+    def set_concurrency(self, max_concurrent: int) -> None:
+        """Idle forwarded connections stay at IDLE_KEEP whatever max_concurrent says:
+        each is a channel of the master, and ssh looks at every open channel each time
+        it wakes (its poll loop), so hundreds of idle ones slow every stream through it
+        (500 streams: 1.34 s -> 1.62 s wall in tests/bench_relay.py)."""
+        self.idle_cap = IDLE_KEEP
 
     def __init__(self, name: str, host: str, port: int, *, config: Optional[str], ssh: str,
                  connect_timeout: float, control_persist: int, mode: str = "auto",
@@ -5522,7 +5532,7 @@ class SSHNode:
         self.weight = spec.weight
         self.max_concurrent = spec.max_concurrent
         self.transport = transport
-        transport.idle_cap = max(IDLE_KEEP, spec.max_concurrent)
+        transport.set_concurrency(spec.max_concurrent)
         self.active_requests = 0
         self.avg_latency: Optional[float] = None   # seconds to first byte, EWMA
         self.healthy = True
@@ -6578,7 +6588,7 @@ class MeshOrchestrator:
             if node is not None and node.spec.destination() == spec.destination():
                 node.spec, node.display_name = spec, spec.display_name
                 node.weight, node.max_concurrent = spec.weight, spec.max_concurrent
-                node.transport.idle_cap = max(IDLE_KEEP, spec.max_concurrent)
+                node.transport.set_concurrency(spec.max_concurrent)
                 nodes.append(node)
                 continue
             fresh = self._make_node(spec)
