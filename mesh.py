@@ -4568,15 +4568,22 @@ class _IdleTimeout(Exception):
 
 class _IdleWatch:
     """One idle deadline for a reply's whole body.  A read sets `since` while it waits;
-    the timer, armed once, re-arms itself for the remaining time until a read has waited
-    the whole timeout, then fails that read (the connection is not reused after that).
+    the timer, armed by the first read that has to wait, re-arms itself for the
+    remaining time until a read has waited the whole timeout, then fails that read (the
+    connection is not reused after that).
     asyncio.wait_for around every read would cost a task and a timer per chunk."""
 
     def __init__(self, reader: asyncio.StreamReader, timeout: float) -> None:
         self.loop = asyncio.get_running_loop()
         self.reader, self.timeout = reader, timeout
         self.since: Optional[float] = None
-        self._handle = self.loop.call_later(timeout, self._check)
+        self._handle: Any = None       # armed by the first read that has to wait (arm)
+
+    def arm(self) -> None:
+        """Before a read: make sure the timer runs, unless the read is served from
+        what is buffered already (a small reply came whole with its head: no timer)."""
+        if self._handle is None and not getattr(self.reader, "_buffer", None):
+            self._handle = self.loop.call_later(self.timeout, self._check)
 
     def _check(self) -> None:
         now = self.loop.time()
@@ -4587,7 +4594,8 @@ class _IdleWatch:
                                          self._check)
 
     def cancel(self) -> None:
-        self._handle.cancel()
+        if self._handle is not None:
+            self._handle.cancel()
 
 
 class _Exchange:
@@ -4679,6 +4687,7 @@ class _Exchange:
             idle = self._idle
             if idle is not None:
                 idle.since = idle.loop.time()
+                idle.arm()
             if self.leftover:
                 data, self.leftover = self.leftover, b""
             else:
@@ -7842,15 +7851,23 @@ class Router:
                 bound = Route(" ".join(sorted(route.methods)), route.pattern, route.handler, auth=route.auth)
                 bound.api = api
                 self.routes.append(bound)
+        # (method, path) -> the route found for it with no parameters: the table never
+        # changes, so the hot paths are looked up once (bounded: paths come from clients).
+        self._found: Dict[Tuple[str, str], Route] = {}
 
     def match(self, method: str, path: str) -> Tuple[Optional[Route], Dict[str, str], Optional[HTTPError]]:
         """(route, params, None), or (None, {}, the 404/405 error to give)."""
+        found = self._found.get((method, path))
+        if found is not None:
+            return found, {}, None
         allowed: set = set()
         for route in self.routes:
             params = route.match(path)
             if params is None:
                 continue
             if method in route.methods:
+                if not params and len(self._found) < 256:
+                    self._found[(method, path)] = route
                 return route, params, None
             allowed |= route.methods
         if allowed:
