@@ -3866,14 +3866,12 @@ class Balancer:
         if not reply:
             return False
 
-        def num(field: str) -> float:
-            v = reply.get(field)
-            return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0.0
-
         st = node.model(req.model)
-        ev_n, ev_d = num("eval_count"), num("eval_duration") / 1e9
-        pr_n, pr_d = num("prompt_eval_count"), num("prompt_eval_duration") / 1e9
-        load_d, total = num("load_duration") / 1e9, num("total_duration") / 1e9
+        ev_n, ev_d, pr_n, pr_d, load_d, total = (
+            float(v) if type(v) in (int, float) else 0.0      # (bool is not a count)
+            for v in (reply.get("eval_count"), reply.get("eval_duration"), reply.get("prompt_eval_count"),
+                      reply.get("prompt_eval_duration"), reply.get("load_duration"), reply.get("total_duration")))
+        ev_d, pr_d, load_d, total = ev_d / 1e9, pr_d / 1e9, load_d / 1e9, total / 1e9
         if ev_n >= 1 and ev_d > 0:
             st.gen_tps = ewma(st.gen_tps, ev_n / ev_d, 0.5)
             self.reply_tokens[req.model] = ewma(self.reply_tokens.get(req.model), ev_n, 0.3)
@@ -3957,7 +3955,7 @@ class Balancer:
         for node in self.nodes.values():
             heap = self._slot_times(node, now, depth)
             slots[node.name] = heap
-            free_now += sum(1 for t in heap if t <= now)
+            free_now += bisect.bisect_right(heap, now)      # (the list is sorted)
         sent: Dict[str, int] = {}
         planned_loads: Dict[str, set] = {}
         pool = self._pool
@@ -4066,10 +4064,11 @@ class Balancer:
             node = self.nodes.get(name)
             if node is None:
                 continue
-            held = set(node.loaded) | planned.get(name, set())
-            if req.model in held:
+            extra = planned.get(name)
+            if req.model in node.loaded or (extra and req.model in extra):
                 out[name] = "loaded"
             else:
+                held = set(node.loaded) | (extra or set())
                 cap = node.max_loaded or max(1, node.max_seen_loaded)
                 if len(held) < cap:
                     out[name] = "room"
@@ -8828,6 +8827,8 @@ class _Connection:
         self.server = server
         self.reader = reader
         self.writer = writer
+        peer = writer.get_extra_info("peername")
+        self.client = peer[0] if isinstance(peer, (tuple, list)) and peer else "-"   # for the access log
 
     async def serve(self) -> None:
         server, limits = self.server, self.server.limits
@@ -8954,9 +8955,7 @@ class ServeOps:
     def finished(self, ex: "Exchange") -> None:
         """MeshServer.request_finished: one request is over (answered or not)."""
         now = time.monotonic()
-        peer = ex.conn.writer.get_extra_info("peername")
-        rec = AccessRecord(peer[0] if isinstance(peer, (tuple, list)) and peer else "-",
-                           ex.request.method, ex.request.path, started=time.time() - (now - ex.started))
+        rec = AccessRecord(ex.conn.client, ex.request.method, ex.request.path, started=time.time() - (now - ex.started))
         rec.model, rec.node, rec.status, rec.error = ex.model, ex.node, ex.status, ex.error
         rec.tokens, rec.eval_duration = ex.tokens, ex.eval_duration
         if ex.first_byte_at is not None:
