@@ -5536,11 +5536,10 @@ class SSHNode:
         self.spec = spec
         self.name = spec.name
         self.ssh_alias = spec.name if spec.transport != "http" else None
-        self.display_name = spec.display_name
-        self.weight = spec.weight
-        self.max_concurrent = spec.max_concurrent
         self.transport = transport
-        transport.set_concurrency(spec.max_concurrent)
+        self.route = NodeRouteState(spec.name, weight=spec.weight, max_concurrent=spec.max_concurrent,
+                                    num_parallel=spec.num_parallel)
+        self.configure(spec)
         self.active_requests = 0
         self.avg_latency: Optional[float] = None   # seconds to first byte, EWMA
         self.healthy = True
@@ -5560,10 +5559,16 @@ class SSHNode:
         self.facts_at = 0.0
         self.facts_task: Optional[asyncio.Task] = None
         self.recent_done: List[float] = []   # when our recent requests ended (see _read_loads)
-        self.route = NodeRouteState(spec.name, weight=spec.weight, max_concurrent=spec.max_concurrent,
-                                    num_parallel=spec.num_parallel)
 
-        self.retired = False       # no longer configured (MeshOrchestrator.apply_specs)
+    def configure(self, spec: NodeSpec) -> None:
+        """Take the settings of `spec` (same destination): its name for people, weight,
+        max_concurrent and num_parallel, here, in the balancer's view of the node (route)
+        and in the transport's idle connections - a config reload changes all of them."""
+        self.spec, self.display_name = spec, spec.display_name
+        self.weight, self.max_concurrent = spec.weight, spec.max_concurrent
+        route = self.route
+        route.weight, route.max_concurrent, route.num_parallel = spec.weight, spec.max_concurrent, spec.num_parallel
+        self.transport.set_concurrency(spec.max_concurrent)
 
     def __repr__(self) -> str:
         return f"<SSHNode {self.name} active={self.active_requests} healthy={self.healthy}>"
@@ -6594,9 +6599,7 @@ class MeshOrchestrator:
         for spec in specs:
             node = old.pop(spec.name, None)
             if node is not None and node.spec.destination() == spec.destination():
-                node.spec, node.display_name = spec, spec.display_name
-                node.weight, node.max_concurrent = spec.weight, spec.max_concurrent
-                node.transport.set_concurrency(spec.max_concurrent)
+                node.configure(spec)
                 nodes.append(node)
                 continue
             fresh = self._make_node(spec)

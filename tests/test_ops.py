@@ -512,6 +512,34 @@ def test_changed_destination_gets_a_new_master_never_the_old_machine(lab):
 
 
 @needs_sshd
+def test_a_reload_that_raises_max_concurrent_lets_more_run_at_once(lab):
+    """The new max_concurrent reaches the router's plan, not only the count it checks."""
+    fakes = [lab.add_node(name, [M], loaded=[M], settings="max_concurrent=1") for name in ("a", "b")]
+    s = Serve(lab, "--access-log", "off")
+    held = []
+    try:
+        assert s.call("POST", "/api/generate", {"model": M, "prompt": "x"})[0] == 200
+        for name in ("a", "b"):
+            lab.settings[name] = "max_concurrent=3"
+        lab.write_config()
+        wait_for(lambda: value(_metrics(s), "mesh_node_max_concurrent", node="b") == 3, 20, "the reload")
+        for fake in fakes:
+            fake.finish_stream.clear()              # every stream stays open until released
+        held = [threading.Thread(target=s.call, args=("POST", "/api/generate", {"model": M, "prompt": f"p{i}"}))
+                for i in range(4)]
+        for t in held:
+            t.start()
+        # (at max_concurrent=1 two would run and two would wait in mesh)
+        wait_for(lambda: sum(f.active for f in fakes) >= 3, 20, "more than one stream at once on a node")
+    finally:
+        for fake in fakes:
+            fake.finish_stream.set()
+        for t in held:
+            t.join(30)
+        s.stop()
+
+
+@needs_sshd
 def test_sighup_rereads_the_config(lab):
     lab.add_node("a", [M])
     lab.add_node("b", [M])
