@@ -2469,6 +2469,10 @@ _FIELD_LINE_RE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):([^\x00-\x08\x0a-\x
 _HOST_RE = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@%\[\]]*\Z")      # reg-name / IP-literal, port
 _ABSOLUTE_RE = re.compile(r"(https?)://([^/?#]*)(.*)\Z", re.I)
 _CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;.*)?\Z")  # Go allows 16 hex digits
+# A chunk size line's digits, for the fast paths that read it with int(x, 16): int also
+# takes "0x1f", "+1f", " 1f" and "1_f", which are not HTTP (bytes.translate(None, ...)
+# leaves nothing of a bare hex number).
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
 
 
 class HTTPRequest:
@@ -2795,11 +2799,8 @@ class ReplyDechunker:
         if exact._state == "size" and not exact._line:
             # One whole chunk, the usual read of a token stream at low concurrency.
             nl = data.find(b"\r\n")
-            if 0 < nl <= 16:
-                try:
-                    size = int(data[:nl], 16)
-                except ValueError:
-                    size = 0
+            if 0 < nl <= 16 and not data[:nl].translate(None, _HEX_DIGITS):
+                size = int(data[:nl], 16)
                 if size and len(data) == nl + size + 4 and data.endswith(b"\r\n"):
                     return data[nl + 2:nl + 2 + size]
         out: List[bytes] = []
@@ -2837,9 +2838,11 @@ class ReplyDechunker:
         if pairs == 0:
             return buf
         sizes, datas = parts[0:2 * pairs:2], parts[1:2 * pairs:2]
+        if b"".join(sizes).translate(None, _HEX_DIGITS):
+            return buf              # not bare hex digits: the exact decoder's to refuse
         try:
             lengths = list(map(int, sizes, itertools.repeat(16)))
-        except ValueError:
+        except ValueError:          # an empty size line
             return buf
         if 0 in lengths:                    # the last chunk: its trailers are the exact decoder's
             k = lengths.index(0)
@@ -6151,10 +6154,9 @@ class _NodeRelay:
         if scan._tail or scan.done or scan.error or dechunk is None or dechunk.done \
                 or dechunk._exact._state != "size" or dechunk._exact._line:
             return False
-        try:
-            size = int(data[:nl], 16)
-        except ValueError:
-            return False
+        if data[:nl].translate(None, _HEX_DIGITS):
+            return False        # not bare hex digits: ReplyDechunker's exact decoder says why
+        size = int(data[:nl], 16)
         if len(data) != nl + size + 4 or _DONE_TRUE.search(data, nl + 2):
             return False
         scan.lines += 1

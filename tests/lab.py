@@ -67,7 +67,8 @@ class FakeOllama:
     bad_line (a line that is not JSON mid-stream), after_done (more lines after
     done, then the reply held open - for stream:false too), done_reason (a last line
     with done_reason but no done), no_final (the body ends properly without the final
-    line, the last token sent in one write with the body's end).
+    line, the last token sent in one write with the body's end), bad_chunk (a chunk
+    whose size line is "0x..." mid-stream: not HTTP framing).
     `lacks`: paths (or prefixes ending in "/") this Ollama is too old to have; they
     get Go's plain-text `404 page not found`, as a real old Ollama answers.
     `old=True` is an Ollama from before /api/embed and the /v1 endpoints.
@@ -564,6 +565,11 @@ class _OllamaShapes:
                 return
             if fake.mode == "bad_line" and i == 1:
                 self._chunk(b"this is not json\n")
+            if fake.mode == "bad_chunk" and i == 1:     # a chunk size line that is not hex digits
+                line = json.dumps(self._piece(model, chat, tok, False)).encode() + b"\n"
+                self.wfile.write(b"0x%x\r\n%s\r\n" % (len(line), line))
+                self.wfile.flush()
+                continue
             if fake.mode == "truncate" and i == 2:
                 self.close_connection = True
                 self.wfile.flush()

@@ -3,6 +3,7 @@ client of `serve` or the CLI gets from a node that misbehaves, TCP_NODELAY on ss
 side of a master, and the listen backlog."""
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -62,6 +63,34 @@ def test_bad_line_mid_stream_ends_with_an_error_line(hostile):
     got = lines(body)
     assert got[0]["response"] == "Hello" and list(got[-1]) == ["error"] and len(got) == 2
     assert "h: bad reply: not JSON: 'this is not json'" in got[-1]["error"]
+
+
+def test_bad_chunk_framing_mid_stream_ends_with_an_error_line(hostile):
+    """A chunk size line that is not hex digits ("0x5e") is bad framing: the client gets
+    an error line in well-formed chunks, not the node's malformed chunk passed on."""
+    fake, s = hostile
+    fake.mode, fake.token_delay = "bad_chunk", 0.1     # (the bad chunk comes after the first line is out)
+    body = json.dumps({"model": "m:1", "prompt": "x"}).encode()
+    sock = socket.create_connection(("127.0.0.1", s.port))
+    sock.settimeout(30)
+    sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    head, _, rest = read_to_end(sock).partition(b"\r\n\r\n")
+    if head.startswith(b"HTTP/1.1 503"):     # a loaded machine read both chunks at once: nothing was out yet
+        assert "malformed chunk size" in json.loads(rest)["error"]
+        return
+    assert head.startswith(b"HTTP/1.1 200") and b"Transfer-Encoding: chunked" in head
+    payload = b""
+    while True:                           # strictly: bare hex digits, as curl and Go read them
+        size_line, _, rest = rest.partition(b"\r\n")
+        assert re.fullmatch(rb"[0-9a-fA-F]+", size_line), size_line
+        size = int(size_line, 16)
+        payload, rest = payload + rest[:size], rest[size + 2:]
+        if not size:
+            break
+    got = lines(payload)
+    assert got[0]["response"] == "Hello" and list(got[-1]) == ["error"] and len(got) == 2
+    assert "malformed chunk size" in got[-1]["error"]
 
 
 def test_control_characters_from_a_node_are_made_visible(lab):

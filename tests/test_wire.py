@@ -237,7 +237,10 @@ def test_reply_dechunker_any_split(lines):
         assert out == b"".join(lines) and dec.done and dec.rest == b"NEXT", step
 
 
-@pytest.mark.parametrize("raw", [b"zz\r\nabc\r\n", b"3\r\nabcd\r\n0\r\n\r\n", b"-1\r\n"])
+@pytest.mark.parametrize("raw", [b"zz\r\nabc\r\n", b"3\r\nabcd\r\n0\r\n\r\n", b"-1\r\n",
+                                 # what int(x, 16) takes but HTTP does not, alone and after a good chunk
+                                 b"0x3\r\nabc\r\n", b"+3\r\nabc\r\n", b" 3\r\nabc\r\n", b"1_0\r\n" + b"a" * 16 + b"\r\n",
+                                 b"1\r\na\r\n0x3\r\nabc\r\n"])
 def test_reply_dechunker_rejects_bad_framing(raw):
     with pytest.raises(mesh.ProtocolError, match="bad chunked framing"):
         mesh.ReplyDechunker().feed(raw)
