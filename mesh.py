@@ -2882,6 +2882,7 @@ class ReplyScanner:
         self.extra = 0               # bytes the node sent after the end (ignored)
         self.last = b""              # the last line passed on (NDJSON)
         self.usage = b""             # SSE: the data of the last event with "usage" (token counts)
+        self.open = False            # what was passed on ends inside a line/event (finish())
         self._tail = b""
         self._max_line = max_line
         self._final_line: Optional[bytes] = None
@@ -2915,7 +2916,11 @@ class ReplyScanner:
         tail, self._tail = self._tail, b""
         if self.done or self.error or not tail.strip():
             return b""
-        return self._sse(tail) if self.sse else self._ndjson(tail)
+        out = self._sse(tail) if self.sse else self._ndjson(tail)
+        # A whole last line without its newline (or an event without its blank line):
+        # whatever is written after it must first end it.
+        self.open = bool(out) and not out.endswith((b"\n\n", b"\r\n\r\n") if self.sse else b"\n")
+        return out
 
     def final_obj(self) -> Optional[Dict[str, Any]]:
         """The final line decoded (its statistics: eval_count, eval_duration, ...), or None.
@@ -9180,14 +9185,17 @@ class MeshServer:
 def _error_event(stream: RawStream, message: str) -> bytes:
     """How a stream that fails midway says so, in its own format: Ollama's error line
     for NDJSON; for SSE, Anthropic's `error` event on /v1/messages, else OpenAI's
-    `data: {"error": {...}}` (what each API sends when a stream fails)."""
+    `data: {"error": {...}}` (what each API sends when a stream fails).  After a last
+    line the node sent without its newline (an event without its blank line), that
+    ends first: the error is a line (event) of its own."""
     if not stream.sse:
-        return json.dumps({"error": message}).encode("ascii") + b"\n"
+        return (b"\n" if stream._scan.open else b"") + json.dumps({"error": message}).encode("ascii") + b"\n"
+    start = b"\n\n" if stream._scan.open else b""
     if stream._path.startswith("/v1/messages"):
         obj = {"type": "error", "error": {"type": "api_error", "message": message}}
-        return b"event: error\ndata: " + json.dumps(obj).encode("ascii") + b"\n\n"
+        return start + b"event: error\ndata: " + json.dumps(obj).encode("ascii") + b"\n\n"
     obj2 = {"error": {"message": message, "type": "api_error", "param": None, "code": None}}
-    return b"data: " + json.dumps(obj2).encode("ascii") + b"\n\n"
+    return start + b"data: " + json.dumps(obj2).encode("ascii") + b"\n\n"
 
 
 def _status_for(exc: MeshError) -> int:

@@ -68,7 +68,8 @@ class FakeOllama:
     done, then the reply held open - for stream:false too), done_reason (a last line
     with done_reason but no done), no_final (the body ends properly without the final
     line, the last token sent in one write with the body's end), bad_chunk (a chunk
-    whose size line is "0x..." mid-stream: not HTTP framing).
+    whose size line is "0x..." mid-stream: not HTTP framing), no_newline (the body ends
+    after a last token line that lacks its newline).
     `lacks`: paths (or prefixes ending in "/") this Ollama is too old to have; they
     get Go's plain-text `404 page not found`, as a real old Ollama answers.
     `old=True` is an Ollama from before /api/embed and the /v1 endpoints.
@@ -574,6 +575,10 @@ class _OllamaShapes:
                 self.close_connection = True
                 self.wfile.flush()
                 return  # no terminating chunk
+            if fake.mode == "no_newline" and i == len(tokens) - 1:    # then the node is gone
+                self._chunk(json.dumps(self._piece(model, chat, tok, False)).encode())
+                self._end()
+                return
             if fake.mode == "no_final" and i == len(tokens) - 1:
                 line = json.dumps(self._piece(model, chat, tok, False)).encode() + b"\n"
                 self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(line), line))

@@ -65,6 +65,15 @@ def test_bad_line_mid_stream_ends_with_an_error_line(hostile):
     assert "h: bad reply: not JSON: 'this is not json'" in got[-1]["error"]
 
 
+def test_error_after_a_last_line_without_its_newline_is_a_line_of_its_own(hostile):
+    fake, s = hostile
+    fake.mode = "no_newline"
+    _, _, body = post(s, {"model": "m:1", "prompt": "x"})
+    got = lines(body)                     # every line is JSON (none glued to the error)
+    assert [x.get("response") for x in got[:-1]] == ["Hello", " \ud800", " there"]
+    assert "stream ended before the final chunk" in got[-1]["error"]
+
+
 def test_bad_chunk_framing_mid_stream_ends_with_an_error_line(hostile):
     """A chunk size line that is not hex digits ("0x5e") is bad framing: the client gets
     an error line in well-formed chunks, not the node's malformed chunk passed on."""
