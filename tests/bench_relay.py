@@ -531,6 +531,7 @@ def main():
     ap.add_argument("--backend", type=int)
     ap.add_argument("--name", default="b")
     ap.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3): more give steadier medians")
     ap.add_argument("--mesh", metavar="PATH", help="another mesh.py (an older one) as an extra contender on "
                                                   "the same HTTP and SSH nodes, columns 'PATH/http' and 'PATH/ssh'")
     ap.add_argument("--litellm", default=os.environ.get("BENCH_LITELLM"), metavar="BIN",
@@ -552,7 +553,7 @@ def main():
         print("litellm/herd: no network namespace with loopback only (needs root, unshare, ip) - skipped")
         args.litellm = args.herd = None
     versions = {}
-    rounds = 1 if args.quick else 3
+    rounds = 1 if args.quick else max(1, args.rounds)
     tmp = tempfile.mkdtemp(prefix="bench-relay-")
     backends, procs = [], []
     lab = None
