@@ -1370,8 +1370,15 @@ class SSHConfig:
             arg = re.sub(r"\\(.)", lambda m: f"[{m.group(1)}]" if m.group(1) in "*?[" else m.group(1), arg)
         parent = os.path.dirname(arg)
         if glob.has_magic(arg):
-            for d in (glob.glob(parent) if glob.has_magic(parent) else [parent]):
-                self.files[d] = None
+            # Every directory the glob reads on its way down, from the one holding its first
+            # wildcard: a new match anywhere (`~/.ssh/*/config` and a new directory) changes
+            # one of them.
+            parts = parent.split("/")
+            first = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+            for i in range(first, len(parts) + 1):
+                prefix = "/".join(parts[:i]) or "/"
+                for d in (glob.glob(prefix) if glob.has_magic(prefix) else [prefix]):
+                    self.files[d] = None
             return sorted(glob.glob(arg))
         self.files[parent] = None
         return [arg] if os.path.lexists(arg) else []
@@ -6370,6 +6377,8 @@ class MeshOrchestrator:
         self._ssh, self._control_persist = ssh, control_persist
         self._pass_config = bool(explicit)
         self.probe_timeout = min(PROBE_TIMEOUT, max(1.0, connect_timeout))
+        self._watch_paths: Optional[List[str]] = None    # _stat_config: what to stat, and its last stamp
+        self._watch_stamp: Tuple[Any, ...] = ()
         self._config_stamp = self._stat_config()
         self._ctl_dir: Optional[str] = None
         specs = load_node_specs(self.config_path, only=nodes, ssh=ssh, pass_config=self._pass_config)
@@ -6534,11 +6543,26 @@ class MeshOrchestrator:
     # -- the SSH config, re-read while running -------------------------------------
     def _stat_config(self) -> Tuple[Any, ...]:
         """A stamp of every file and Include directory the config reads: it differs
-        whenever one is edited, replaced, created or deleted."""
+        whenever one is edited, replaced, created or deleted.  The list of what to
+        stat is kept while none of it changes: which files a config reads can change
+        only through one of them (an Include line) or a directory an Include looks in,
+        and parsing the config for it again every poll blocked serve for ~20 ms every
+        CONFIG_POLL_INTERVAL with 300 hosts."""
+        paths = self._watch_paths
+        if paths is not None:
+            stamp = self._stamp(paths)
+            if stamp == self._watch_stamp:
+                return stamp
         try:
             paths = SSHConfig(self.config_path).watch_paths()
         except (MeshError, OSError):
             paths = [self.config_path]
+        stamp = self._stamp(paths)
+        self._watch_paths, self._watch_stamp = paths, stamp
+        return stamp
+
+    @staticmethod
+    def _stamp(paths: Sequence[str]) -> Tuple[Any, ...]:
         stamp = []
         for path in paths:
             try:

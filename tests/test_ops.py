@@ -715,6 +715,26 @@ def test_dashboard_in_headless_chromium(lab):
 
 
 @needs_sshd
+def test_a_host_in_a_new_directory_an_include_glob_matches_becomes_a_node(lab):
+    # `Include DIR/*/config`: serve keeps the list of files it stats between polls, so the
+    # directories the glob reads must be on it for a new DIR/b/config to show.
+    lab.add_node("a", [M])
+    lab.add_node("b", [M])
+    hosts = os.path.join(lab.dir, "hosts")
+    os.mkdir(hosts)
+    lab.extra_config = f"Host *\n    Include {hosts}/*/config\n"
+    lab.write_config(leave_out={"b"})
+    s = Serve(lab, "--access-log", "off")
+    try:
+        assert _status_names(s) == ["a"]
+        os.mkdir(os.path.join(hosts, "b"))
+        with open(os.path.join(hosts, "b", "config"), "w") as fh:
+            fh.write(lab.host_block("b"))
+        wait_for(lambda: _status_names(s) == ["a", "b"], 10, "b from the new directory")
+    finally:
+        s.stop()
+
+
 def test_a_host_in_a_new_included_file_becomes_a_node(lab):
     lab.add_node("a", [M])
     lab.add_node("b", [M])
