@@ -2465,14 +2465,15 @@ HTTP_REASONS = {
     500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
     503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
 }
-_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")          # RFC 9110 5.6.2
+_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"                            # RFC 9110 5.6.2
+_TOKEN_RE = re.compile(_TOKEN + r"\Z")
 _VERSION_RE = re.compile(r"HTTP/(\d)\.(\d)\Z")
 _FIELD_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")          # CTLs other than HTAB
 # The common request line and field line, whole (parse_request_head's fast path): a
 # token method, a target without spaces or CTLs, HTTP/1.0 or 1.1; a token name, a value
 # of no CTL but HTAB (its surrounding blanks stripped after), the line ending in CRLF or LF.
-_REQUEST_LINE_RE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([^ \x00-\x1f\x7f]+) HTTP/1\.([01])\r?\n")
-_FIELD_LINE_RE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):([^\x00-\x08\x0a-\x1f\x7f]*)\r?\n")
+_REQUEST_LINE_RE = re.compile(f"({_TOKEN}) " + r"([^ \x00-\x1f\x7f]+) HTTP/1\.([01])\r?\n")
+_FIELD_LINE_RE = re.compile(f"({_TOKEN}):" + r"([^\x00-\x08\x0a-\x1f\x7f]*)\r?\n")
 _HOST_RE = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@%\[\]]*\Z")      # reg-name / IP-literal, port
 _ABSOLUTE_RE = re.compile(r"(https?)://([^/?#]*)(.*)\Z", re.I)
 _CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;.*)?\Z")  # Go allows 16 hex digits
@@ -2781,6 +2782,11 @@ def response_framing(req_version: Tuple[int, int], method: str, status: int, len
     return fields, chunked, keep_alive
 
 
+def _chunk(data: bytes, *, last: bool = False) -> bytes:
+    """`data` as one HTTP/1.1 chunk (RFC 9112 7.1); last=True: the last chunk follows."""
+    return b"%x\r\n%s\r\n%s" % (len(data), data, b"0\r\n\r\n" if last else b"")
+
+
 class ReplyDechunker:
     """A node's chunked reply body taken off as bytes arrive (RFC 9112 section 7.1).
 
@@ -2798,18 +2804,28 @@ class ReplyDechunker:
         self.done = False
         self.rest = b""
 
+    def one_chunk(self, data: bytes) -> Optional[bytes]:
+        """The payload when `data` is exactly one whole non-empty chunk starting at a
+        chunk boundary (the usual read of a token stream at low concurrency), else None.
+        Nothing is consumed: feed() takes it as the same bytes."""
+        exact = self._exact
+        if self.done or exact._state != "size" or exact._line:
+            return None
+        nl = data.find(b"\r\n")
+        if 0 < nl <= 16 and not data[:nl].translate(None, _HEX_DIGITS):
+            size = int(data[:nl], 16)
+            if size and len(data) == nl + size + 4 and data.endswith(b"\r\n"):
+                return data[nl + 2:nl + 2 + size]
+        return None
+
     def feed(self, data: bytes) -> bytes:
         if self.done:
             self.rest += data
             return b""
+        whole = self.one_chunk(data)
+        if whole is not None:
+            return whole
         exact = self._exact
-        if exact._state == "size" and not exact._line:
-            # One whole chunk, the usual read of a token stream at low concurrency.
-            nl = data.find(b"\r\n")
-            if 0 < nl <= 16 and not data[:nl].translate(None, _HEX_DIGITS):
-                size = int(data[:nl], 16)
-                if size and len(data) == nl + size + 4 and data.endswith(b"\r\n"):
-                    return data[nl + 2:nl + 2 + size]
         out: List[bytes] = []
         buf = data
         while buf:
@@ -2899,10 +2915,7 @@ class ReplyScanner:
         if self.done or self.error:
             self.extra += len(data)
             return b""
-        if not self._tail and not self.sse and data[-2:] == b"}\n" and data[:1] == b"{" \
-                and data.find(b"\n") == len(data) - 1 and b'"error"' not in data and not _DONE_TRUE.search(data):
-            self.lines += 1           # one whole line, neither the last nor an error: a token
-            self.last = data
+        if self.token_line(data):
             return data
         buf = self._tail + data if self._tail else data
         sep = b"\n\n" if self.sse else b"\n"
@@ -2917,6 +2930,17 @@ class ReplyScanner:
         cut += len(sep)
         block, self._tail = buf[:cut], buf[cut:]
         return self._sse(block) if self.sse else self._ndjson(block)
+
+    def token_line(self, data: bytes) -> bool:
+        """Whether `data` is one whole NDJSON line that is neither the final line nor an
+        error, read at a line boundary: a token, the usual read of a stream.  Counted as
+        passed on when it is (feed() returns it as it is)."""
+        if self._tail or self.sse or self.done or self.error or data[-2:] != b"}\n" or data[:1] != b"{" \
+                or data.find(b"\n") != len(data) - 1 or b'"error"' in data or _DONE_TRUE.search(data):
+            return False
+        self.lines += 1
+        self.last = data
+        return True
 
     def finish(self) -> bytes:
         """End of the body: a last line without its newline still counts if it is whole."""
@@ -4406,8 +4430,9 @@ class _StartGate:
     come first served: a node whose ssh port answered a knock goes first, one whose last
     start failed (a mark in the control directory, from this or an earlier run) goes
     later, and one whose port refused or stayed silent does not start at all, so the live
-    nodes are reached first even when hundreds of dead ones come before them in the config.  A quarter of the slots is kept free
-    of each rank for the ranks before it (_cap).  `peak` is the most seen at once.
+    nodes are reached first even when hundreds of dead ones come before them in the
+    config.  A quarter of the slots is kept free of each rank for the ranks before it
+    (_cap).  `peak` is the most seen at once.
 
     Knocks happen only when the pool has more ssh nodes (`pool`) than `limit`: a small
     pool never waits, and never costs its nodes a knock.  A pool where no node can be
@@ -4951,13 +4976,6 @@ class SSHTransport(Transport):
       exec    - `ssh NODE curl ...` per request, for an sshd that refuses forwarding.
     """
 
-    def set_concurrency(self, max_concurrent: int) -> None:
-        """Idle forwarded connections stay at IDLE_KEEP whatever max_concurrent says:
-        each is a channel of the master, and ssh looks at every open channel each time
-        it wakes (its poll loop), so hundreds of idle ones slow every stream through it
-        (500 streams: 1.34 s -> 1.62 s wall in tests/bench_relay.py)."""
-        self.idle_cap = IDLE_KEEP
-
     def __init__(self, name: str, host: str, port: int, *, config: Optional[str], ssh: str,
                  connect_timeout: float, control_persist: int, mode: str = "auto",
                  ctl_dir: Any = None, destination: Sequence[Any] = (),
@@ -4986,6 +5004,13 @@ class SSHTransport(Transport):
         self._slots_obj: Optional[asyncio.Semaphore] = None
         self._master_ok = False
         self.started_master = False
+
+    def set_concurrency(self, max_concurrent: int) -> None:
+        """Idle forwarded connections stay at IDLE_KEEP whatever max_concurrent says:
+        each is a channel of the master, and ssh looks at every open channel each time
+        it wakes (its poll loop), so hundreds of idle ones slow every stream through it
+        (500 streams: 1.34 s -> 1.62 s wall in tests/bench_relay.py)."""
+        self.idle_cap = IDLE_KEEP
 
     # The directory is looked up (and checked) on first use, not when the node is
     # configured: `nodes` and an unused node never touch it.
@@ -5947,11 +5972,10 @@ class RawStream:
         StreamInterruptedError as iteration does, and closes the stream on any exception.
         On a node's socket (HTTP, or an SSH forward) the bytes go from the connection's
         data_received through the dechunker and the scanner to write() in the same call,
-        no await per read (_NodeRelay); else by iteration.  write_chunk(chunk, size), if
-        given (Exchange.relay_chunk_writer), takes a read that is exactly one of the
-        node's chunks holding one token line as the node framed it; write_end(block), if
-        given (Exchange.relay_end_writer), takes the block that ends the reply properly
-        (and ends the receiver's body with it)."""
+        no await per read (_NodeRelay); else by iteration.  write_chunk(chunk, size) and
+        write_end(block), if given (Exchange.relay_writers), take a read that is exactly
+        one of the node's chunks holding one token line, as the node framed it, and the
+        block that ends the reply properly (ending the receiver's body with it)."""
         if self._first:
             block, self._first = self._first, b""
             self._relayed = True
@@ -6154,40 +6178,29 @@ class _NodeRelay:
             self._end(None)
 
     def _one_token_chunk(self, data: bytes) -> bool:
-        """The usual read of a token stream: exactly one whole chunk, at a chunk
-        boundary, holding one whole JSON line that is neither the final line nor an
-        error (the checks of ReplyDechunker's and ReplyScanner's fast paths, on the
-        framed bytes).  Passed on as the node framed it; True when it was."""
-        dechunk, scan = self.ex._dechunk, self.raw._scan
-        nl = data.find(b"\r\n")
-        if not (0 < nl <= 16 and data.endswith(b"}\n\r\n") and data[nl + 2:nl + 3] == b"{"
-                and data.find(b"\n", nl + 2) == len(data) - 3 and data.find(b'"error"', nl + 2) < 0):
+        """The usual read of a token stream: exactly one whole chunk holding one token
+        line (ReplyDechunker.one_chunk, ReplyScanner.token_line), passed on as the node
+        framed it.  True when it was."""
+        dechunk = self.ex._dechunk
+        payload = dechunk.one_chunk(data) if dechunk is not None else None
+        if payload is None or not self.raw._scan.token_line(payload):
             return False
-        if scan._tail or scan.done or scan.error or dechunk is None or dechunk.done \
-                or dechunk._exact._state != "size" or dechunk._exact._line:
-            return False
-        if data[:nl].translate(None, _HEX_DIGITS):
-            return False        # not bare hex digits: ReplyDechunker's exact decoder says why
-        size = int(data[:nl], 16)
-        if len(data) != nl + size + 4 or _DONE_TRUE.search(data, nl + 2):
-            return False
-        scan.lines += 1
-        scan.last = data[nl + 2:-2]
         self.raw._relayed = True
-        if self.write_chunk(data, size) and not self.full:
-            self.full = True
-            self.transport.pause_reading()
-            self._wake()
+        self._sent(self.write_chunk(data, len(payload)))
         return True
 
     def _pass(self, block: Optional[bytes]) -> None:
-        """A block to the receiver; when it is full, stop reading the node."""
+        """A block to the receiver (the one that ends the reply properly by write_end)."""
         if not block:
             return
         raw = self.raw
         raw._relayed = True
         end = self.write_end is not None and raw._ended and raw._error is None
-        if (self.write_end if end else self.write)(block) and not self.full:
+        self._sent((self.write_end if end else self.write)(block))
+
+    def _sent(self, full: bool) -> None:
+        """After a write: when the receiver is full, stop reading the node."""
+        if full and not self.full:
             self.full = True
             self.transport.pause_reading()
             self._wake()
@@ -8649,62 +8662,58 @@ class Exchange:
         last=True: it is the whole body, and the body's end goes with it too."""
         await self._head(status, None, content_type, headers, node)
         self._streaming = True
-        if first and last and self._chunked and body_allowed(self.request.method, status):
-            if self.first_byte_at is None:
-                self.first_byte_at = time.monotonic()
-            self.bytes_out += len(first)
-            self._body_ended = True
-            self.conn.writer.write(self._with_head(b"%x\r\n%s\r\n0\r\n\r\n" % (len(first), first)))
-        elif first:
-            self.write_nowait(first)
+        if first:
+            self.write_nowait(first, last=last)
         if self._pending_head:          # no first piece (or a body HEAD does not get)
             self.conn.writer.write(self._with_head(b""))
         await self.conn.drain()
 
-    def write_nowait(self, data: bytes) -> bool:
+    def write_nowait(self, data: bytes, *, last: bool = False) -> bool:
         """One piece of a streamed body, written without waiting for the client (the
-        socket takes it at once when it can).  True when the client's side has more than
+        socket takes it at once when it can); last=True: the body's last, and a chunked
+        body's end goes in the same write.  True when the client's side has more than
         _WRITE_HIGH_WATER bytes queued: the caller should then await drain_client()."""
         if not data or not body_allowed(self.request.method, self.status or 200):
             return False
         if self.first_byte_at is None:
             self.first_byte_at = time.monotonic()
         self.bytes_out += len(data)
+        if last and self._chunked:
+            self._body_ended = True
         writer = self.conn.writer
-        writer.write(self._with_head(b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data))
+        writer.write(self._with_head(_chunk(data, last=last) if self._chunked else data))
         return writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER
 
-    def relay_writer(self) -> Any:
-        """write_nowait for a relayed stream after start_stream, made once: the body's
-        checks done ahead, each piece straight to the client's transport."""
+    def relay_writers(self) -> Tuple[Any, Any, Any]:
+        """For a relayed stream after start_stream, made once: the body's checks done
+        ahead, each piece straight to the client's transport.  (write, write_chunk,
+        write_end), each returning True when the client has more than _WRITE_HIGH_WATER
+        bytes queued: write(data), one piece (write_nowait's work); write_chunk(chunk,
+        size), one of the node's own HTTP/1.1 chunks (size line, `size` payload bytes,
+        CRLF) passed on as it is - the bytes write() would make of its payload;
+        write_end(data), the body's last piece with the body's end in the same write
+        (one segment: the client has its whole reply before mesh's bookkeeping).  The
+        last two are None when this response is not chunked."""
         if not body_allowed(self.request.method, self.status or 200):
-            return lambda data: False
+            return (lambda data: False), None, None
         transport, chunked = self.conn.writer.transport, self._chunked
         if self.first_byte_at is None:
             self.first_byte_at = time.monotonic()
 
-        def write(data: bytes) -> bool:
-            self.bytes_out += len(data)
-            transport.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
-            return transport.get_write_buffer_size() > _WRITE_HIGH_WATER
-        return write
-
-    def relay_chunk_writer(self) -> Any:
-        """For a relayed stream after start_stream, when this response is chunked: a
-        write(chunk, size) that passes one of the node's own HTTP/1.1 chunks (its size
-        line, `size` payload bytes, CRLF) on as it is - the same bytes relay_writer()'s
-        write would make of its payload.  None when the response is not chunked."""
-        if not self._chunked or not body_allowed(self.request.method, self.status or 200):
-            return None
-        transport = self.conn.writer.transport
-        if self.first_byte_at is None:
-            self.first_byte_at = time.monotonic()
-
-        def write(chunk: bytes, size: int) -> bool:
+        def sent(size: int, data: bytes) -> bool:
             self.bytes_out += size
-            transport.write(chunk)
+            transport.write(data)
             return transport.get_write_buffer_size() > _WRITE_HIGH_WATER
-        return write
+
+        def write(data: bytes) -> bool:
+            return sent(len(data), _chunk(data) if chunked else data)
+        if not chunked:
+            return write, None, None
+
+        def write_end(data: bytes) -> bool:
+            self._body_ended = True
+            return sent(len(data), _chunk(data, last=True))
+        return write, lambda chunk, size: sent(size, chunk), write_end
 
     async def drain_client(self) -> None:
         await self.conn.drain()
@@ -8717,7 +8726,7 @@ class Exchange:
             self.first_byte_at = time.monotonic()
         self.bytes_out += len(data)
         if self._chunked:
-            self.conn.writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.conn.writer.write(_chunk(data))
         else:
             self.conn.writer.write(data)
         await self.conn.drain()
@@ -8731,22 +8740,6 @@ class Exchange:
         except UnicodeEncodeError:   # a lone surrogate from a node
             line = json.dumps(obj).encode("ascii")
         await self.write(line + b"\n")
-
-    def relay_end_writer(self) -> Any:
-        """For a relayed stream after start_stream, when this response is chunked: a
-        write(data) for the body's last piece that ends the body in the same write (one
-        segment: the client has the whole reply as soon as the node's final line is
-        here, before mesh's own bookkeeping).  None when the response is not chunked."""
-        if not self._chunked or not body_allowed(self.request.method, self.status or 200):
-            return None
-        transport = self.conn.writer.transport
-
-        def write(data: bytes) -> bool:
-            self.bytes_out += len(data)
-            self._body_ended = True
-            transport.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data))
-            return transport.get_write_buffer_size() > _WRITE_HIGH_WATER
-        return write
 
     async def end_stream(self) -> None:
         if self._chunked and not self._body_ended:
@@ -8840,8 +8833,8 @@ class StreamRelay:
                                       last=stream.complete)
                 break
             if started:
-                await stream.relay_rest(ex.relay_writer(), ex.drain_client, ex.relay_chunk_writer(),
-                                        ex.relay_end_writer())
+                write, write_chunk, write_end = ex.relay_writers()
+                await stream.relay_rest(write, ex.drain_client, write_chunk, write_end)
         except MeshError as exc:
             if not started:
                 raise
@@ -8989,7 +8982,8 @@ class ServeOps:
     def finished(self, ex: "Exchange") -> None:
         """MeshServer.request_finished: one request is over (answered or not)."""
         now = time.monotonic()
-        rec = AccessRecord(ex.conn.client, ex.request.method, ex.request.path, started=time.time() - (now - ex.started))
+        rec = AccessRecord(ex.conn.client, ex.request.method, ex.request.path,
+                           started=time.time() - (now - ex.started))
         rec.model, rec.node, rec.status, rec.error = ex.model, ex.node, ex.status, ex.error
         rec.tokens, rec.eval_duration = ex.tokens, ex.eval_duration
         if ex.first_byte_at is not None:
