@@ -2379,6 +2379,8 @@ def _decode_json(body: bytes, max_depth: int = MAX_JSON_DEPTH) -> Tuple[Any, boo
     except ValueError as exc:
         raise ValueError(f"invalid JSON: {exc}") from None
     fix = _SURROGATE_ESCAPE.search(text) is not None
+    if not fix and text.count("{") + text.count("[") <= max_depth:
+        return obj, sound       # no escape to mend, and too few brackets to nest past max_depth
     # One iterative walk: depth, and lone surrogates replaced where the text had escapes.
     todo = [(obj, 1)]
     while todo:
@@ -2418,13 +2420,18 @@ _OLLAMA_FIELD_TYPES = {"model": str, "name": str, "stream": bool}
 # Fields only some structs have, that mesh reads too.
 _OLLAMA_STRUCT_FIELD_TYPES = {"CreateRequest": {"from": str}, "CopyRequest": {"source": str, "destination": str}}
 _GO_JSON_TYPES = {str: "string", bool: "bool", int: "number", float: "number", list: "array", dict: "object"}
+_OLLAMA_STRUCT_FIELDS = {struct: {**_OLLAMA_FIELD_TYPES, **_OLLAMA_STRUCT_FIELD_TYPES.get(struct, {})}
+                         for struct in set(OLLAMA_REQUEST_TYPES.values())}   # made once, read per request
 
 
 def ollama_type_error(payload: Dict[str, Any], struct: str) -> Optional[str]:
     """Go's encoding/json message for a field of the wrong type among those mesh
     reads ("model", "name", "stream"), or None.  null is fine (Go leaves the zero
     value), as Ollama's handlers see it."""
-    for field, want in {**_OLLAMA_FIELD_TYPES, **_OLLAMA_STRUCT_FIELD_TYPES.get(struct, {})}.items():
+    fields = _OLLAMA_STRUCT_FIELDS.get(struct)
+    if fields is None:
+        fields = {**_OLLAMA_FIELD_TYPES, **_OLLAMA_STRUCT_FIELD_TYPES.get(struct, {})}
+    for field, want in fields.items():
         value = payload.get(field)
         if value is None or type(value) is want:
             continue
@@ -2474,6 +2481,7 @@ _FIELD_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")          # CTLs other
 # of no CTL but HTAB (its surrounding blanks stripped after), the line ending in CRLF or LF.
 _REQUEST_LINE_RE = re.compile(f"({_TOKEN}) " + r"([^ \x00-\x1f\x7f]+) HTTP/1\.([01])\r?\n")
 _FIELD_LINE_RE = re.compile(f"({_TOKEN}):" + r"([^\x00-\x08\x0a-\x1f\x7f]*)\r?\n")
+_FIELD_BLOCK_RE = re.compile(f"(?:{_TOKEN}:" + r"[^\x00-\x08\x0a-\x1f\x7f]*\r?\n)*\r?\n\Z")  # all of them, then the end
 _HOST_RE = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@%\[\]]*\Z")      # reg-name / IP-literal, port
 _ABSOLUTE_RE = re.compile(r"(https?)://([^/?#]*)(.*)\Z", re.I)
 _CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;.*)?\Z")  # Go allows 16 hex digits
@@ -2529,17 +2537,11 @@ def find_head_end(buf: "bytes | bytearray", start: int = 0) -> int:
     Lines end in LF with an optional CR before it: RFC 9112 section 2.2 lets a
     recipient take a bare LF as a line end, which Go's net/http does - so a
     bare-LF client is answered, never left waiting for a CRLF that won't come."""
-    i = buf.find(b"\n", start)
-    while i >= 0:
-        nxt = buf[i + 1:i + 3]
-        if nxt[:1] == b"\n":
-            return i + 2
-        if nxt == b"\r\n":
-            return i + 3
-        if nxt == b"\r":
-            return -1            # maybe "\r\n" comes with the next read
-        i = buf.find(b"\n", i + 1)
-    return -1
+    lf = buf.find(b"\n\n", start)           # the empty line is the first LF followed by LF or CRLF
+    crlf = buf.find(b"\n\r\n", start, len(buf) if lf < 0 else lf + 2)
+    if crlf >= 0:
+        return crlf + 3
+    return lf + 2 if lf >= 0 else -1
 
 
 def parse_request_head(head: bytes) -> HTTPRequest:
@@ -2557,15 +2559,9 @@ def parse_request_head(head: bytes) -> HTTPRequest:
         # The common head in one pass of two regexes; anything they do not take (and
         # every malformed head) goes through the line-by-line checks below, which give
         # the precise error.
-        pos, match_field = m.end(), _FIELD_LINE_RE.match
-        f = match_field(text, pos)
-        while f:
-            fields.append((f.group(1).lower(), f.group(2).strip(" \t")))
-            pos = f.end()
-            f = match_field(text, pos)
-        if text[pos:] in ("\r\n", "\n"):
+        if _FIELD_BLOCK_RE.match(text, m.end()):
+            fields = [(name.lower(), value.strip(" \t")) for name, value in _FIELD_LINE_RE.findall(text, m.end())]
             return _request_from(m.group(1), m.group(2), (1, int(m.group(3))), fields)
-        fields = []
     lines = text.split("\n")
     lines = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
     while lines and not lines[-1]:
@@ -2940,6 +2936,23 @@ class ReplyScanner:
             return False
         self.lines += 1
         self.last = data
+        return True
+
+    def whole_object(self, data: bytes) -> bool:
+        """Take a whole reply that is one JSON object with "done": true (stream=False's
+        usual answer, as Ollama's routes.go writes it) as feed(data) then finish() would,
+        decoding it once; False, nothing taken, for anything else (feed it then)."""
+        if self.sse or self.lines or self._tail or self.done or self.error:
+            return False
+        body = data[:-1] if data[-1:] == b"\n" else data
+        if body[:1] != b"{" or body[-1:] != b"}" or b"\n" in body or not _DONE_TRUE.search(body):
+            return False
+        obj = self._decode(body)
+        if not isinstance(obj, dict) or obj.get("done") is not True:
+            return False
+        self.done, self.final, self.last, self.lines = True, data, data, 1
+        self._final_line, self._final_obj = data, obj
+        self.open = body is data         # no newline at the end: what follows must end the line first
         return True
 
     def finish(self) -> bytes:
@@ -3569,12 +3582,19 @@ def prompt_prefixes(path: str, payload: Dict[str, Any]) -> Tuple[List[Tuple[byte
     one per 2,048 characters of the prompt.  Fingerprints include the model; no text
     is kept (Ollama reuses the longest common prefix of a slot's last sequence, as its
     runner's cache does)."""
+    messages = payload.get("messages")
+    if not isinstance(messages, list) and not payload.get("context"):
+        prompt = payload.get("prompt")
+        if isinstance(prompt, str) and len(prompt) < _GENERATE_BLOCK:
+            # A short generate prompt has no prefix worth a fingerprint: nothing to hash.
+            system = payload.get("system")
+            chars = len(_text_of(system)) if system else 0
+            return [], int((chars + len(prompt)) / CHARS_PER_TOKEN)
     model = model_key(str(payload.get("model") or ""))
     h = _fingerprint()
     h.update(model.encode("utf-8", "replace") + b"\0" + path.encode())
     chain: List[Tuple[bytes, int]] = []
     chars = 0
-    messages = payload.get("messages")
     if isinstance(messages, list):
         for msg in messages:
             if not isinstance(msg, dict):
@@ -4023,9 +4043,13 @@ class Balancer:
                 start = max(slots[name][0], now)
                 load = 0.0 if where == "loaded" else self.load_seconds(node, req.model)
                 have = cached.get(name, 0)
-                ptps = self.rate(node, req.model, "prompt_tps", PRIOR_PROMPT_TPS, pool)
+                st = node.stats.get(req.model)     # measured here: the rates as they are (rate() else)
+                ptps = (st.prompt_tps if st is not None and st.prompt_tps
+                        else self.rate(node, req.model, "prompt_tps", PRIOR_PROMPT_TPS, pool))
+                gtps = (st.gen_tps if st is not None and st.gen_tps
+                        else self.rate(node, req.model, "gen_tps", PRIOR_GEN_TPS, pool))
                 prompt = max(req.tokens - have, 1) / ptps
-                gen = reply / self.rate(node, req.model, "gen_tps", PRIOR_GEN_TPS, pool)
+                gen = reply / gtps
                 # Taking a slot from another conversation costs it its cache: count that too.
                 evict = 0.0 if have or not node.resident else self.eviction_cost(node, now, ptps)
                 finish = start - now + load + prompt + gen + evict
@@ -4659,8 +4683,11 @@ class _Exchange:
         self.head_only = False          # a HEAD request: the reply has no body whatever its headers say
 
     async def send(self, request: bytes) -> None:
-        self.writer.write(request)
-        await self.writer.drain()
+        writer = self.writer
+        writer.write(request)
+        transport = writer.transport
+        if transport.get_write_buffer_size() or transport.is_closing():
+            await writer.drain()     # the socket (or pipe) did not take it all at once, or is gone
 
     async def _head_bytes(self) -> bytes:
         if not self.leftover:
@@ -6001,6 +6028,33 @@ class RawStream:
         if relay.error is not None:
             raise self._interrupted(relay.error)
 
+    async def _read_whole(self) -> bool:
+        """stream=False: when the node's Content-Length body has wholly arrived already
+        (its usual case: one write from the node), take it in one read, with no idle
+        timer and, for one "done" object, one decode (ReplyScanner.whole_object); as
+        _prime would, `_first` then holds it.  False, nothing read, when more must
+        still come: then _prime reads as for a stream."""
+        ex = self._ex
+        remaining = ex._remaining
+        buffered = getattr(ex.reader, "_buffer", None)    # asyncio.StreamReader's own buffer
+        if remaining is None or ex.leftover or ex._dechunk is not None or buffered is None \
+                or len(buffered) < remaining or ex._complete:
+            return False
+        data = ex.unframe(await ex.reader.readexactly(remaining))
+        if self._scan.whole_object(data):
+            self._first = data
+            self._ended = True
+            self._finish(None)
+            return True
+        out = self._take(data, None, True)
+        if out is None:
+            out = self._take(b"", None, True)    # the body's end: a last line without its newline
+        if not out:
+            await self.aclose()
+            raise NodeError(self.node, "empty reply")
+        self._first = out
+        return True
+
     async def _prime(self) -> None:
         """Read up to the first whole line: a node that fails before it can still be
         replaced by another (nothing was passed on yet)."""
@@ -6797,6 +6851,11 @@ class MeshOrchestrator:
             self._refreshing[node.name] = task
         return task
 
+    def _stale_nodes(self, force: bool = False) -> List[SSHNode]:
+        """The healthy nodes whose model lists are older than INVENTORY_TTL (all of them: force)."""
+        now = time.monotonic()
+        return [n for n in self.nodes if n.healthy and (force or now - n.inventory_at > INVENTORY_TTL)]
+
     async def refresh(self, *, force: bool = False, model: Optional[str] = None,
                       grace: float = 0.5) -> None:
         """Bring the healthy nodes' model lists up to date, concurrently.
@@ -6805,8 +6864,7 @@ class MeshOrchestrator:
         `grace` seconds more to answer: a frozen or dead node (or hundreds of them, whose
         ssh waits out its ConnectTimeout) does not hold every request; they are read in
         the background and join when they answer."""
-        now = time.monotonic()
-        stale = [n for n in self.nodes if n.healthy and (force or now - n.inventory_at > INVENTORY_TTL)]
+        stale = self._stale_nodes(force)
         if not stale:
             return
         if any(isinstance(n.transport, SSHTransport) for n in stale):
@@ -7266,7 +7324,8 @@ class MeshOrchestrator:
         if pinned is None and model and len(self.nodes) > 1:
             # With one node there is nothing to choose: the request itself tells whether the
             # node has the model (404), one round trip sooner than asking /api/tags first.
-            await self.refresh(model=model)
+            if self._stale_nodes():     # (as refresh would find: most requests have no list to read)
+                await self.refresh(model=model)
         if body is None:
             body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
         planned = path in _PLANNED_PATHS and isinstance(model, str) and len(self.nodes) > 1
@@ -7367,8 +7426,9 @@ class MeshOrchestrator:
             ctype = ex.headers.get("content-type", "")
             if ctype and "json" not in ctype and not raw.sse:
                 raise NodeError(node.name, f"not Ollama (reply is {ctype})")
-            ex.watch(self.idle_timeout)
-            await raw._prime()
+            if streaming or not await raw._read_whole():
+                ex.watch(self.idle_timeout)
+                await raw._prime()
             if not streaming:
                 raw._whole = await self._collect(raw)
         except BaseException:
@@ -8039,9 +8099,9 @@ class OllamaAPI(_API):
                 if raw.whole_bytes is None:
                     await ex.send_json(200, result, node=raw.node, drain=False)
                 else:
-                    ex._note(result)
                     await ex.send(200, raw.whole_bytes, "application/json; charset=utf-8", node=raw.node,
                                   drain=False)
+                    ex._note(result)        # the token counts, for the access log: after the answer left
             finally:
                 await raw.aclose()
             await ex.drain_client()     # a slow client holds its connection, not the node's slot
@@ -8407,8 +8467,8 @@ class _ClientReader:
         while True:
             # RFC 9112 2.2: empty lines before a request line are ignored (some
             # clients send a CRLF after a POST body).
-            while self._buf[:1] == b"\n" or self._buf[:2] == b"\r\n":
-                del self._buf[:1 if self._buf[:1] == b"\n" else 2]
+            while self._buf.startswith((b"\n", b"\r\n")):
+                del self._buf[:1 if self._buf[0] == 10 else 2]      # 10: LF
             if self._buf:
                 end = find_head_end(self._buf, max(0, scanned - 3))
                 if 0 <= end <= self.limits.max_header_bytes:
@@ -8591,12 +8651,12 @@ class Exchange:
     def answered(self) -> bool:
         return self.status is not None
 
-    async def _head(self, status: int, length: Optional[int], content_type: str,
-                    headers: Sequence[Tuple[str, str]], node: Optional[str]) -> None:
+    def _head(self, status: int, length: Optional[int], content_type: str,
+              headers: Sequence[Tuple[str, str]], node: Optional[str]) -> None:
+        """The response head, kept until the body's first bytes; the request's body
+        must have been read (or discarded: conn.discard_body) before."""
         if self.status is not None:
             raise RuntimeError("a response was already started for this request")
-        if not self.body_read:
-            await self.conn.discard_body(self)
         self.status = status
         if node:
             self.node = node
@@ -8619,7 +8679,9 @@ class Exchange:
                    headers: Sequence[Tuple[str, str]] = (), drain: bool = True) -> None:
         """A whole response with Content-Length (HEAD: the head alone).  drain=False:
         written without waiting for the client to take it (the caller drains later)."""
-        await self._head(status, len(body), content_type, headers, node)
+        if not self.body_read:
+            await self.conn.discard_body(self)
+        self._head(status, len(body), content_type, headers, node)
         if body_allowed(self.request.method, status):
             self.bytes_out += len(body)
         else:
@@ -8660,7 +8722,9 @@ class Exchange:
         """Start a body of unknown length: chunked to HTTP/1.1, close-delimited to 1.0.
         `first`, the body's first piece, goes out with the head (one write, one segment);
         last=True: it is the whole body, and the body's end goes with it too."""
-        await self._head(status, None, content_type, headers, node)
+        if not self.body_read:
+            await self.conn.discard_body(self)
+        self._head(status, None, content_type, headers, node)
         self._streaming = True
         if first:
             self.write_nowait(first, last=last)
@@ -8908,6 +8972,9 @@ class _Connection:
         """Wait until the client has taken what was written, for at most
         limits.write_timeout: a client that stops reading would otherwise hold its
         request (and the node's slot) for ever.  Past it the connection is aborted."""
+        reader = self.reader
+        if not reader.lost and not reader.write_paused:
+            return      # the client's socket has room: the usual case, with no await at all
         transport = self.writer.transport
         if transport.get_write_buffer_size() <= 65536:
             await self.writer.drain()         # returns at once: no timer to set up

@@ -99,6 +99,9 @@ def test_parse_request_head_rejects(head, status, message):
     (b"GET / HTTP/1.1\r\nHost: x\r\n\r", -1),            # the last LF may still come
     (b"GET / HTTP/1.1\r\nHost: x\r\n", -1),
     (b"GET / HTTP/1.1", -1),
+    (b"GET / HTTP/1.1\nHost: x\n\r\nX: y\n\n", 25),       # the first empty line, whichever its end
+    (b"GET / HTTP/1.1\r\nA: b\n\nC: d\r\n\r\n", 22),
+    (b"GET / HTTP/1.1\r\nA: b\n\r\r\n\r\n\n", 26),       # a CR alone is no line end
 ])
 def test_find_head_end(buf, end):
     assert mesh.find_head_end(buf) == end

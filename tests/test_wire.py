@@ -1,4 +1,5 @@
 """Pure parts: NDJSON framing, HTTP heads, error shapes, names and addresses."""
+import json
 import re
 
 import pytest
@@ -276,6 +277,30 @@ def test_reply_scanner_last_line_with_done_reason_but_no_done():
     last = b'{"response":"","done_reason":"stop"}'
     assert sc.feed(LINE + last) == LINE and sc.finish() == last
     assert not sc.done and sc.error is None and sc.final_obj() == {"response": "", "done_reason": "stop"}
+
+
+@pytest.mark.parametrize("data", [
+    b'{"model":"m","response":"hi","done":true,"eval_count":3}',           # Ollama's stream=false answer
+    b'{"model":"m","response":"hi","done":true,"eval_count":3}\n',
+    b'{"model":"m","response":"a \\"done\\":true in the text","done":false}',  # not final: fed instead
+    b'{"model":"m","embeddings":[[0.1]]}',                                 # no done at all (/api/embed)
+    b'{"error":"model not found"}',
+    b'{"done":true}\n{"done":true}\n',                                    # two lines
+    b'[{"done":true}]',
+    b'{"done":true',                                                      # not whole
+])
+def test_reply_scanner_whole_object_reads_as_feed_then_finish(data):
+    """The one-read stream=False path leaves the scanner as feeding the body would."""
+    fed = mesh.ReplyScanner(strict=False)
+    passed = fed.feed(data) + fed.finish()
+    whole = mesh.ReplyScanner(strict=False)
+    if not whole.whole_object(data):
+        assert not fed.done or data.count(b"\n") > 1 or not data.startswith(b"{")
+        return
+    assert passed == data
+    state = ("done", "final", "last", "lines", "error", "extra", "open")
+    assert [getattr(whole, k) for k in state] == [getattr(fed, k) for k in state]
+    assert whole.final_obj() == fed.final_obj() == json.loads(data)
 
 
 @pytest.mark.parametrize("pieces, passed", [
