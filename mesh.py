@@ -6587,8 +6587,8 @@ class MeshOrchestrator:
             self._mark_up(node)
 
     def _notify(self) -> None:
-        if self._cond is None:
-            return
+        if self._cond is None or not (self._queued or self._retired):
+            return      # nobody waits on the condition (_acquire queues, _retire): no task to spawn
         cond = self._cond
 
         async def wake() -> None:
