@@ -4878,7 +4878,9 @@ class Transport:
         """Send one request; the reply is read from the returned exchange."""
         while self._idle:
             reader, writer = self._idle.pop()
-            if reader.at_eof() or writer.is_closing():
+            # Closed by the node, or holding bytes it sent past its last reply's end (they
+            # would be read as this reply's head): not a connection to send on.
+            if reader.at_eof() or writer.is_closing() or getattr(reader, "_buffer", None):
                 writer.close()
                 continue
             ex = _Exchange(reader, writer, reused=True, on_done=self._done)

@@ -548,6 +548,16 @@ class _OllamaShapes:
             self._simulated(model, chat, body)
             return
         tokens = list(fake.tokens)
+        if body.get("stream", True) is False and fake.mode == "past_length":
+            # bytes past Content-Length, in the same write: no HTTP node sends them
+            data = json.dumps(self._piece(model, chat, "".join(tokens), True, prompt=last)).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data + b"GARBAGE")
+            self.wfile.flush()
+            return
         if body.get("stream", True) is False and fake.mode != "after_done":
             self._json(200, self._piece(model, chat, "".join(tokens), True, prompt=last))
             return

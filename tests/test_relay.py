@@ -48,6 +48,19 @@ def test_reply_ends_at_done_later_bytes_ignored(hostile, lab):
     assert p.returncode == 0 and p.stdout.decode() == "Hello \ufffd there\n"   # surrogate shown as U+FFFD
 
 
+def test_bytes_past_content_length_do_not_spoil_the_next_request(hostile):
+    fake, s = hostile
+    fake.mode = "past_length"           # each stream=false answer is followed by b"GARBAGE"
+    for _ in range(3):                  # the same keep-alive connection would be reused
+        status, _, body = post(s, {"model": "m:1", "prompt": "x", "stream": False})
+        assert status == 200 and json.loads(body)["response"] == "Hello \ud800 there"
+    fake.mode = "ok"
+    _, _, body = post(s, {"model": "m:1", "prompt": "x"})
+    assert lines(body)[-1]["done"] is True and "error" not in body.decode()
+    nodes = json.loads(urllib.request.urlopen(s.base + "/mesh/status", timeout=8).read())["nodes"]
+    assert [n["healthy"] for n in nodes] == [True]
+
+
 def test_last_line_with_done_reason_but_no_done_is_passed_on(hostile):
     fake, s = hostile
     fake.mode = "done_reason"
