@@ -2189,6 +2189,12 @@ class ProtocolError(ValueError):
     """What a node sent is not what Ollama sends."""
 
 
+# What json.loads raises for text that is not JSON: ValueError, and RecursionError for
+# nesting deeper than the interpreter's stack (a node's reply must not become an
+# "internal error" by being deep).
+_JSON_ERRORS = (ValueError, RecursionError)
+
+
 class NDJSONDecoder:
     """Feed bytes as they arrive; get each complete JSON line as soon as it is whole.
 
@@ -2227,7 +2233,7 @@ class NDJSONDecoder:
             return None
         try:
             obj = json.loads(line)
-        except ValueError:
+        except _JSON_ERRORS:
             if final:
                 raise ProtocolError(f"stream ended in the middle of a line: {_excerpt(line)}") from None
             raise ProtocolError(f"not JSON: {_excerpt(line)}") from None
@@ -2269,7 +2275,7 @@ def error_message(status: int, body: bytes) -> str:
         if isinstance(obj, dict) and isinstance(obj.get("error"), dict) \
                 and isinstance(obj["error"].get("message"), str):
             return obj["error"]["message"]
-    except ValueError:
+    except _JSON_ERRORS:
         pass
     if b"<html" in body[:512].lower() or b"<!doctype" in body[:512].lower():
         return f"HTTP {status} with an HTML page (not Ollama?)"
@@ -2985,7 +2991,7 @@ class ReplyScanner:
             return None
         try:
             obj = json.loads(line)
-        except ValueError:
+        except _JSON_ERRORS:
             return None
         return obj if isinstance(obj, dict) else None
 
@@ -3071,7 +3077,7 @@ class ReplyScanner:
     def _decode(line: bytes) -> Any:
         try:
             return json.loads(line)
-        except ValueError:
+        except _JSON_ERRORS:
             return None
 
 
@@ -4728,10 +4734,10 @@ class _Exchange:
         self._dechunk = ReplyDechunker() if chunked else None
         self._remaining = None
         if not chunked and length is not None and (not self.decoded or length == "0"):
-            try:
-                self._remaining = int(length)
-            except ValueError:
-                raise ProtocolError(f"bad Content-Length {length!r}") from None
+            if not (length.isascii() and length.isdigit()):
+                # digits only, as Go's net/http reads it (no sign, no space, no list)
+                raise ProtocolError(f"bad Content-Length {length!r}")
+            self._remaining = int(length)
         self._complete = self._remaining == 0
 
     def watch(self, idle_timeout: Optional[float]) -> None:
@@ -5723,6 +5729,10 @@ class SSHNode:
                 raise NodeError(self.name, reason) from None
             except ProtocolError as exc:
                 await ex.close()
+                if ex.reused:
+                    # Bytes the node sent after its last reply on this pooled connection
+                    # came first: the connection is spoiled, not the node.
+                    continue
                 raise NodeError(self.name, f"not an Ollama reply: {exc}") from None
             except BaseException:
                 await ex.close()
@@ -5828,7 +5838,7 @@ class SSHNode:
             return {}
         try:
             obj = json.loads(data)
-        except ValueError:
+        except _JSON_ERRORS:
             raise NodeError(self.name, f"{path}: not Ollama (reply is not JSON: {_excerpt(data)})") from None
         if not isinstance(obj, dict):
             raise NodeError(self.name, f"{path}: not Ollama (unexpected reply {_excerpt(data)})")
@@ -6359,7 +6369,12 @@ class _Stream:
 
     async def __anext__(self) -> Dict[str, Any]:
         while not self._objs:
-            self._objs = self.decode(await self._raw.__anext__(), self._raw)
+            block = await self._raw.__anext__()
+            try:
+                self._objs = self.decode(block, self._raw)
+            except NodeError as exc:
+                await self._raw.aclose()
+                raise RawStream._interrupted(exc) from None
             self._objs.reverse()
         return self._objs.pop()
 
@@ -6371,7 +6386,20 @@ class _Stream:
         objs = []
         for line in block.splitlines():
             if line.strip():
-                obj = json.loads(line)
+                # The relay's scan takes a line in braces for an object without decoding
+                # it (ReplyScanner._ndjson); here each is decoded, and one that is not
+                # JSON ends the reply as a bad line does there: the lines before it are
+                # handed out first, then the reply's next block raises.
+                try:
+                    obj = json.loads(line)
+                except _JSON_ERRORS:
+                    obj = None
+                if not isinstance(obj, dict):
+                    error = NodeError(raw.node, f"bad reply: not JSON: {_excerpt(line)}", retryable=False)
+                    if not objs:
+                        raise error
+                    raw._error = error
+                    break
                 obj["node"] = raw.node
                 objs.append(obj)
         return objs
@@ -7463,7 +7491,7 @@ class MeshOrchestrator:
             try:
                 obj = json.loads(data)
                 raw.whole_bytes = data
-            except ValueError:
+            except _JSON_ERRORS:
                 obj = raw._scan.final_obj()   # several lines, none done: the last one
                 obj = dict(obj) if isinstance(obj, dict) else obj
         if not isinstance(obj, dict):
@@ -7511,7 +7539,7 @@ class MeshOrchestrator:
         for line in data.splitlines():
             try:
                 obj = json.loads(line)
-            except ValueError:
+            except _JSON_ERRORS:
                 continue
             if isinstance(obj, dict):
                 piece = obj.get("response")

@@ -548,6 +548,22 @@ class _OllamaShapes:
             self._simulated(model, chat, body)
             return
         tokens = list(fake.tokens)
+        if fake.mode == "garbage_on_reuse" and getattr(self, "answered", False):
+            self.wfile.write(b"GARBAGE")    # as if the last reply on this connection had trailing bytes
+        self.answered = True                # (this handler object serves one keep-alive connection)
+        if body.get("stream", True) is False and fake.mode in ("negative_length", "deep_nesting"):
+            piece = self._piece(model, chat, "".join(tokens), True, prompt=last)
+            if fake.mode == "deep_nesting":     # deeper than Python's json can decode
+                piece["context"] = "@"
+            data = json.dumps(piece).encode().replace(b'"@"', b"[" * 100000 + b"]" * 100000)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", "-1" if fake.mode == "negative_length" else str(len(data)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(data)
+            self.close_connection = True
+            return
         if body.get("stream", True) is False and fake.mode == "past_length":
             # bytes past Content-Length, in the same write: no HTTP node sends them
             data = json.dumps(self._piece(model, chat, "".join(tokens), True, prompt=last)).encode()
@@ -576,6 +592,8 @@ class _OllamaShapes:
                 return
             if fake.mode == "bad_line" and i == 1:
                 self._chunk(b"this is not json\n")
+            if fake.mode == "brace_line" and i == 1:    # braces around what is not JSON
+                self._chunk(b"{this is not json}\n")
             if fake.mode == "bad_chunk" and i == 1:     # a chunk size line that is not hex digits
                 line = json.dumps(self._piece(model, chat, tok, False)).encode() + b"\n"
                 self.wfile.write(b"0x%x\r\n%s\r\n" % (len(line), line))

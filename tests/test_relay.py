@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -59,6 +60,48 @@ def test_bytes_past_content_length_do_not_spoil_the_next_request(hostile):
     assert lines(body)[-1]["done"] is True and "error" not in body.decode()
     nodes = json.loads(urllib.request.urlopen(s.base + "/mesh/status", timeout=8).read())["nodes"]
     assert [n["healthy"] for n in nodes] == [True]
+
+
+def test_bytes_a_node_sends_late_on_a_pooled_connection_do_not_fail_the_request(hostile):
+    """Bytes that come after a reply's end while its connection waits in the pool (here:
+    before the next reply's head) spoil that connection, not the node: the request is
+    sent again on a fresh connection."""
+    fake, s = hostile
+    fake.mode = "garbage_on_reuse"
+    for _ in range(3):
+        status, _, body = post(s, {"model": "m:1", "prompt": "x", "stream": False})
+        assert status == 200 and json.loads(body)["response"] == "Hello \ud800 there"
+    nodes = json.loads(urllib.request.urlopen(s.base + "/mesh/status", timeout=8).read())["nodes"]
+    assert [n["healthy"] for n in nodes] == [True]
+
+
+@pytest.mark.parametrize("mode, reason", [
+    ("negative_length", "bad Content-Length '-1'"),
+    ("deep_nesting", "bad reply: not a JSON object"),
+])
+def test_a_reply_mesh_cannot_read_is_the_nodes_error(hostile, lab, mode, reason):
+    fake, s = hostile
+    fake.mode = mode
+    req = urllib.request.Request(s.base + "/api/generate", method="POST",
+                                 data=json.dumps({"model": "m:1", "prompt": "x", "stream": False}).encode())
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=8)
+    message = json.loads(err.value.read())["error"]
+    assert err.value.code == 503 and message.startswith("every node failed: h: ") and reason in message, message
+    p = lab.run("generate", "--model", "m:1", "--no-stream", "hi", timeout=8)
+    out = p.stderr.decode()
+    assert p.returncode == 1 and out.startswith("mesh: error: ") and out.count("\n") == 1, out
+    assert reason in out and "Traceback" not in out
+
+
+def test_a_line_in_braces_that_is_not_json_ends_the_cli_with_an_error(hostile, lab):
+    fake, _ = hostile
+    fake.mode = "brace_line"
+    p = lab.run("generate", "--model", "m:1", "hi", timeout=8)
+    err = p.stderr.decode()
+    assert p.stdout.decode() == "Hello" and p.returncode == 1, (p.stdout, err)
+    assert err == ("mesh: error: h: bad reply: not JSON: '{this is not json}' "
+                   "(after part of the answer was sent; not retried)\n"), err
 
 
 def test_last_line_with_done_reason_but_no_done_is_passed_on(hostile):
