@@ -2880,6 +2880,7 @@ class ReplyDechunker:
 
 _DONE_TRUE = re.compile(rb'"done"\s*:\s*true')
 _SSE_END = re.compile(rb"^data: ?\[DONE\]|^event: ?message_stop", re.M)
+_SSE_EVENT_END = re.compile(rb"\r?\n\r?\n")      # the blank line that ends an event, LF or CRLF
 
 
 class ReplyScanner:
@@ -2909,6 +2910,8 @@ class ReplyScanner:
         self.usage = b""             # SSE: the data of the last event with "usage" (token counts)
         self.open = False            # what was passed on ends inside a line/event (finish())
         self._tail = b""
+        self._more: List[bytes] = []  # reads after _tail that hold no line end (not yet joined to it)
+        self._more_size = 0
         self._max_line = max_line
         self._final_line: Optional[bytes] = None
         self._final_obj: Optional[Dict[str, Any]] = None
@@ -2919,6 +2922,17 @@ class ReplyScanner:
             return b""
         if self.token_line(data):
             return data
+        if self._tail:
+            if not (b"\n\n" in data or b"\r\n\r\n" in data or data[:1] in (b"\n", b"\r")
+                    if self.sse else b"\n" in data):
+                # A long line (event) goes on: keep the read as it is; copying and searching
+                # all that came before on every read would cost the square of its length.
+                self._more.append(data)
+                self._more_size += len(data)
+                if len(self._tail) + self._more_size > self._max_line:
+                    self.error = f"a line longer than {self._max_line} bytes"
+                return b""
+            self._join_more()
         buf = self._tail + data if self._tail else data
         sep = b"\n\n" if self.sse else b"\n"
         cut = buf.rfind(sep)
@@ -2961,8 +2975,14 @@ class ReplyScanner:
         self.open = body is data         # no newline at the end: what follows must end the line first
         return True
 
+    def _join_more(self) -> None:
+        if self._more:
+            self._tail = b"".join([self._tail, *self._more])
+            self._more, self._more_size = [], 0
+
     def finish(self) -> bytes:
         """End of the body: a last line without its newline still counts if it is whole."""
+        self._join_more()
         tail, self._tail = self._tail, b""
         if self.done or self.error or not tail.strip():
             return b""
@@ -2998,8 +3018,8 @@ class ReplyScanner:
     def _sse(self, block: bytes) -> bytes:
         m = _SSE_END.search(block)
         if m is not None:
-            end = block.find(b"\n\n", m.end())
-            end = len(block) if end < 0 else end + 2
+            blank = _SSE_EVENT_END.search(block, m.end())
+            end = len(block) if blank is None else blank.end()
             self.done = True
             self.extra += len(block) - end + len(self._tail)
             self._tail = b""
@@ -4847,6 +4867,16 @@ class _Exchange:
             await self._on_done(self, reusable)
 
 
+def _check_descriptors(node: str, exc: OSError) -> None:
+    """A connect that failed because this process (EMFILE) or the system (ENFILE) has
+    no file descriptor left is mesh's shortage, not the node's: NodeError that does not
+    mark the node down (another node may still be tried; the next request may fit)."""
+    import errno
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        raise NodeError(node, f"no connection opened: {os.strerror(exc.errno).lower()} in mesh.py "
+                              "(its open files limit, ulimit -n)", mark_down=False) from None
+
+
 class Transport:
     """How one node's Ollama is reached.  Subclasses: direct HTTP (`local`), and SSH."""
 
@@ -4876,6 +4906,7 @@ class Transport:
             raise NodeError(self.name, f"Ollama not answering at {self.host}:{self.port} "
                                        "(connection refused)") from None
         except OSError as exc:
+            _check_descriptors(self.name, exc)
             # asyncio joins several attempts into one OSError without a strerror
             raise NodeError(self.name, f"Ollama not answering at {self.host}:{self.port} "
                                        f"({(exc.strerror or str(exc)).lower()})") from None
@@ -5416,7 +5447,8 @@ class SSHTransport(Transport):
     async def _open_socket(self) -> Tuple[asyncio.StreamReader, Any]:
         try:
             return await asyncio.open_unix_connection(self.fwd, limit=1 << 20)
-        except OSError:
+        except OSError as exc:
+            _check_descriptors(self.name, exc)
             self.master_lost()  # the master (and its forward) is gone
             await self.prepare()
             try:
@@ -6169,6 +6201,9 @@ class RawStream:
         await self.aclose()
 
 
+_IDLE_LOOKS = 8     # _NodeRelay's idle timer looks this often per idle_timeout (at most 1/8 late)
+
+
 class _NodeRelay:
     """The protocol of a node's connection while its streamed reply is relayed
     (RawStream.relay_rest): asyncio hands each read to data_received, which takes the
@@ -6195,6 +6230,7 @@ class _NodeRelay:
         self.full = False
         self.error: Optional[NodeError] = None
         self.seen = False              # data since the idle timer last looked
+        self.quiet = 0                 # the timer's looks in a row that saw no data
         self._waiter: Any = None
         self._timer: Any = None
 
@@ -6214,7 +6250,7 @@ class _NodeRelay:
         relay = cls(raw, write, transport, write_chunk, write_end)
         ex.unwatch()                      # this relay's own idle timer takes over
         if relay.timeout:
-            relay._timer = relay.loop.call_later(relay.timeout, relay._check)
+            relay._timer = relay.loop.call_later(relay.timeout / _IDLE_LOOKS, relay._check)
         transport.set_protocol(relay)
         return relay
 
@@ -6303,13 +6339,21 @@ class _NodeRelay:
         self._end(raw._error)
 
     def _check(self) -> None:
+        """The idle timer, every idle_timeout / _IDLE_LOOKS: the reply ends once that many
+        looks in a row saw no data - after a silence of idle_timeout to idle_timeout plus
+        one look, without a clock read per chunk."""
         if self.ended:
             return
         if self.seen or self.full:        # a full receiver is not the node's silence
             self.seen = False
-            self._timer = self.loop.call_later(self.timeout, self._check)
-            return
-        self._end(NodeError(self.raw.node, f"no data for idle_timeout={self.timeout:g}s", retryable=False))
+            self.quiet = 0
+        else:
+            self.quiet += 1
+            if self.quiet >= _IDLE_LOOKS:
+                self._end(NodeError(self.raw.node, f"no data for idle_timeout={self.timeout:g}s",
+                                    retryable=False))
+                return
+        self._timer = self.loop.call_later(self.timeout / _IDLE_LOOKS, self._check)
 
     # -- for the relay's task --------------------------------------------------------
     def _end(self, error: Optional[NodeError]) -> None:
@@ -9429,8 +9473,28 @@ class Listener:
         await self.server.handle(proto, _ClientWriter(proto))
 
 
+def _raise_open_files_limit() -> None:
+    """The soft RLIMIT_NOFILE up to the hard one, as Go's runtime does at every start (so
+    Ollama's server runs with it): serve holds two descriptors per relayed stream (the
+    client's, the node's), and the usual soft limit of 1024 capped it near 500 streams."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        for want in (hard, 10240):      # macOS refuses RLIM_INFINITY; its OPEN_MAX is 10240
+            if soft != resource.RLIM_INFINITY and (want == resource.RLIM_INFINITY or want > soft):
+                try:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+                    logger.debug("open files limit raised from %s to %s", soft, want)
+                    return
+                except (OSError, ValueError):
+                    continue
+    except (ImportError, OSError, ValueError):
+        pass
+
+
 async def cmd_serve(orch: MeshOrchestrator, args: Any) -> int:
     import signal
+    _raise_open_files_limit()
     host, port = parse_host_port(args.listen, 11500, listen=True)
     if not _is_loopback(host) and not args.token and not args.allow_remote:
         raise UsageError(f"refusing to listen on non-loopback {host} without --token "

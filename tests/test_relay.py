@@ -238,6 +238,26 @@ def test_sshd_side_of_the_master_has_tcp_nodelay(lab):
     assert ctl_b and sshd_nodelay(lab, "b") == [1]
 
 
+def test_serve_raises_its_open_files_limit_to_the_hard_one(lab):
+    """As Go's runtime (and so Ollama) does at start: two descriptors per relayed stream
+    must not cap serve near 500 streams under the usual soft limit of 1024."""
+    import resource
+    lab.add_node("f", ["m:1"])
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"the hard open files limit here is {hard}")
+
+    def low():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    s = Serve(lab, preexec_fn=low)
+    try:
+        with open(f"/proc/{s.proc.pid}/limits") as fh:
+            soft_now = next(line.split()[3] for line in fh if line.startswith("Max open files"))
+    finally:
+        s.stop()
+    assert soft_now == ("unlimited" if hard == resource.RLIM_INFINITY else str(hard))
+
+
 def test_listen_backlog_is_the_kernels(lab):
     if not shutil.which("ss"):
         pytest.skip("ss (iproute2) not installed")
@@ -271,6 +291,32 @@ def test_node_cut_off_or_silent_mid_stream_ends_with_an_error_line(hostile, lab)
     assert len(got) == 4 and got[2]["response"] == " there" and list(got[-1]) == ["error"]
     assert "no data for idle_timeout=1s" in got[-1]["error"]
     assert [g["done"] for g in lines(post(s, {"model": "m:1", "prompt": "x"})[2])][-1] is True
+
+
+def test_idle_timeout_is_the_silence_allowed(lab):
+    """--idle-timeout N: the error line comes N seconds (plus at most an eighth) after the
+    node's last data, however the silence falls against the relay's idle timer."""
+    import http.client
+    fake = lab.add_node("p", ["m:1"], tokens=["a"] * 5, token_delay=0.3)
+    fake.finish_stream.clear()          # five tokens 0.3 s apart, then silence before the done line
+    s = Serve(lab, "--idle-timeout", "1")
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+    try:
+        conn.request("POST", "/api/generate", json.dumps({"model": "m:1", "prompt": "x"}))
+        reply = conn.getresponse()
+        arrived = []
+        while True:
+            line = reply.readline()
+            if not line:
+                break
+            arrived.append((time.monotonic(), json.loads(line)))
+    finally:
+        fake.finish_stream.set()
+        conn.close()
+        s.stop()
+    assert [a[1].get("response") for a in arrived[:5]] == ["a"] * 5 and list(arrived[-1][1]) == ["error"]
+    silence = arrived[-1][0] - arrived[4][0]
+    assert 0.9 <= silence < 1.5, silence
 
 
 def test_a_reply_that_ends_without_its_final_line_loses_no_token(hostile):

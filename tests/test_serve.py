@@ -19,7 +19,7 @@ pytestmark = needs_sshd
 
 
 class Serve:
-    def __init__(self, lab, *args, env=None):
+    def __init__(self, lab, *args, env=None, preexec_fn=None):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         # stderr (the access log among it) goes to a file: a pipe nobody reads fills up and stalls serve
@@ -27,7 +27,8 @@ class Serve:
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen([sys.executable, MESH, "--config", lab.config_path, "serve",
                                           "--listen", f"127.0.0.1:{self.port}", *args],
-                                         stdout=subprocess.PIPE, stderr=err, env=env or lab.env())
+                                         stdout=subprocess.PIPE, stderr=err, env=env or lab.env(),
+                                         preexec_fn=preexec_fn)
         wait_for(self.up, 20, "serve to listen")
 
     def stderr(self):

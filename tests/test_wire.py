@@ -309,10 +309,40 @@ def test_reply_scanner_whole_object_reads_as_feed_then_finish(data):
     ([b'event: message_start\ndata: {}\n\nevent: message_stop\ndata: {"type":"message_stop"}\n\nx'],
      b'event: message_start\ndata: {}\n\nevent: message_stop\ndata: {"type":"message_stop"}\n\n'),  # Anthropic
     ([b'data: {"a":1}\r\n\r\n'], b'data: {"a":1}\r\n\r\n'),
+    ([b'data: {"a":1}\r\n\r\ndata: [DONE]\r\n\r\ndata: late\r\n\r\n'],          # CRLF: cut at [DONE] too
+     b'data: {"a":1}\r\n\r\ndata: [DONE]\r\n\r\n'),
+    ([b'data: {"a"', b':1}\r', b'\n', b'\r\ndata: [DONE]\r\n', b'\r\nlate'],     # blank line across reads
+     b'data: {"a":1}\r\n\r\ndata: [DONE]\r\n\r\n'),
 ])
 def test_reply_scanner_sse_event_by_event(pieces, passed):
     sc = mesh.ReplyScanner(sse=True)
     assert b"".join(sc.feed(p) for p in pieces) + sc.finish() == passed
+
+
+@pytest.mark.parametrize("sse", [False, True])
+def test_reply_scanner_long_line_in_many_reads(sse):
+    """A line (an event) that takes many reads comes out whole, as from one read; past
+    max_line it is an error."""
+    line = (b'data: {"x":"' if sse else b'{"response":"') + b"a" * 50000 + \
+        (b'"}\r\n\r\n' if sse else b'","done":false}\n')
+    one = mesh.ReplyScanner(sse=sse)
+    whole = one.feed(line) + one.finish()
+    sc = mesh.ReplyScanner(sse=sse)
+    got = b"".join(sc.feed(line[i:i + 1000]) for i in range(0, len(line), 1000)) + sc.finish()
+    assert got == whole == line and sc.error is None
+    small = mesh.ReplyScanner(sse=sse, max_line=20000)
+    assert b"".join(small.feed(line[i:i + 1000]) for i in range(0, len(line), 1000)) == b""
+    assert small.error == "a line longer than 20000 bytes"
+
+
+def test_a_connect_without_a_file_descriptor_is_not_the_nodes_fault():
+    import errno
+    with pytest.raises(mesh.NodeError) as err:
+        mesh._check_descriptors("gpu1", OSError(errno.EMFILE, "Too many open files"))
+    assert not err.value.mark_down and err.value.retryable
+    assert str(err.value) == ("gpu1: no connection opened: too many open files in mesh.py "
+                              "(its open files limit, ulimit -n)")
+    mesh._check_descriptors("gpu1", ConnectionRefusedError(errno.ECONNREFUSED, "refused"))   # not this case
 
 
 @pytest.mark.parametrize("stream, usage", [
