@@ -2986,6 +2986,12 @@ class ReplyScanner:
         tail, self._tail = self._tail, b""
         if self.done or self.error or not tail.strip():
             return b""
+        if self.sse:
+            # An event the body ends inside (no blank line after it) is not an event: the
+            # SSE spec drops it unread, as every client does; passing it on would glue it
+            # to what follows (an error event), and a first event cut off is a failed reply.
+            self.extra += len(tail)
+            return b""
         out = self._sse(tail) if self.sse else self._ndjson(tail)
         # A whole last line without its newline (or an event without its blank line):
         # whatever is written after it must first end it.
@@ -5981,7 +5987,10 @@ class RawStream:
         self.status = ex.status
         self.content_type = ex.headers.get("content-type") or "application/x-ndjson"
         self.sse = "text/event-stream" in self.content_type.lower()
-        self._scan = ReplyScanner(sse=self.sse, strict=streaming)
+        # A whole (stream=false) reply is one line: as large as any reply mesh reads whole
+        # (read_body's 256 MiB: an embeddings answer for thousands of inputs passes 64 MiB).
+        self._scan = ReplyScanner(sse=self.sse, strict=streaming,
+                                  max_line=(64 if streaming else 256) * 1024 * 1024)
         self._path = path
         self._streaming = streaming
         self._first = b""
@@ -8977,7 +8986,14 @@ class StreamRelay:
             if not started:
                 raise
             ex.error = str(exc)[:200]
-            ex.write_nowait(_error_event(stream, str(exc)))
+            if stream.sse or "ndjson" in stream.content_type.lower():
+                ex.write_nowait(_error_event(stream, str(exc)))
+            else:
+                # A whole answer (one JSON document: stream=false) cut off: an error line after
+                # part of it would leave neither readable.  The body ends short instead (no
+                # last chunk, the connection closed), as the client would see it from the node.
+                ex.keep_alive = False
+                ex._body_ended = True
         if not started:
             raise HTTPError(502, "node sent no data")
         ex._note(stream.final or stream.usage)   # the token counts, for the access log and the metrics
@@ -8994,6 +9010,7 @@ class _Connection:
         self.writer = writer
         peer = writer.get_extra_info("peername")
         self.client = peer[0] if isinstance(peer, (tuple, list)) and peer else "-"   # for the access log
+        self.write_timed_out: Optional[str] = None    # why drain aborted the connection (request_finished)
 
     async def serve(self) -> None:
         server, limits = self.server, self.server.limits
@@ -9036,7 +9053,9 @@ class _Connection:
         ex.body_read = True
         ex.keep_alive = False
         try:
-            await ex.send_json(exc.status, {"error": str(exc)}, headers=exc.headers)
+            # in the shape of the API the target seems to be for, as every other error
+            await ex.send_json(exc.status, error_body(api_family(target.split("?", 1)[0]), exc.status, str(exc)),
+                               headers=exc.headers)
         except (ConnectionError, RuntimeError):
             pass
         finally:
@@ -9057,8 +9076,8 @@ class _Connection:
             await asyncio.wait_for(self.writer.drain(), self.server.limits.write_timeout)
         except asyncio.TimeoutError:
             transport.abort()
-            raise ConnectionResetError(f"client read nothing for {self.server.limits.write_timeout:g} s") \
-                from None
+            self.write_timed_out = f"client read nothing for {self.server.limits.write_timeout:g} s"
+            raise ConnectionResetError(self.write_timed_out) from None
 
     async def discard_body(self, ex: Exchange) -> None:
         """Before a response to a request whose body the handler did not read: a
@@ -9338,6 +9357,8 @@ class MeshServer:
     def request_finished(self, ex: Exchange) -> None:
         """Called once per finished request, answered or not (status None when the
         client left first)."""
+        if ex.error is None and ex.conn.write_timed_out:
+            ex.error = ex.conn.write_timed_out    # the access log and metrics say the reply was cut
         self.ops.finished(ex)
 
 

@@ -693,8 +693,14 @@ class _OllamaShapes:
             message: Dict[str, Any] = {"role": "assistant", "content": "" if calls else text}
             if calls:
                 message["tool_calls"] = calls
-            self._json(200, dict(base, object="chat.completion", choices=[
-                {"index": 0, "message": message, "finish_reason": reason}], usage=self._openai_usage(prompt)))
+            answer = dict(base, object="chat.completion", choices=[
+                {"index": 0, "message": message, "finish_reason": reason}], usage=self._openai_usage(prompt))
+            if self.fake.mode == "cut_whole":   # in one chunk, then closed before the last chunk
+                self._start_stream("application/json")
+                self._chunk(answer)
+                self.close_connection = True
+                return
+            self._json(200, answer)
             return
         self._start_stream("text/event-stream")
         chunk = dict(base, object="chat.completion.chunk")

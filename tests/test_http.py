@@ -315,6 +315,21 @@ def test_bad_framing_gets_a_status_and_a_closed_connection(front, request_bytes,
     assert closed
 
 
+@pytest.mark.parametrize("path, shape", [
+    ("/api/chat", lambda e: isinstance(e["error"], str)),
+    ("/v1/chat/completions", lambda e: e["error"]["type"] == "api_error" and "message" in e["error"]),
+    ("/v1/messages?beta=true", lambda e: e["type"] == "error" and e["error"]["type"] == "api_error"),
+])
+def test_a_head_that_cannot_be_read_gets_its_apis_error_shape(front, path, shape):
+    """431, 505, and the like, decided before any route: the error is still in the shape
+    of the API the request line names, as every other error on that path."""
+    for head, status in ((b"POST %s HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", 431),
+                         (b"POST %s HTTP/2.0\r\nHost: localhost\r\n\r\n", 505)):
+        reply, closed = exchange(front.port, head % path.encode())
+        err = json.loads(reply.partition(b"\r\n\r\n")[2])
+        assert status_of(reply) == status and shape(err) and closed, err
+
+
 @pytest.mark.parametrize("request_bytes, status", [
     (b"HEAD /api/version HTTP/2.0\r\nHost: x\r\n\r\n", 505),
     (b"HEAD /api/version HTTP/1.1\r\n\r\n", 400),
@@ -534,5 +549,7 @@ def test_a_client_that_stops_reading_is_disconnected(lab):
         wait_for(lambda: fake.active == 0, 60, "the node's request to be cancelled")   # nothing was read
         c.close()
         assert ok_version(s.port)
+        # the access log says the reply was cut, not a clean 200
+        wait_for(lambda: 'error="client read nothing for 1 s"' in s.stderr(), 20, "the request's access log line")
     finally:
         s.stop()

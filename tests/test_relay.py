@@ -94,6 +94,28 @@ def test_a_reply_mesh_cannot_read_is_the_nodes_error(hostile, lab, mode, reason)
     assert reason in out and "Traceback" not in out
 
 
+def test_a_whole_answer_cut_off_ends_short_with_no_error_glued_to_it(hostile):
+    """stream=false on /v1 (an object with no "done" to end it): the node's connection
+    closes before its body's last chunk: the client's body ends short (no last chunk), as
+    from the node itself, rather than the object plus an error line in Ollama's shape
+    that leaves neither readable.  (An Ollama answer ends at its done line: whole.)"""
+    import http.client
+    fake, s = hostile
+    fake.mode = "cut_whole"
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=10)
+    try:
+        conn.request("POST", "/v1/chat/completions",
+                     json.dumps({"model": "m:1", "messages": [{"role": "user", "content": "x"}]}))
+        reply = conn.getresponse()
+        assert reply.status == 200
+        with pytest.raises(http.client.IncompleteRead) as cut:
+            reply.read()
+    finally:
+        conn.close()
+    assert b"error" not in cut.value.partial
+    assert json.loads(cut.value.partial)["choices"][0]["message"]["content"] == "Hello \ud800 there"
+
+
 def test_a_line_in_braces_that_is_not_json_ends_the_cli_with_an_error(hostile, lab):
     fake, _ = hostile
     fake.mode = "brace_line"

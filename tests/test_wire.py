@@ -319,6 +319,16 @@ def test_reply_scanner_sse_event_by_event(pieces, passed):
     assert b"".join(sc.feed(p) for p in pieces) + sc.finish() == passed
 
 
+def test_reply_scanner_drops_an_sse_event_the_body_ends_inside():
+    """As the SSE spec (and every client) does: an event with no blank line after it when
+    the body ends is not passed on, so an error event after a cut is not glued to it."""
+    sc = mesh.ReplyScanner(sse=True)
+    assert sc.feed(b'data: {"a":1}\n\ndata: {"id":"c","object":"chat') == b'data: {"a":1}\n\n'
+    assert sc.finish() == b"" and not sc.open and sc.extra == len(b'data: {"id":"c","object":"chat')
+    first = mesh.ReplyScanner(sse=True)
+    assert first.feed(b'data: {"id":"c"') + first.finish() == b""    # nothing passed: the reply failed
+
+
 @pytest.mark.parametrize("sse", [False, True])
 def test_reply_scanner_long_line_in_many_reads(sse):
     """A line (an event) that takes many reads comes out whole, as from one read; past
