@@ -8687,10 +8687,11 @@ class Exchange:
         client asked for it.  At most max_body bytes (default limits.max_body)."""
         if self.body_read:
             return
-        if self.request.expect_continue:
+        limit = self.conn.server.limits.max_body if max_body is None else max_body
+        if self.request.expect_continue and (self.request.content_length or 0) <= limit:
+            # (a Content-Length over the limit gets its 413 at once: no upload asked for first)
             self.conn.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.body_read = True
-        limit = self.conn.server.limits.max_body if max_body is None else max_body
         try:
             async for piece in self.conn.reader.read_body(self.request, max_body=limit):
                 yield piece

@@ -299,6 +299,8 @@ GEN = b'{"model": "m:1", "prompt": "x", "stream": false}'
     (b"GET /api/version HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", 431, "request head larger"),
     (b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\n" + AUTH.encode() + b"Content-Length: 2000000\r\n\r\n{",
      413, "larger than 1048576"),
+    (b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\n" + AUTH.encode()       # 413 without asking for the body
+     + b"Expect: 100-continue\r\nContent-Length: 2000000\r\n\r\n", 413, "larger than 1048576"),
     (b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\n" + AUTH.encode() + b"Transfer-Encoding: chunked\r\n\r\n"
      + b"80000\r\n" + b" " * 0x80000 + b"\r\n80001\r\n", 413, "larger than 1048576"),
     (b"GET /api/version HTTP/1.1\r\nHost: localhost\r\n", 408, "not complete within 2 s"),
