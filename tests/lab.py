@@ -551,27 +551,21 @@ class _OllamaShapes:
         if fake.mode == "garbage_on_reuse" and getattr(self, "answered", False):
             self.wfile.write(b"GARBAGE")    # as if the last reply on this connection had trailing bytes
         self.answered = True                # (this handler object serves one keep-alive connection)
-        if body.get("stream", True) is False and fake.mode in ("negative_length", "deep_nesting"):
+        if body.get("stream", True) is False and fake.mode in ("past_length", "negative_length", "deep_nesting"):
+            # Replies no Ollama sends: bytes past Content-Length in the same write (the connection
+            # kept alive); a negative Content-Length; nesting deeper than Python's json decodes.
             piece = self._piece(model, chat, "".join(tokens), True, prompt=last)
-            if fake.mode == "deep_nesting":     # deeper than Python's json can decode
+            if fake.mode == "deep_nesting":
                 piece["context"] = "@"
             data = json.dumps(piece).encode().replace(b'"@"', b"[" * 100000 + b"]" * 100000)
             self.send_response(200)
             self.send_header("Content-Type", "application/json; charset=utf-8")
             self.send_header("Content-Length", "-1" if fake.mode == "negative_length" else str(len(data)))
-            self.send_header("Connection", "close")
+            if fake.mode != "past_length":
+                self.send_header("Connection", "close")
+                self.close_connection = True
             self.end_headers()
-            self.wfile.write(data)
-            self.close_connection = True
-            return
-        if body.get("stream", True) is False and fake.mode == "past_length":
-            # bytes past Content-Length, in the same write: no HTTP node sends them
-            data = json.dumps(self._piece(model, chat, "".join(tokens), True, prompt=last)).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data + b"GARBAGE")
+            self.wfile.write(data + (b"GARBAGE" if fake.mode == "past_length" else b""))
             self.wfile.flush()
             return
         if body.get("stream", True) is False and fake.mode != "after_done":
