@@ -9,6 +9,8 @@ Ollama's Go server flushes one line per token) serve every contender in the same
   nginx     Debian's nginx as the yardstick: upstream least_conn, keepalive, no buffering
   mesh/http mesh.py serve, the three backends as `transport=http` nodes
   mesh/ssh  mesh.py serve, each backend behind its own real sshd (tests/lab.py)
+  ssh alone the client straight through the forwards of mesh/ssh's own ssh masters (a unix
+            socket per node, a new channel per connection), no mesh: what SSH itself costs
   litellm   (optional) LiteLLM's proxy, one `ollama/m:1` deployment per backend; the
             client speaks OpenAI's /v1/completions (SSE), as LiteLLM's users do
   herd      (optional) Ollama Herd: its router and one herd-node per backend; the client
@@ -31,6 +33,7 @@ message where it is not installed, and LiteLLM/Herd where not given or no namesp
 
 import argparse
 import asyncio
+import glob
 import hashlib
 import json
 import os
@@ -48,6 +51,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from lab import MESH, SSHLab, free_port, wait_for, _descendants  # noqa: E402
 
+SSH_ALONE = "ssh alone"
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -202,6 +206,18 @@ class Conn:
             self.w.close()
 
 
+class UnixConn(Conn):
+    """A Conn to a node's forward through its ssh master (a unix socket path): the
+    node's Ollama with SSH and nothing else on the way."""
+
+    def __init__(self, path):
+        super().__init__(11434)               # (the port the Host header names)
+        self.path = path
+
+    async def open(self):
+        self.r, self.w = await asyncio.open_unix_connection(self.path, limit=1 << 22)
+
+
 class OpenAIConn(Conn):
     """A client of OpenAI's POST /v1/completions (SSE when streamed), as most LiteLLM users
     call it; the bench's Ollama-shaped body is put as such a client would (num_predict ->
@@ -277,7 +293,7 @@ def check(lines, done, node, n, c, prompt):
     assert lines == n + 1, f"{c.name}: {lines} lines for {n} tokens"
     assert done["eval_count"] == n
     assert done["first"] == tag(prompt), f"{c.name}: reply to another prompt ({done['first']!r})"
-    if c.name not in ("direct", "nginx", "litellm", "herd"):
+    if c.name not in ("direct", "nginx", "litellm", "herd", SSH_ALONE):
         assert node, "no X-Mesh-Node"
 
 
@@ -344,7 +360,10 @@ async def short_streams(c, count, n=11):
 
 
 async def burst(c, n):
-    """n simultaneous connects; how many took longer than 0.9 s (a SYN retry)."""
+    """n simultaneous connects; how many took longer than 0.9 s (a SYN retry).  None for
+    a contender reached by unix socket (no SYN)."""
+    if c.conn is UnixConn:
+        return None
     async def one():
         t = time.perf_counter()
         r, w = await asyncio.open_connection("127.0.0.1", c.port())
@@ -598,6 +617,11 @@ def main():
             return [int(x.split(":")[0]) for x in lab.ssh_processes(include_masters=True)]
         mesh_ssh = Contender("mesh/ssh", [ms_port], lambda: [ms.pid], ssh_masters)
         contenders.append(mesh_ssh)
+        # SSH alone: the first request makes mesh start every node's master and its forward
+        asyncio.run(one_stream(mesh_ssh, 5))
+        forwards = lambda: sorted(glob.glob(os.path.join(lab.control_dir, "*", "*.f")))  # noqa: E731
+        wait_for(lambda: len(forwards()) == len(backends), 20, "every node's forward")
+        contenders.append(Contender(SSH_ALONE, forwards(), lambda: [], ssh_masters, conn=UnixConn))
         if args.mesh:                      # the same, with another mesh.py: A/B in one run
             label = os.path.basename(args.mesh)
             oh, oh_port = start_mesh(cfg, env, args.mesh)
@@ -722,9 +746,11 @@ def report(contenders, res, short_fresh, short_reused, versions):
     r = {n: med(res[n]["rate"]) for n in names}
     ngx = r.get("nginx")
     line("one 20k-token stream: tokens/s", [f"{r[n]:,.0f}" for n in names],
-         "" if not ngx else f">= 0.8x nginx: http {r['mesh/http'] / ngx:.2f}x, ssh {r['mesh/ssh'] / ngx:.2f}x")
+         "" if not ngx else f">= 0.8x nginx: http {r['mesh/http'] / ngx:.2f}x, ssh {r['mesh/ssh'] / ngx:.2f}x"
+         + (f" (ssh alone {r[SSH_ALONE] / ngx:.2f}x)" if SSH_ALONE in r else ""))
     cpu = {n: med(res[n]["cpu_chunk"]) for n in names}
-    line("  router CPU per chunk (us)", ["-" if n == "direct" else f"{cpu[n]:.1f}" for n in names],
+    no_router = ("direct", SSH_ALONE)
+    line("  router CPU per chunk (us)", ["-" if n in no_router else f"{cpu[n]:.1f}" for n in names],
          "(scheduler's ns count, /proc/PID/task/*/schedstat)")
     line("  ssh masters' / herd-nodes' CPU/chunk, apart", [f"{med(res[n]['ssh_cpu_chunk']):.1f}" if n in apart
                                                            else "" for n in names])
@@ -733,6 +759,8 @@ def report(contenders, res, short_fresh, short_reused, versions):
         tgt = ""
         if n_ == 500 and has_nginx:
             tgt = f"<= 1.2x nginx: http {walls['mesh/http'] / walls['nginx']:.2f}x, ssh {walls['mesh/ssh'] / walls['nginx']:.2f}x"
+            if SSH_ALONE in walls:
+                tgt += f" (ssh alone {walls[SSH_ALONE] / walls['nginx']:.2f}x)"
         line(f"{n_} concurrent streams x 50 tokens: wall s", [f"{walls[n]:.3f}" for n in names], tgt)
         chunks = n_ * 51
         per = {n: med(res[n][f"cpu{n_}"]) / chunks * 1e6 for n in names}
@@ -740,7 +768,7 @@ def report(contenders, res, short_fresh, short_reused, versions):
         if has_nginx and per["nginx"] > 0:
             tgt = (f"CPU/chunk <= 2.5x nginx: http {per['mesh/http'] / per['nginx']:.1f}x, "
                    f"ssh {per['mesh/ssh'] / per['nginx']:.1f}x")
-        line("  router CPU s (per chunk us)", ["-" if n == "direct" else
+        line("  router CPU s (per chunk us)", ["-" if n in no_router else
                                                f"{med(res[n][f'cpu{n_}']):.2f} ({per[n]:.1f})" for n in names], tgt)
     small = {n: [x for xs in res[n]["small"] for x in xs] for n in names}
     d50, d99 = med(small["direct"]), pct(small["direct"], 0.99)
@@ -756,7 +784,8 @@ def report(contenders, res, short_fresh, short_reused, versions):
          f"+{(med(short_fresh) - sd) * 1000:.2f} ms over direct (max {max(short_fresh) * 1000:.1f} ms)")
     line("  same, ssh master reused from before", only_ssh(f"{med(short_reused) * 1000:.3f}"),
          f"+{(med(short_reused) - sd) * 1000:.2f} ms over direct (max {max(short_reused) * 1000:.1f} ms)")
-    line("500 simultaneous connects: waited for SYN retry", [str(sum(res[n]["syn_retry"])) for n in names],
+    line("500 simultaneous connects: waited for SYN retry",
+         ["-" if None in res[n]["syn_retry"] else str(sum(res[n]["syn_retry"])) for n in names],
          "0 for mesh")
     print(f"\n{len(res['direct']['rate'])} round(s); medians; Python {sys.version.split()[0]}, "
           f"{os.cpu_count()} CPUs; nginx {'present' if has_nginx else 'absent'}"
