@@ -5978,11 +5978,14 @@ class RawStream:
     `final` is the final line decoded (Ollama's statistics: eval_count, eval_duration,
     prompt_eval_count, prompt_eval_duration, load_duration, total_duration) or None.
     A failure after the first block raises StreamInterruptedError; closing early
-    (aclose) ends the node's request, and with it the ssh child or channel."""
+    (aclose) ends the node's request, and with it the ssh child or channel.  A stream
+    let go without aclose (a caller that left `async for` early) is closed soon after
+    on its event loop, as asyncio closes an async generator let go (__del__)."""
 
     def __init__(self, orch: "MeshOrchestrator", node: SSHNode, ex: _Exchange, path: str,
                  streaming: bool) -> None:
         self._orch, self._node, self._ex = orch, node, ex
+        self._loop = asyncio.get_running_loop()
         self.node = node.name
         self.status = ex.status
         self.content_type = ex.headers.get("content-type") or "application/x-ndjson"
@@ -6208,6 +6211,23 @@ class RawStream:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.aclose()
+
+    def __del__(self) -> None:
+        # Let go unclosed: `async for chunk in await mesh.generate(..., stream=True)` left by
+        # break, return or an exception.  asyncio closes an async generator let go that way
+        # (its asyncgen hooks); a class must do it itself, or the node's slot stays taken
+        # and its request (socket, channel, ssh child) runs on.  aclose() goes on the loop.
+        if self._closed:
+            return
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._orch._spawn, self.aclose())
+            return
+        proc = self._ex.proc             # no loop left to reap it: end the ssh child at least
+        if proc is not None and proc.returncode is None:
+            try:
+                os.killpg(proc.pid, _SIGKILL)
+            except OSError:
+                pass
 
 
 _IDLE_LOOKS = 8     # _NodeRelay's idle timer looks this often per idle_timeout (at most 1/8 late)

@@ -408,6 +408,33 @@ def test_cancelled_request_ends_its_ssh_child(lab, monkeypatch, transport):
     wait_for(lambda: fake.active == 0, 10, "the node to see the request end")
 
 
+@pytest.mark.parametrize("transport", ["forward", "stdio", "exec"])
+def test_abandoned_stream_ends_its_request(lab, monkeypatch, transport):
+    """A library stream left early (`return` out of `async for`, no aclose) and let go is
+    closed as asyncio closes an abandoned async generator: the node's request ends, its
+    slot is free for the next request (max_concurrent=1), and no ssh child is left."""
+    monkeypatch.setenv("MESH_CONTROL_DIR", lab.control_dir)
+    fake = lab.add_node("solo", ["m:1"], settings=f"transport={transport} max_concurrent=1",
+                        token_delay=0.3, tokens=["t"] * 40)
+
+    async def first_token(m, prompt):
+        async for chunk in await m.generate(prompt, model="m:1", stream=True):
+            return chunk["response"]        # the stream is let go here, never closed
+
+    async def go():
+        async with mesh.MeshOrchestrator(config=lab.config_path, **FAST) as m:
+            # the second request needs the node's only slot: the first stream's
+            firsts = [await asyncio.wait_for(first_token(m, prompt), 10) for prompt in ("x", "y")]
+            deadline = time.monotonic() + 10
+            while (m.nodes[0].active_requests or fake.active) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            return firsts, m.nodes[0].active_requests, fake.active, lab.ssh_processes()
+
+    firsts, in_flight, at_node, children = run(go())
+    assert firsts == ["t", "t"]
+    assert in_flight == 0 and at_node == 0 and children == []
+
+
 BLOB = b"\x00GGUF\n\n\xff 'x' $(y)\r\n" * 5000     # binary, ~110 KB: NULs, newlines, quotes
 
 
