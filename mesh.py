@@ -84,7 +84,7 @@ from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple
 
 __all__ = [
     "MeshError", "UsageError", "ConfigError", "NodeError", "ModelNotFoundError", "NoNodeAvailableError",
-    "StreamInterruptedError", "SSHConfig", "HostInfo", "NodeSpec", "load_node_specs", "parse_mesh_settings",
+    "StreamInterruptedError", "RequestFailedError", "SSHConfig", "HostInfo", "NodeSpec", "load_node_specs", "parse_mesh_settings",
     "read_config_hosts", "config_cache_dir", "parse_ssh_g",
     "NDJSONDecoder", "decode_json_body", "ollama_type_error", "HTTPError", "HTTPRequest", "parse_request_head",
     "find_head_end", "ChunkedDecoder", "response_head", "response_framing", "body_allowed", "SSHNode",
@@ -216,6 +216,17 @@ class NoNodeAvailableError(MeshError):
     """Nodes have the model but none could take the request."""
 
     status = 503
+
+
+class RequestFailedError(MeshError):
+    """Every node that could take the request answered it with an error status (Ollama's
+    5xx: a model that cannot load, an image its runner rejects): the request is at fault,
+    not the nodes, and none of them is marked down.  `status` is the last node's HTTP
+    status, which `serve` answers with (as nginx passes an upstream's 500 on)."""
+
+    def __init__(self, message: str, *, status: int = 500) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class StreamInterruptedError(MeshError):
@@ -6148,12 +6159,13 @@ class RawStream:
         saying which) through the scanner: the block to pass on, b"" at the proper end,
         None when more must be read first; NodeError when the reply must end here."""
         scan, node = self._scan, self.node
+        had_error = scan.error
         out = scan.feed(data) if data else scan.finish()
         if scan.error:
-            self._error = NodeError(node, scan.error if scan.node_error is not None
-                                    else f"bad reply: {scan.error}",
-                                    retryable=first and not out,
-                                    mark_down=scan.node_error is None)
+            reason = scan.error if scan.node_error is not None else f"bad reply: {scan.error}"
+            if cut is not None and not had_error and scan.node_error is None:
+                reason = f"bad reply: {cut}"   # the connection ended inside that line: half a line, not a bad one
+            self._error = NodeError(node, reason, retryable=first and not out, mark_down=scan.node_error is None)
             if not out:
                 raise self._error
             return out
@@ -6179,7 +6191,9 @@ class RawStream:
             last = scan.final_obj() or {}
             if "done_reason" not in last:
                 # Ollama always ends a stream with a done line: anything else was cut off.
-                self._error = NodeError(self.node, "stream ended before the final chunk (truncated)",
+                how = "the connection closed inside the body" if cut is not None else \
+                    'the body ended with no "done": true line'
+                self._error = NodeError(self.node, f"stream ended before its final line (truncated: {how})",
                                         retryable=False)
                 raise self._error
         elif cut is not None and not scan.done:
@@ -7438,6 +7452,9 @@ class MeshOrchestrator:
         tried: set = set(too_old) if not pinned else set()
         failures: List[str] = []
         not_found: List[str] = []
+        # Nodes whose Ollama answered with an error status (5xx): each is marked down only when
+        # another node then answers this request (the node's fault); when none can, the request is.
+        answered_error: List[Tuple[SSHNode, str, int]] = []
         silent = 0          # nodes that went silent with this request (NodeError.timed_out)
         rechecked = False
         while True:
@@ -7467,12 +7484,15 @@ class MeshOrchestrator:
                         pass
                     raise self.model_not_found(model or "", not_found) from None
                 if failures and not isinstance(exc, UsageError):
+                    if answered_error and len(answered_error) == len(failures):
+                        raise RequestFailedError("every node failed: " + "; ".join(failures),
+                                                 status=answered_error[-1][2]) from None
                     raise self._no_nodes("every node failed: " + "; ".join(failures)) from None
                 if isinstance(exc, NoNodeAvailableError) and self.implicit_local:
                     raise self._no_nodes(str(exc)) from None
                 raise
             try:
-                return await self._attempt(chosen, path, body, stream, req)
+                raw = await self._attempt(chosen, path, body, stream, req)
             except _ClientError:
                 raise
             except _UnsupportedPath as exc:
@@ -7492,6 +7512,10 @@ class MeshOrchestrator:
                     not_found.append(chosen.name)
                     if pinned:
                         raise ModelNotFoundError(f'model "{model}" not found on node {chosen.name}') from None
+                elif exc.mark_down and exc.status is not None and exc.status >= 500:
+                    if pinned:      # the node the client chose answered: its error is the answer
+                        raise RequestFailedError(str(exc), status=exc.status) from None
+                    answered_error.append((chosen, exc.reason, exc.status))
                 elif exc.mark_down:
                     self._mark_down(chosen, exc.reason)
                 if pinned:
@@ -7506,6 +7530,10 @@ class MeshOrchestrator:
                             message += "; before: " + "; ".join(failures[:-1])
                         raise NodeError(exc.node, message, timed_out=True) from None
                 logger.info("%s failed before the first byte; trying another node: %s", chosen.name, exc.reason)
+            else:
+                for node_, reason, _ in answered_error:   # another node answered what they failed
+                    self._mark_down(node_, reason)
+                return raw
 
     async def _attempt(self, node: SSHNode, path: str, body: bytes, streaming: bool,
                        req: Optional[RouteRequest] = None) -> RawStream:
@@ -9410,6 +9438,8 @@ def _status_for(exc: MeshError) -> int:
         return 400
     if isinstance(exc, NoNodeAvailableError):
         return 503
+    if isinstance(exc, RequestFailedError):
+        return exc.status
     return 502
 
 

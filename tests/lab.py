@@ -63,6 +63,7 @@ class FakeOllama:
 
     `mode` injects faults: ok, hang (accept, never answer), garbage (200 with
     non-JSON), error500, html, busy (503), truncate (stream cut before done),
+    cut_midline (the connection closed inside a chunk, in the middle of a line),
     error_line (an error mid-stream, `error_text`), badhead (not HTTP at all),
     bad_line (a line that is not JSON mid-stream), after_done (more lines after
     done, then the reply held open - for stream:false too), done_reason (a last line
@@ -597,6 +598,12 @@ class _OllamaShapes:
                 self.close_connection = True
                 self.wfile.flush()
                 return  # no terminating chunk
+            if fake.mode == "cut_midline" and i == 2:   # closed inside a chunk, in the middle of a line
+                line = json.dumps(self._piece(model, chat, tok, False)).encode() + b"\n"
+                self.wfile.write(b"%x\r\n%s" % (len(line), line[:len(line) // 2]))
+                self.wfile.flush()
+                self.close_connection = True
+                return
             if fake.mode == "no_newline" and i == len(tokens) - 1:    # then the node is gone
                 self._chunk(json.dumps(self._piece(model, chat, tok, False)).encode())
                 self._end()

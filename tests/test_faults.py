@@ -69,6 +69,28 @@ def test_failover_before_first_byte(mesh_env, fault):
     assert lab.ssh_processes() == []
 
 
+def test_a_request_every_node_answers_500_marks_none_down(mesh_env):
+    """A node that answers 500 where another answers is marked down (above); a request every
+    node answers with 500 is the request's fault: RequestFailedError, every node still up."""
+    lab = mesh_env
+    a, b = two_nodes(lab)
+    a.mode = b.mode = "error500"
+
+    async def go():
+        async with mesh.MeshOrchestrator(config=lab.config_path, **FAST) as m:
+            await m.refresh()
+            with pytest.raises(mesh.RequestFailedError) as err:
+                await m.generate("x", model="m:1")
+            a.mode = b.mode = "ok"
+            after = await m.generate("y", model="m:1")
+            return err.value, [n.healthy for n in m.nodes], after["response"]
+
+    exc, healthy, after = run(go())
+    assert exc.status == 500 and str(exc).startswith("every node failed: ") and healthy == [True, True]
+    assert "a: llama runner process has terminated" in str(exc) and "b: llama runner" in str(exc)
+    assert after.startswith("Hello from ")
+
+
 @pytest.mark.parametrize("fault, reason", [
     ("garbage", "not JSON"), ("html", "HTML page"), ("error500", "llama runner process has terminated"),
     ("badhead", "not an Ollama reply"),

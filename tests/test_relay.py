@@ -75,6 +75,26 @@ def test_bytes_a_node_sends_late_on_a_pooled_connection_do_not_fail_the_request(
     assert [n["healthy"] for n in nodes] == [True]
 
 
+def test_a_500_from_the_node_is_the_requests_error_not_the_pools(hostile, lab):
+    """A request the only node answers with 500 (Ollama's own error: a model that cannot
+    load, an image its runner rejects) gets that status and message, as from Ollama, and
+    the node is not marked down: the next request is answered (it got 503 for a second)."""
+    fake, s = hostile
+    fake.mode = "error500"
+    for path, body in (("/api/generate", {"model": "m:1", "prompt": "x", "stream": False}),
+                       ("/v1/chat/completions", {"model": "m:1", "messages": [{"role": "user", "content": "x"}]})):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            post(s, body, path)
+        reply = json.loads(err.value.read())
+        message = reply["error"] if path.startswith("/api/") else reply["error"]["message"]
+        assert err.value.code == 500 and "h: llama runner process has terminated" in message, reply
+    fake.mode = "ok"
+    status, _, body = post(s, {"model": "m:1", "prompt": "x", "stream": False})
+    assert status == 200 and json.loads(body)["response"] == "Hello \ud800 there"
+    nodes = json.loads(urllib.request.urlopen(s.base + "/mesh/status", timeout=8).read())["nodes"]
+    assert [n["healthy"] for n in nodes] == [True]
+
+
 @pytest.mark.parametrize("mode, reason", [
     ("negative_length", "bad Content-Length '-1'"),
     ("deep_nesting", "bad reply: not a JSON object"),
@@ -149,7 +169,8 @@ def test_error_after_a_last_line_without_its_newline_is_a_line_of_its_own(hostil
     _, _, body = post(s, {"model": "m:1", "prompt": "x"})
     got = lines(body)                     # every line is JSON (none glued to the error)
     assert [x.get("response") for x in got[:-1]] == ["Hello", " \ud800", " there"]
-    assert "stream ended before the final chunk" in got[-1]["error"]
+    assert 'stream ended before its final line (truncated: the body ended with no "done": true line)' \
+        in got[-1]["error"]
 
 
 def test_bad_chunk_framing_mid_stream_ends_with_an_error_line(hostile):
@@ -301,7 +322,12 @@ def test_node_cut_off_or_silent_mid_stream_ends_with_an_error_line(hostile, lab)
     fake.mode = "truncate"              # two lines, then the connection closes without the last chunk
     got = lines(post(s, {"model": "m:1", "prompt": "x"})[2])
     assert [g.get("response") for g in got[:2]] == ["Hello", " \ud800"] and list(got[-1]) == ["error"]
-    assert "stream ended before the final chunk (truncated)" in got[-1]["error"]
+    assert "stream ended before its final line (truncated: the connection closed inside the body)" \
+        in got[-1]["error"]
+    fake.mode = "cut_midline"           # closed inside a chunk, half a line sent: cut off, not "not JSON"
+    got = lines(post(s, {"model": "m:1", "prompt": "x"})[2])
+    assert [g.get("response") for g in got[:2]] == ["Hello", " \ud800"] and list(got[-1]) == ["error"]
+    assert "h: bad reply: stream cut off (truncated: the chunked body did not end)" in got[-1]["error"]
     fake.mode = "ok"
     fake.finish_stream.clear()          # every token, then silence before the done line
     quick = Serve(lab, "--idle-timeout", "1")
@@ -348,7 +374,8 @@ def test_a_reply_that_ends_without_its_final_line_loses_no_token(hostile):
     fake.mode, fake.token_delay = "no_final", 0.05   # paced: the end comes to the relay, not the first read
     got = lines(post(s, {"model": "m:1", "prompt": "x"})[2])
     assert [g.get("response") for g in got[:-1]] == ["Hello", " \ud800", " there"] and list(got[-1]) == ["error"]
-    assert "stream ended before the final chunk (truncated)" in got[-1]["error"]
+    assert 'stream ended before its final line (truncated: the body ended with no "done": true line)' \
+        in got[-1]["error"]
 
 
 def read_to_end(sock, size=65536):
