@@ -2625,10 +2625,10 @@ def _request_from(method: str, target: str, version: Tuple[int, int], fields: Li
     if hosts and not _HOST_RE.match(hosts[0]):
         raise HTTPError(400, "malformed Host header")
     _parse_framing(req, fields)
-    connection = req.headers.get("connection")
-    # HTTP/1.0 connections end after one response: its body is then close-delimited.
-    req.keep_alive = version == (1, 1) and (
-        connection is None or "close" not in {t.strip().lower() for t in connection.split(",")})
+    tokens = {t.strip().lower() for t in req.headers.get("connection", "").split(",")}
+    # HTTP/1.1 keeps the connection unless told to close; HTTP/1.0 only when the client asks
+    # for it with keep-alive (RFC 9112 9.3 and appendix C.2.2), as Go's net/http serves it.
+    req.keep_alive = "close" not in tokens if version == (1, 1) else "keep-alive" in tokens
     expect = req.headers.get("expect", "").lower()
     if expect and version == (1, 1):
         if expect != "100-continue":
@@ -2778,8 +2778,10 @@ def response_framing(req_version: Tuple[int, int], method: str, status: int, len
     """How to frame a response: (framing header fields, chunked, keep_alive).
 
     length None means a streamed body of unknown length: chunked to HTTP/1.1 clients,
-    close-delimited to HTTP/1.0 ones (they don't know chunked).  A HEAD response has
-    the headers a GET would have and no body."""
+    close-delimited to HTTP/1.0 ones (they don't know chunked).  An HTTP/1.0 connection
+    the client asked to keep (keep_alive) is kept only after a body of known length, and
+    the response says so with `Connection: keep-alive`, as Go's net/http does.  A HEAD
+    response has the headers a GET would have and no body."""
     fields: List[Tuple[str, str]] = []
     chunked = False
     if length is not None:
@@ -2792,6 +2794,8 @@ def response_framing(req_version: Tuple[int, int], method: str, status: int, len
         keep_alive = False
     if not keep_alive:
         fields.append(("Connection", "close"))
+    elif req_version < (1, 1):
+        fields.append(("Connection", "keep-alive"))
     return fields, chunked, keep_alive
 
 

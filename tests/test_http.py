@@ -14,8 +14,8 @@ HTTPError = mesh.HTTPError
     (b"GET /api/tags?a=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", "GET", "/api/tags", "a=1", (1, 1),
      False, None, False),
     (b"GET /api/version HTTP/1.0\r\n\r\n", "GET", "/api/version", "", (1, 0), False, None, False),  # 1.0: no Host needed
-    (b"GET /api/version HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", "GET", "/api/version", "", (1, 0), False,
-     None, False),                                                   # 1.0 always closes after the reply
+    (b"GET /api/version HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n", "GET", "/api/version", "", (1, 0), True,
+     None, False),                                                   # 1.0 keeps it only when asked
     (b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\n\r\n", "POST", "/api/generate", "",
      (1, 1), True, 12, False),
     (b"POST /api/chat HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\n\r\n", "POST", "/api/chat", "",
@@ -160,6 +160,8 @@ def test_chunked_decoder_rejects(data, status, message):
     ((1, 1), "HEAD", 200, 5, True, [("Content-Length", "5")], False, True),    # the length GET would have
     ((1, 1), "POST", 200, None, True, [("Transfer-Encoding", "chunked")], True, True),
     ((1, 0), "POST", 200, None, False, [("Connection", "close")], False, False),  # close-delimited
+    ((1, 0), "POST", 200, None, True, [("Connection", "close")], False, False),   # ... even when asked to keep it
+    ((1, 0), "GET", 200, 5, True, [("Content-Length", "5"), ("Connection", "keep-alive")], False, True),
     ((1, 1), "GET", 404, 9, False, [("Content-Length", "9"), ("Connection", "close")], False, False),
     ((1, 1), "GET", 204, 0, True, [], False, True),
 ])
@@ -370,6 +372,21 @@ def test_head_never_has_a_body_even_for_errors(front):
     s.sendall(f"GET / HTTP/1.1\r\nHost: localhost\r\n{AUTH}Connection: close\r\n\r\n".encode())
     rest = f.read()          # had a HEAD reply carried a body, this would not start with a status line
     assert status_of(rest) == 200 and rest.endswith(b"\r\n\r\nOllama is running")
+
+
+def test_http_1_0_keep_alive_is_kept_after_a_body_of_known_length(front):
+    """Two HTTP/1.0 requests asking for keep-alive on one connection (as ApacheBench's -k
+    sends them): both answered, each with Connection: keep-alive; the stream after them is
+    close-delimited and ends the connection."""
+    body = b'{"model": "m:1", "prompt": "x"}'
+    one = f"GET /api/version HTTP/1.0\r\n{AUTH}Connection: keep-alive\r\n\r\n".encode()
+    stream = f"POST /api/generate HTTP/1.0\r\n{AUTH}Connection: keep-alive\r\nContent-Length: {len(body)}\r\n\r\n"
+    reply, closed = exchange(front.port, one + one + stream.encode() + body)
+    parts = reply.split(b"HTTP/1.1 ")[1:]
+    assert [p[:3] for p in parts] == [b"200"] * 3 and closed
+    assert [b"\r\nConnection: keep-alive\r\n" in p for p in parts] == [True, True, False]
+    head, _, data = parts[2].partition(b"\r\n\r\n")
+    assert b"\r\nConnection: close" in head and [json.loads(x)["response"] for x in data.splitlines()] == ["ok", ""]
 
 
 def test_http_1_0_gets_a_close_delimited_stream(front):
