@@ -84,8 +84,8 @@ from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple
 
 __all__ = [
     "MeshError", "UsageError", "ConfigError", "NodeError", "ModelNotFoundError", "NoNodeAvailableError",
-    "StreamInterruptedError", "RequestFailedError", "SSHConfig", "HostInfo", "NodeSpec", "load_node_specs", "parse_mesh_settings",
-    "read_config_hosts", "config_cache_dir", "parse_ssh_g",
+    "StreamInterruptedError", "RequestFailedError", "SSHConfig", "HostInfo", "NodeSpec", "load_node_specs",
+    "parse_mesh_settings", "read_config_hosts", "config_cache_dir", "parse_ssh_g",
     "NDJSONDecoder", "decode_json_body", "ollama_type_error", "HTTPError", "HTTPRequest", "parse_request_head",
     "find_head_end", "ChunkedDecoder", "response_head", "response_framing", "body_allowed", "SSHNode",
     "MeshOrchestrator",
@@ -6168,7 +6168,7 @@ class RawStream:
         if scan.error:
             reason = scan.error if scan.node_error is not None else f"bad reply: {scan.error}"
             if cut is not None and not had_error and scan.node_error is None:
-                reason = f"bad reply: {cut}"   # the connection ended inside that line: half a line, not a bad one
+                reason = f"bad reply: {cut}"   # the connection ended inside that line: half a line
             self._error = NodeError(node, reason, retryable=first and not out, mark_down=scan.node_error is None)
             if not out:
                 raise self._error
@@ -6235,7 +6235,7 @@ class RawStream:
         # break, return or an exception.  asyncio closes an async generator let go that way
         # (its asyncgen hooks); a class must do it itself, or the node's slot stays taken
         # and its request (socket, channel, ssh child) runs on.  aclose() goes on the loop.
-        if self._closed:
+        if getattr(self, "_closed", True):     # closed, or never made whole (__init__ raised)
             return
         if not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._orch._spawn, self.aclose())
