@@ -430,6 +430,11 @@ def test_cancelled_request_ends_its_ssh_child(lab, monkeypatch, transport):
     wait_for(lambda: fake.active == 0, 10, "the node to see the request end")
 
 
+async def first_token(m, prompt):
+    async for chunk in await m.generate(prompt, model="m:1", stream=True):
+        return chunk["response"]        # the stream is let go here, never closed
+
+
 @pytest.mark.parametrize("transport", ["forward", "stdio", "exec"])
 def test_abandoned_stream_ends_its_request(lab, monkeypatch, transport):
     """A library stream left early (`return` out of `async for`, no aclose) and let go is
@@ -438,10 +443,6 @@ def test_abandoned_stream_ends_its_request(lab, monkeypatch, transport):
     monkeypatch.setenv("MESH_CONTROL_DIR", lab.control_dir)
     fake = lab.add_node("solo", ["m:1"], settings=f"transport={transport} max_concurrent=1",
                         token_delay=0.3, tokens=["t"] * 40)
-
-    async def first_token(m, prompt):
-        async for chunk in await m.generate(prompt, model="m:1", stream=True):
-            return chunk["response"]        # the stream is let go here, never closed
 
     async def go():
         async with mesh.MeshOrchestrator(config=lab.config_path, **FAST) as m:
@@ -455,6 +456,22 @@ def test_abandoned_stream_ends_its_request(lab, monkeypatch, transport):
     firsts, in_flight, at_node, children = run(go())
     assert firsts == ["t", "t"]
     assert in_flight == 0 and at_node == 0 and children == []
+
+
+@pytest.mark.parametrize("transport", ["forward", "stdio", "exec"])
+def test_stream_let_go_as_the_orchestrator_closes_leaves_nothing_running(lab, monkeypatch, transport):
+    """A stream let go and the orchestrator closed at once, before the stream's own close
+    gets to run: the node's request still ends and no ssh child is left."""
+    monkeypatch.setenv("MESH_CONTROL_DIR", lab.control_dir)
+    fake = lab.add_node("solo", ["m:1"], settings=f"transport={transport}", token_delay=0.3, tokens=["t"] * 40)
+
+    async def go():
+        async with mesh.MeshOrchestrator(config=lab.config_path, **FAST) as m:
+            return await asyncio.wait_for(first_token(m, "x"), 10)    # closed as soon as it returns
+
+    assert run(go()) == "t"
+    wait_for(lambda: fake.active == 0, 10, "the node to see the request end")
+    assert lab.ssh_processes() == []
 
 
 BLOB = b"\x00GGUF\n\n\xff 'x' $(y)\r\n" * 5000     # binary, ~110 KB: NULs, newlines, quotes
