@@ -2627,8 +2627,9 @@ def _request_from(method: str, target: str, version: Tuple[int, int], fields: Li
     _parse_framing(req, fields)
     tokens = {t.strip().lower() for t in req.headers.get("connection", "").split(",")}
     # HTTP/1.1 keeps the connection unless told to close; HTTP/1.0 only when the client asks
-    # for it with keep-alive (RFC 9112 9.3 and appendix C.2.2), as Go's net/http serves it.
-    req.keep_alive = "close" not in tokens if version == (1, 1) else "keep-alive" in tokens
+    # for it with keep-alive and not also to close (RFC 9112 9.3, 9.6 and appendix C.2.2), as
+    # Go's net/http serves it (shouldClose).
+    req.keep_alive = "close" not in tokens and (version == (1, 1) or "keep-alive" in tokens)
     expect = req.headers.get("expect", "").lower()
     if expect and version == (1, 1):
         if expect != "100-continue":
@@ -4811,10 +4812,24 @@ class _Exchange:
                 finally:
                     if idle is not None:
                         idle.since = None
+                if not data and self.decoded and self.proc is not None:
+                    await self._curl_finished()
             out = self.unframe(data)
             if out:
                 return out
         return b""
+
+    async def _curl_finished(self) -> None:
+        """exec transport, at the end of curl's output: curl took the framing off, so that
+        end is the body's whether the body ended or the node's connection was cut; curl's
+        exit status (the ssh child's) tells which - 18, CURLE_PARTIAL_FILE, and any other
+        failure are a cut (_CutOff), as the framing shows on the other transports."""
+        try:
+            rc = await asyncio.wait_for(self.proc.wait(), 2.0)
+        except asyncio.TimeoutError:
+            return
+        if rc:
+            raise _CutOff(f"stream cut off (truncated: the body did not end; curl on the node exited {rc})")
 
     def unframe(self, data: bytes) -> bytes:
         """Bytes read from the connection (b"": its end) with the body's framing taken

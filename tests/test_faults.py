@@ -474,6 +474,33 @@ def test_stream_let_go_as_the_orchestrator_closes_leaves_nothing_running(lab, mo
     assert lab.ssh_processes() == []
 
 
+@pytest.mark.parametrize("transport", ["forward", "stdio", "exec"])
+@pytest.mark.parametrize("mode, text", [
+    ("cut_midline", "bad reply: stream cut off (truncated: "),    # the node's connection closed mid-line
+    ("truncate", "stream ended before its final line (truncated: the connection closed inside the body)"),
+    ("no_final", 'stream ended before its final line (truncated: the body ended with no "done": true line)'),
+], ids=["cut_midline", "truncate", "no_final"])
+def test_a_stream_cut_off_says_so_on_every_transport(lab, monkeypatch, transport, mode, text):
+    """How a stream ended early is told the same way whichever way the node is reached -
+    with ssh NODE curl too, where curl takes the framing off and its exit status (18) is
+    what shows a cut."""
+    monkeypatch.setenv("MESH_CONTROL_DIR", lab.control_dir)
+    fake = lab.add_node("solo", ["m:1"], settings=f"transport={transport}", tokens=["a", "b", "c", "d"])
+    fake.mode = mode
+
+    async def go():
+        async with mesh.MeshOrchestrator(config=lab.config_path, **FAST) as m:
+            got = []
+            with pytest.raises(mesh.StreamInterruptedError) as err:
+                async for chunk in await m.generate("x", model="m:1", stream=True):
+                    got.append(chunk["response"])
+            return got, str(err.value)
+
+    got, message = run(go())
+    assert got[:2] == ["a", "b"] and message.startswith("solo: ") and text in message, message
+    assert lab.ssh_processes() == []
+
+
 BLOB = b"\x00GGUF\n\n\xff 'x' $(y)\r\n" * 5000     # binary, ~110 KB: NULs, newlines, quotes
 
 

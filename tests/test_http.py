@@ -16,6 +16,10 @@ HTTPError = mesh.HTTPError
     (b"GET /api/version HTTP/1.0\r\n\r\n", "GET", "/api/version", "", (1, 0), False, None, False),  # 1.0: no Host needed
     (b"GET /api/version HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n", "GET", "/api/version", "", (1, 0), True,
      None, False),                                                   # 1.0 keeps it only when asked
+    (b"GET /api/version HTTP/1.0\r\nConnection: keep-alive, close\r\n\r\n", "GET", "/api/version", "", (1, 0),
+     False, None, False),                                            # ... and not also told to close
+    (b"GET /api/version HTTP/1.0\r\nConnection: keep-alive\r\nConnection: close\r\n\r\n", "GET", "/api/version",
+     "", (1, 0), False, None, False),
     (b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\n\r\n", "POST", "/api/generate", "",
      (1, 1), True, 12, False),
     (b"POST /api/chat HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\n\r\n", "POST", "/api/chat", "",
