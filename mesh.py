@@ -72,6 +72,7 @@ Sections, in dependency order (each begins with a banner comment)::
 from __future__ import annotations
 
 import bisect
+import heapq
 import itertools
 import json
 import logging
@@ -2269,10 +2270,10 @@ def parse_http_head(head: bytes) -> Tuple[int, Dict[str, str]]:
         raise ProtocolError(f"not an HTTP response: {_excerpt(head)}")
     headers: Dict[str, str] = {}
     for line in lines[1:]:
-        if ":" in line:
-            k, _, v = line.partition(":")
-            key = k.strip().lower()
-            headers[key] = (headers[key] + ", " + v.strip()) if key in headers else v.strip()
+        k, sep, v = line.partition(":")
+        if sep:
+            key, v = k.strip().lower(), v.strip()
+            headers[key] = (headers[key] + ", " + v) if key in headers else v
     return int(m.group(1)), headers
 
 
@@ -2461,8 +2462,17 @@ def ollama_type_error(payload: Dict[str, Any], struct: str) -> Optional[str]:
 
 def model_key(name: str) -> str:
     """Ollama treats 'llama3' and 'llama3:latest' as one model."""
-    name = name.strip()
-    return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
+    key = _MODEL_KEYS.get(name)
+    if key is None:
+        key = name.strip()
+        if ":" not in key.rsplit("/", 1)[-1]:
+            key += ":latest"
+        if len(_MODEL_KEYS) < 4096:     # a request asks for a few names again and again (bounded: any
+            _MODEL_KEYS[name] = key     # name a client sends is kept, so not every one)
+    return key
+
+
+_MODEL_KEYS: Dict[str, str] = {}
 
 
 def build_request(path: str, body: Optional[bytes], *, host: str, keep_alive: bool,
@@ -2527,9 +2537,11 @@ class HTTPRequest:
                  header_list: List[Tuple[str, str]]) -> None:
         self.method, self.target, self.path, self.query, self.version = method, target, path, query, version
         self.header_list = header_list
-        self.headers: Dict[str, str] = {}
-        for name, value in header_list:
-            self.headers[name] = (self.headers[name] + ", " + value) if name in self.headers else value
+        headers = self.headers = dict(header_list)
+        if len(headers) < len(header_list):      # a name repeated: its values joined, in order
+            headers.clear()
+            for name, value in header_list:
+                headers[name] = (headers[name] + ", " + value) if name in headers else value
         self.content_length: Optional[int] = None
         self.chunked = False
         self.keep_alive = False
@@ -2617,7 +2629,7 @@ def _request_from(method: str, target: str, version: Tuple[int, int], fields: Li
     """The checks of parse_request_head on a head already split into its parts."""
     path, query = _parse_target(method, target)
     req = HTTPRequest(method, target, path, query, version, fields)
-    hosts = [v for n, v in fields if n == "host"]
+    hosts = _values(req, fields, "host")
     if len(hosts) > 1:
         raise HTTPError(400, "too many Host headers")
     if version == (1, 1) and not hosts:
@@ -2636,6 +2648,14 @@ def _request_from(method: str, target: str, version: Tuple[int, int], fields: Li
             raise HTTPError(417, f"unsupported Expect: {expect}")
         req.expect_continue = req.has_body
     return req
+
+
+def _values(req: HTTPRequest, fields: List[Tuple[str, str]], name: str) -> List[str]:
+    """Every value of a field, in order (one per field line)."""
+    if len(req.headers) == len(fields):      # no name repeated: at most one, in the dict
+        value = req.headers.get(name)
+        return [] if value is None else [value]
+    return [v for n, v in fields if n == name]
 
 
 def _parse_target(method: str, target: str) -> Tuple[str, str]:
@@ -2664,8 +2684,8 @@ def _parse_target(method: str, target: str) -> Tuple[str, str]:
 def _parse_framing(req: HTTPRequest, fields: List[Tuple[str, str]]) -> None:
     """Content-Length / Transfer-Encoding, strictly: what one server reads as the
     body's end must be what every server on the way reads (RFC 9112 6.1-6.3)."""
-    lengths = [v for n, v in fields if n == "content-length"]
-    codings = [c.strip().lower() for n, v in fields if n == "transfer-encoding" for c in v.split(",")]
+    lengths = _values(req, fields, "content-length")
+    codings = [c.strip().lower() for v in _values(req, fields, "transfer-encoding") for c in v.split(",")]
     if lengths and codings:
         raise HTTPError(400, "both Content-Length and Transfer-Encoding")
     if len(lengths) > 1:
@@ -2766,12 +2786,14 @@ def body_allowed(method: str, status: int) -> bool:
 def response_head(status: int, fields: Sequence[Tuple[str, str]] = ()) -> bytes:
     """An HTTP/1.1 status line and header fields, ending in the empty line.  Raises
     ValueError for CR or LF in a field (no response splitting, whatever the value)."""
-    out = [f"HTTP/1.1 {status} {HTTP_REASONS.get(status, 'Status')}"]
-    for name, value in fields:
-        if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
-            raise ValueError(f"CR or LF in response header {name!r}")
-        out.append(f"{name}: {value}")
-    return ("\r\n".join(out) + "\r\n\r\n").encode("latin-1", "replace")
+    lines = [f"{name}: {value}" for name, value in fields]
+    text = "\r\n".join(lines)
+    if lines and (text.count("\r") != len(lines) - 1 or text.count("\n") != len(lines) - 1):
+        for name, value in fields:     # a CR or LF beyond the joins' own: which field has it
+            if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+                raise ValueError(f"CR or LF in response header {name!r}")
+    head = f"HTTP/1.1 {status} {HTTP_REASONS.get(status, 'Status')}\r\n"
+    return (head + text + "\r\n\r\n" if lines else head + "\r\n").encode("latin-1", "replace")
 
 
 def response_framing(req_version: Tuple[int, int], method: str, status: int, length: Optional[int], *,
@@ -3368,8 +3390,12 @@ class MetricFamily:
 
     def _key(self, values: Sequence[Any]) -> Tuple[str, ...]:
         key = tuple(values)
-        if not all(type(v) is str for v in key):
-            key = tuple("" if v is None else str(v) for v in key)
+        if key in self.samples:
+            return key          # a sample's key: checked when it was made (the usual case)
+        for v in key:
+            if type(v) is not str:
+                key = tuple("" if v is None else str(v) for v in key)
+                break
         if len(key) != len(self.labels):
             raise ValueError(f"{self.name}: {len(self.labels)} label values expected, got {len(key)}")
         return key
@@ -3807,6 +3833,11 @@ class NodeRouteState:
         self.max_seen_loaded = max(self.max_seen_loaded, len(self.loaded))
 
 
+def _count(value: Any) -> float:
+    """A count or duration from a reply as a float; 0.0 for anything else (bool is not a count)."""
+    return float(value) if type(value) in (int, float) else 0.0
+
+
 class RouteRequest:
     """One request as routing sees it: model, estimated prompt tokens, its prefix
     fingerprints, and (once planned) the node, the reason and a ticket."""
@@ -3974,10 +4005,9 @@ class Balancer:
             return False
 
         st = node.model(req.model)
-        ev_n, ev_d, pr_n, pr_d, load_d, total = (
-            float(v) if type(v) in (int, float) else 0.0      # (bool is not a count)
-            for v in (reply.get("eval_count"), reply.get("eval_duration"), reply.get("prompt_eval_count"),
-                      reply.get("prompt_eval_duration"), reply.get("load_duration"), reply.get("total_duration")))
+        ev_n, ev_d, pr_n, pr_d, load_d, total = map(_count, (
+            reply.get("eval_count"), reply.get("eval_duration"), reply.get("prompt_eval_count"),
+            reply.get("prompt_eval_duration"), reply.get("load_duration"), reply.get("total_duration")))
         ev_d, pr_d, load_d, total = ev_d / 1e9, pr_d / 1e9, load_d / 1e9, total / 1e9
         if ev_n >= 1 and ev_d > 0:
             st.gen_tps = ewma(st.gen_tps, ev_n / ev_d, 0.5)
@@ -4053,21 +4083,25 @@ class Balancer:
         """Which waiting requests go out now: [(request, node, expected seconds, why)].
         `waiting` is in arrival order; each request's `candidates` are the node names
         that may take it.  With explain, `why` lists every candidate's estimate."""
-        import heapq
         rng = rng or random
         out: List[Tuple[RouteRequest, str, float, str]] = []
         slots: Dict[str, List[float]] = {}
         free_now = 0
         depth = min(len(waiting), PLAN_DEPTH)
         for node in self.nodes.values():
+            if node.slots - len(node.inflight) - node.external >= depth:
+                slots[node.name] = [now] * depth    # _slot_times' usual answer, without the call
+                free_now += depth
+                continue
             heap = self._slot_times(node, now, depth)
             slots[node.name] = heap
             free_now += bisect.bisect_right(heap, now)      # (the list is sorted)
         sent: Dict[str, int] = {}
         planned_loads: Dict[str, set] = {}
-        pool = self._pool
-        needed_models = {r.model for r in waiting[:PLAN_DEPTH]}
-        for req in waiting[:PLAN_DEPTH]:
+        pool, nodes = self._pool, self.nodes
+        batch = waiting[:PLAN_DEPTH]
+        needed_models = {batch[0].model} if len(batch) == 1 else {r.model for r in batch}
+        for req in batch:
             if free_now <= 0 and not self._explorable(req, sent):
                 break
             cached = self.cached_tokens(req) if req.chain else {}
@@ -4079,8 +4113,9 @@ class Balancer:
             if len(names) > 1:   # equal estimates: a random one, so fresh processes don't all pick the same
                 k = rng.randrange(len(names))
                 names = names[k:] + names[:k]
+            model, tokens = req.model, req.tokens
             for name in names:
-                node = self.nodes.get(name)
+                node = nodes.get(name)
                 if node is None:
                     continue
                 where = placement.get(name, "loaded")
@@ -4088,15 +4123,20 @@ class Balancer:
                     if explain:
                         rows.append(f"{name}=no (would unload a model still needed)")
                     continue
-                start = max(slots[name][0], now)
-                load = 0.0 if where == "loaded" else self.load_seconds(node, req.model)
-                have = cached.get(name, 0)
-                st = node.stats.get(req.model)     # measured here: the rates as they are (rate() else)
+                start = slots[name][0]
+                if start < now:
+                    start = now
+                load = 0.0 if where == "loaded" else self.load_seconds(node, model)
+                have = cached.get(name, 0) if cached else 0
+                st = node.stats.get(model)     # measured here: the rates as they are (rate() else)
+                # (rate() keeps what it works out in `pool`: read from there first, without the call)
                 ptps = (st.prompt_tps if st is not None and st.prompt_tps
-                        else self.rate(node, req.model, "prompt_tps", PRIOR_PROMPT_TPS, pool))
+                        else pool.get((name, model, "prompt_tps"))
+                        or self.rate(node, model, "prompt_tps", PRIOR_PROMPT_TPS, pool))
                 gtps = (st.gen_tps if st is not None and st.gen_tps
-                        else self.rate(node, req.model, "gen_tps", PRIOR_GEN_TPS, pool))
-                prompt = max(req.tokens - have, 1) / ptps
+                        else pool.get((name, model, "gen_tps"))
+                        or self.rate(node, model, "gen_tps", PRIOR_GEN_TPS, pool))
+                prompt = (tokens - have if tokens - have > 1 else 1) / ptps
                 gen = reply / gtps
                 # Taking a slot from another conversation costs it its cache: count that too.
                 evict = 0.0 if have or not node.resident else self.eviction_cost(node, now, ptps)
@@ -4170,6 +4210,13 @@ class Balancer:
         model nobody needs) or "forbidden" (would unload one still needed while another
         node can take the request without that)."""
         out: Dict[str, str] = {}
+        if not planned:     # the usual case: every candidate has the model loaded (absent: "loaded")
+            for name in req.candidates:
+                node = self.nodes.get(name)
+                if node is not None and req.model not in node.loaded:
+                    break
+            else:
+                return out
         harmless = False
         for name in req.candidates:
             node = self.nodes.get(name)
@@ -7207,6 +7254,14 @@ class MeshOrchestrator:
                 return []
             return [node]
         key = model_key(model) if model else None
+        if key is not None:
+            # The usual case, in one pass: healthy nodes that have the model (then it is known,
+            # and they are what the general rules below would choose too).
+            found = [n for n in self.nodes if key in n.models and n.healthy and n.name not in exclude]
+            if len(found) > 1:
+                found = [n for n in found if key in n.loaded or n.can_hold(key)] or found
+            if found:
+                return found
         # A node that is down and was never asked what it has is down, not a place the model
         # may be: otherwise a misspelt model is reported as that node's failure.
         # A node not yet heard from (its master may still be connecting - or never will,
@@ -7310,6 +7365,8 @@ class MeshOrchestrator:
         req.future = asyncio.get_event_loop().create_future()
         self._waiting.append(req)
         self._plan()
+        if req.future.done() and not req.future.cancelled():
+            return req.future.result()      # sent at once (the usual case): no await
         try:
             return await req.future
         except asyncio.CancelledError:
