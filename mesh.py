@@ -3390,8 +3390,11 @@ class MetricFamily:
 
     def _key(self, values: Sequence[Any]) -> Tuple[str, ...]:
         key = tuple(values)
-        if key in self.samples:
-            return key          # a sample's key: checked when it was made (the usual case)
+        try:
+            if key in self.samples:
+                return key      # a sample's key: checked when it was made (the usual case)
+        except TypeError:       # an unhashable value: made a string below
+            pass
         for v in key:
             if type(v) is not str:
                 key = tuple("" if v is None else str(v) for v in key)
