@@ -171,10 +171,15 @@ class NodeError(MeshError):
     and another node may answer; `status` is Ollama's HTTP status when there was one.
     `timed_out` is true when the request had reached the node and the node went
     silent (it stopped answering its liveness probe): it may still be working on it,
-    so another node gets the request at most MeshOrchestrator.retries times."""
+    so another node gets the request at most MeshOrchestrator.retries times.
+    `answered` is true when the node answered, but not with a reply mesh can use (an
+    error status, a head or a first line that is not Ollama's, an error line): the
+    node is up, and whether the fault is the node's or the request's shows when
+    another node answers the same request (MeshOrchestrator.open_stream)."""
 
     def __init__(self, node: str, message: str, *, status: Optional[int] = None,
-                 retryable: bool = True, mark_down: bool = True, timed_out: bool = False) -> None:
+                 retryable: bool = True, mark_down: bool = True, timed_out: bool = False,
+                 answered: bool = False) -> None:
         super().__init__(f"{node}: {message}")
         self.node = node
         self.reason = message
@@ -182,6 +187,7 @@ class NodeError(MeshError):
         self.retryable = retryable
         self.mark_down = mark_down
         self.timed_out = timed_out
+        self.answered = answered
 
 
 class _ClientError(NodeError):
@@ -190,6 +196,11 @@ class _ClientError(NodeError):
 
     def __init__(self, status: int, message: str, node: str) -> None:
         super().__init__(node, message, status=status, retryable=False, mark_down=False)
+
+
+class _Silent(NodeError):
+    """The node's reply stopped: no data for idle_timeout.  Not an answer (NodeError.answered):
+    a node that goes silent is marked down at once, so the next requests do not wait on it."""
 
 
 class _UnsupportedPath(NodeError):
@@ -220,10 +231,13 @@ class NoNodeAvailableError(MeshError):
 
 
 class RequestFailedError(MeshError):
-    """Every node that could take the request answered it with an error status (Ollama's
-    5xx: a model that cannot load, an image its runner rejects): the request is at fault,
-    not the nodes, and none of them is marked down.  `status` is the last node's HTTP
-    status, which `serve` answers with (as nginx passes an upstream's 500 on)."""
+    """Every node that could take the request answered it with an error (Ollama's 5xx: a
+    model that cannot load, an image its runner rejects; an error line before any token;
+    a reply that is not Ollama's): the request is at fault, not the nodes, and none of
+    them is marked down.  `status` is what `serve` answers with: the last node's HTTP
+    status for a 5xx (as nginx passes an upstream's 500 on), 502 for a reply mesh could
+    not read (as nginx answers an invalid upstream reply), 500 for Ollama's error line
+    (Ollama's own status for an error in a stream=false answer)."""
 
     def __init__(self, message: str, *, status: int = 500) -> None:
         super().__init__(message)
@@ -5851,7 +5865,7 @@ class SSHNode:
                     # Bytes the node sent after its last reply on this pooled connection
                     # came first: the connection is spoiled, not the node.
                     continue
-                raise NodeError(self.name, f"not an Ollama reply: {exc}") from None
+                raise NodeError(self.name, f"not an Ollama reply: {exc}", answered=True) from None
             except BaseException:
                 await ex.close()
                 raise
@@ -6218,8 +6232,8 @@ class RawStream:
                 if out is not None:
                     return out
         except asyncio.TimeoutError:
-            raise NodeError(self.node, f"no data for idle_timeout={self._orch.idle_timeout:g}s",
-                            retryable=first) from None
+            raise _Silent(self.node, f"no data for idle_timeout={self._orch.idle_timeout:g}s",
+                          retryable=first) from None
         except ProtocolError as exc:
             raise NodeError(self.node, f"bad reply: {exc}", retryable=first) from None
 
@@ -7531,9 +7545,10 @@ class MeshOrchestrator:
         tried: set = set(too_old) if not pinned else set()
         failures: List[str] = []
         not_found: List[str] = []
-        # Nodes whose Ollama answered with an error status (5xx): each is marked down only when
-        # another node then answers this request (the node's fault); when none can, the request is.
-        answered_error: List[Tuple[SSHNode, str, int]] = []
+        # Nodes that answered with an error (a 5xx, a reply that is not Ollama's, an error line):
+        # each is marked down (if its error says so) only when another node then answers this
+        # request - the node's fault; when none can, the request's.  (node, reason, status, mark)
+        answered_error: List[Tuple[SSHNode, str, int, bool]] = []
         silent = 0          # nodes that went silent with this request (NodeError.timed_out)
         rechecked = False
         while True:
@@ -7591,10 +7606,12 @@ class MeshOrchestrator:
                     not_found.append(chosen.name)
                     if pinned:
                         raise ModelNotFoundError(f'model "{model}" not found on node {chosen.name}') from None
-                elif exc.mark_down and exc.status is not None and exc.status >= 500:
+                elif (exc.answered or exc.mark_down and (exc.status or 0) >= 500) and exc.status != 503:
+                    # (503: Ollama's queue is full - the node is busy, not the request at fault)
+                    status = exc.status if (exc.status or 0) >= 500 else 502 if exc.mark_down else 500
                     if pinned:      # the node the client chose answered: its error is the answer
-                        raise RequestFailedError(str(exc), status=exc.status) from None
-                    answered_error.append((chosen, exc.reason, exc.status))
+                        raise RequestFailedError(str(exc), status=status) from None
+                    answered_error.append((chosen, exc.reason, status, exc.mark_down))
                 elif exc.mark_down:
                     self._mark_down(chosen, exc.reason)
                 if pinned:
@@ -7610,8 +7627,9 @@ class MeshOrchestrator:
                         raise NodeError(exc.node, message, timed_out=True) from None
                 logger.info("%s failed before the first byte; trying another node: %s", chosen.name, exc.reason)
             else:
-                for node_, reason, _ in answered_error:   # another node answered what they failed
-                    self._mark_down(node_, reason)
+                for node_, reason, _, mark in answered_error:   # another node answered what they failed
+                    if mark:
+                        self._mark_down(node_, reason)
                 return raw
 
     async def _attempt(self, node: SSHNode, path: str, body: bytes, streaming: bool,
@@ -7641,7 +7659,9 @@ class MeshOrchestrator:
                 await raw._prime()
             if not streaming:
                 raw._whole = await self._collect(raw)
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, NodeError) and not isinstance(exc, _Silent):
+                exc.answered = True     # (the node answered: see open_stream)
             await raw.aclose()
             raise
         return raw

@@ -70,7 +70,8 @@ class FakeOllama:
     with done_reason but no done), no_final (the body ends properly without the final
     line, the last token sent in one write with the body's end), bad_chunk (a chunk
     whose size line is "0x..." mid-stream: not HTTP framing), no_newline (the body ends
-    after a last token line that lacks its newline).
+    after a last token line that lacks its newline), bad_first (a stream whose first line
+    is an HTML page's), error_first (a stream whose only line is an error, `error_text`).
     `lacks`: paths (or prefixes ending in "/") this Ollama is too old to have; they
     get Go's plain-text `404 page not found`, as a real old Ollama answers.
     `old=True` is an Ollama from before /api/embed and the /v1 endpoints.
@@ -580,6 +581,10 @@ class _OllamaShapes:
             self._end()
             return
         self._start_stream("application/x-ndjson")
+        if fake.mode in ("bad_first", "error_first"):
+            self._chunk(b"<html>oops</html>\n" if fake.mode == "bad_first" else {"error": fake.error_text})
+            self._end()
+            return
         for i, tok in enumerate(tokens):
             if fake.mode == "error_line" and i == 1:
                 self._chunk({"error": fake.error_text})

@@ -91,6 +91,52 @@ def test_a_request_every_node_answers_500_marks_none_down(mesh_env):
     assert after.startswith("Hello from ")
 
 
+@pytest.mark.parametrize("fault, status, text", [
+    ("bad_first", 502, "bad reply: not JSON: '<html>oops</html>'"),
+    ("error_first", 500, "Ollama error: CUDA error: out of memory"),
+])
+def test_a_stream_every_node_starts_wrong_marks_none_down(mesh_env, fault, status, text):
+    """A stream that starts wrong on every node (a first line that is not JSON, Ollama's error
+    line) is the request's fault, as an error status from every node is: RequestFailedError
+    (502: a reply mesh cannot read; 500: Ollama's error), every node still up."""
+    lab = mesh_env
+    a, b = two_nodes(lab)
+    a.mode = b.mode = fault
+
+    async def go():
+        async with mesh.MeshOrchestrator(config=lab.config_path, **FAST) as m:
+            await m.refresh()
+            with pytest.raises(mesh.RequestFailedError) as err:
+                await m.generate("x", model="m:1", stream=True)
+            a.mode = b.mode = "ok"
+            after = [c async for c in await m.generate("y", model="m:1", stream=True)]
+            return err.value, [n.healthy for n in m.nodes], after
+
+    exc, healthy, after = run(go())
+    assert exc.status == status and str(exc).startswith("every node failed: ") and healthy == [True, True]
+    assert f"a: {text}" in str(exc) and f"b: {text}" in str(exc), str(exc)
+    assert "".join(c["response"] for c in after).startswith("Hello from ") and after[-1]["done"] is True
+
+
+def test_a_node_whose_stream_starts_wrong_is_marked_down_once_another_answers(mesh_env):
+    """The same first line on one node only: that node's fault - the request goes to the other
+    node, and the first is marked down then (and only then)."""
+    lab = mesh_env
+    a, b = two_nodes(lab)
+    a.mode = "bad_first"
+
+    async def go():
+        async with mesh.MeshOrchestrator(config=lab.config_path, **FAST) as m:
+            await m.refresh()
+            pinned_first(m, "a")
+            chunks = [c async for c in await m.generate("x", model="m:1", stream=True)]
+            return chunks, m.node("a"), m.node("b"), sum(r["path"] == "/api/generate" for r in a.requests)
+
+    chunks, node_a, node_b, asked_a = run(go())
+    assert {c["node"] for c in chunks} == {"b"} and chunks[-1]["done"] is True
+    assert asked_a == 1 and not node_a.healthy and "not JSON" in node_a.reason and node_b.healthy
+
+
 @pytest.mark.parametrize("fault, reason", [
     ("garbage", "not JSON"), ("html", "HTML page"), ("error500", "llama runner process has terminated"),
     ("badhead", "not an Ollama reply"),

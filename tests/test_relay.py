@@ -95,6 +95,30 @@ def test_a_500_from_the_node_is_the_requests_error_not_the_pools(hostile, lab):
     assert [n["healthy"] for n in nodes] == [True]
 
 
+@pytest.mark.parametrize("mode, code, reason", [
+    ("bad_first", 502, "bad reply: not JSON: '<html>oops</html>'"),
+    ("error_first", 500, "Ollama error: CUDA error: out of memory"),
+])
+def test_a_stream_that_starts_wrong_on_every_node_is_the_requests_error(hostile, mode, code, reason):
+    """A stream whose first line is not Ollama's (an HTML page) or is Ollama's error line, on
+    every node that could take it: the request's fault, not the nodes' - 502 (a reply mesh
+    cannot read) or 500 (Ollama's error), in the API's shape, and the node stays up: the next
+    request is answered at once, not refused for a second as by a pool marked down."""
+    fake, s = hostile
+    fake.mode = mode
+    for path, body in (("/api/generate", {"model": "m:1", "prompt": "x"}),
+                       ("/api/chat", {"model": "m:1", "messages": [{"role": "user", "content": "x"}]})):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            post(s, body, path)
+        reply = json.loads(err.value.read())
+        assert err.value.code == code and reply == {"error": f"every node failed: h: {reason}"}, reply
+    fake.mode = "ok"
+    status, _, body = post(s, {"model": "m:1", "prompt": "x", "stream": False})
+    assert status == 200 and json.loads(body)["response"] == "Hello \ud800 there"
+    nodes = json.loads(urllib.request.urlopen(s.base + "/mesh/status", timeout=8).read())["nodes"]
+    assert [n["healthy"] for n in nodes] == [True]
+
+
 @pytest.mark.parametrize("mode, reason", [
     ("negative_length", "bad Content-Length '-1'"),
     ("deep_nesting", "bad reply: not a JSON object"),
@@ -107,7 +131,8 @@ def test_a_reply_mesh_cannot_read_is_the_nodes_error(hostile, lab, mode, reason)
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, timeout=8)
     message = json.loads(err.value.read())["error"]
-    assert err.value.code == 503 and message.startswith("every node failed: h: ") and reason in message, message
+    # (the node answered, with what mesh cannot read: 502, as nginx answers an invalid upstream reply)
+    assert err.value.code == 502 and message.startswith("every node failed: h: ") and reason in message, message
     p = lab.run("generate", "--model", "m:1", "--no-stream", "hi", timeout=8)
     out = p.stderr.decode()
     assert p.returncode == 1 and out.startswith("mesh: error: ") and out.count("\n") == 1, out
