@@ -6280,7 +6280,10 @@ class RawStream:
                                         retryable=False)
                 raise self._error
         elif cut is not None and not scan.done:
-            self._error = NodeError(self.node, f"bad reply: {cut}", retryable=not self._relayed and not scan.lines)
+            # Nothing handed on yet: another node may answer - for a whole answer (stream=false)
+            # however much of it came, as its first whole line is all of it.
+            self._error = NodeError(self.node, f"bad reply: {cut}",
+                                    retryable=not self._relayed and (not scan.lines or not self._streaming))
             raise self._error
         if cut is not None:
             ex.retire = True

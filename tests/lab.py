@@ -71,7 +71,8 @@ class FakeOllama:
     line, the last token sent in one write with the body's end), bad_chunk (a chunk
     whose size line is "0x..." mid-stream: not HTTP framing), no_newline (the body ends
     after a last token line that lacks its newline), bad_first (a stream whose first line
-    is an HTML page's), error_first (a stream whose only line is an error, `error_text`).
+    is an HTML page's), error_first (a stream whose only line is an error, `error_text`),
+    cut_answer (a stream:false answer closed after half its Content-Length).
     `lacks`: paths (or prefixes ending in "/") this Ollama is too old to have; they
     get Go's plain-text `404 page not found`, as a real old Ollama answers.
     `old=True` is an Ollama from before /api/embed and the /v1 endpoints.
@@ -569,6 +570,16 @@ class _OllamaShapes:
             self.end_headers()
             self.wfile.write(data + (b"GARBAGE" if fake.mode == "past_length" else b""))
             self.wfile.flush()
+            return
+        if body.get("stream", True) is False and fake.mode == "cut_answer":
+            data = json.dumps(self._piece(model, chat, "".join(tokens), True, prompt=last)).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[:len(data) // 2])
+            self.wfile.flush()
+            self.close_connection = True
             return
         if body.get("stream", True) is False and fake.mode != "after_done":
             self._json(200, self._piece(model, chat, "".join(tokens), True, prompt=last))

@@ -137,6 +137,33 @@ def test_a_node_whose_stream_starts_wrong_is_marked_down_once_another_answers(me
     assert asked_a == 1 and not node_a.healthy and "not JSON" in node_a.reason and node_b.healthy
 
 
+def test_a_whole_answer_cut_off_goes_to_another_node(mesh_env):
+    """stream=false: a node whose connection closes in the middle of its answer has handed
+    nothing on (the answer is one line: its first whole line is all of it), so another node
+    answers, and the first is marked down then."""
+    lab = mesh_env
+    a, b = two_nodes(lab)
+    a.mode = "cut_answer"
+
+    async def go():
+        async with mesh.MeshOrchestrator(config=lab.config_path, **FAST) as m:
+            await m.refresh()
+            pinned_first(m, "a")
+            r = await m.generate("x", model="m:1")
+            a.mode = b.mode = "cut_answer"
+            with pytest.raises(mesh.RequestFailedError) as err:
+                await m.generate("y", model="m:1")
+            return r, m.node("a"), m.node("b"), err.value, sum(r["path"] == "/api/generate" for r in a.requests)
+
+    r, node_a, node_b, exc, asked_a = run(go())
+    assert r["node"] == "b" and r["response"] == "Hello from b." and r["done"] is True
+    assert asked_a == 1 and not node_a.healthy and "reply cut off" in node_a.reason
+    # then every node that could take it (b: a is down) cut it off: the request's fault, 502 as
+    # from nginx, and b stays up
+    assert exc.status == 502 and str(exc).startswith("every node failed: b: bad reply: reply cut off"), str(exc)
+    assert node_b.healthy
+
+
 @pytest.mark.parametrize("fault, reason", [
     ("garbage", "not JSON"), ("html", "HTML page"), ("error500", "llama runner process has terminated"),
     ("badhead", "not an Ollama reply"),
