@@ -3339,15 +3339,15 @@ def host_allowed(host_header: str, listen_host: str, *, hostname: Optional[str] 
     must name this machine (empty, "localhost", *.localhost, *.local, *.internal, the
     machine's hostname, a loopback/private/unspecified IP) or the listen address, so
     a DNS-rebinding page (Host: evil.example) is refused."""
-    import ipaddress
-    import socket
     host = host_header.strip().lower()
     if host.startswith("["):
         host = host[1:].split("]", 1)[0]
     elif host.count(":") == 1:
         host = host.split(":", 1)[0]
     if host in ("", "localhost", listen_host.lower()):
-        return True
+        return True         # (the usual Host: answered before the imports below)
+    import ipaddress
+    import socket
     try:
         ip = ipaddress.ip_address(host)
         return ip.is_loopback or ip.is_private or ip.is_unspecified
