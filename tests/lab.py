@@ -194,6 +194,7 @@ class _OllamaShapes:
     # -- writing -----------------------------------------------------------------
     def _json(self, status: int, obj: Any) -> None:
         data = json.dumps(obj).encode()
+        self._answered()
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
@@ -360,6 +361,7 @@ class _OllamaShapes:
         with fake._lock:
             fake.active += 1
             fake.max_active = max(fake.max_active, fake.active)
+        self._working = True
         try:
             if not self._fault():
                 self._post(body)
@@ -367,8 +369,16 @@ class _OllamaShapes:
             fake.disconnects += 1
             self.close_connection = True
         finally:
-            with fake._lock:
-                fake.active -= 1
+            self._answered()
+
+    def _answered(self) -> None:
+        """This request's work is over (`active` one less), before its answer's last bytes
+        are written: the client may take the answer and send its next request before this
+        thread runs again, and that one must not be counted as running beside this one."""
+        if getattr(self, "_working", False):
+            self._working = False
+            with self.fake._lock:
+                self.fake.active -= 1
 
     def _post(self, body: Dict[str, Any]) -> None:
         fake = self.fake
@@ -635,6 +645,7 @@ class _OllamaShapes:
         final = self._piece(model, chat, "", True, prompt=last)
         if fake.mode == "done_reason":
             del final["done"]
+        self._answered()
         self._chunk(final)
         if fake.mode == "after_done":
             self._chunk(self._piece(model, chat, "JUNK AFTER DONE", False))
