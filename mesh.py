@@ -4146,13 +4146,10 @@ class Balancer:
                 load = 0.0 if where == "loaded" else self.load_seconds(node, model)
                 have = cached.get(name, 0) if cached else 0
                 st = node.stats.get(model)     # measured here: the rates as they are (rate() else)
-                # (rate() keeps what it works out in `pool`: read from there first, without the call)
                 ptps = (st.prompt_tps if st is not None and st.prompt_tps
-                        else pool.get((name, model, "prompt_tps"))
-                        or self.rate(node, model, "prompt_tps", PRIOR_PROMPT_TPS, pool))
+                        else self.rate(node, model, "prompt_tps", PRIOR_PROMPT_TPS, pool))
                 gtps = (st.gen_tps if st is not None and st.gen_tps
-                        else pool.get((name, model, "gen_tps"))
-                        or self.rate(node, model, "gen_tps", PRIOR_GEN_TPS, pool))
+                        else self.rate(node, model, "gen_tps", PRIOR_GEN_TPS, pool))
                 prompt = (tokens - have if tokens - have > 1 else 1) / ptps
                 gen = reply / gtps
                 # Taking a slot from another conversation costs it its cache: count that too.
@@ -7279,7 +7276,7 @@ class MeshOrchestrator:
             # and they are what the general rules below would choose too).
             found = [n for n in self.nodes if key in n.models and n.healthy and n.name not in exclude]
             if len(found) > 1:
-                found = [n for n in found if key in n.loaded or n.can_hold(key)] or found
+                found = [n for n in found if n.can_hold(key)] or found
             if found:
                 return found
         # A node that is down and was never asked what it has is down, not a place the model
@@ -7385,8 +7382,6 @@ class MeshOrchestrator:
         req.future = asyncio.get_event_loop().create_future()
         self._waiting.append(req)
         self._plan()
-        if req.future.done() and not req.future.cancelled():
-            return req.future.result()      # sent at once (the usual case): no await
         try:
             return await req.future
         except asyncio.CancelledError:
@@ -7609,8 +7604,9 @@ class MeshOrchestrator:
                     not_found.append(chosen.name)
                     if pinned:
                         raise ModelNotFoundError(f'model "{model}" not found on node {chosen.name}') from None
-                elif (exc.answered or exc.mark_down and (exc.status or 0) >= 500) and exc.status != 503:
-                    # (503: Ollama's queue is full - the node is busy, not the request at fault)
+                elif exc.answered and exc.status != 503:
+                    # (a 5xx is an answer too; 503: Ollama's queue is full - the node is busy, not the
+                    # request at fault)
                     status = exc.status if (exc.status or 0) >= 500 else 502 if exc.mark_down else 500
                     if pinned:      # the node the client chose answered: its error is the answer
                         raise RequestFailedError(str(exc), status=status) from None
