@@ -87,6 +87,17 @@ def test_generate_context_is_recognised():
     assert chain[0] == (fp, 3) and tokens == 4
 
 
+def test_generate_context_fingerprints_tell_contexts_apart():
+    long = list(range(4096))
+    fp = mesh.context_fingerprint({"model": "m"}, long)
+    assert fp == mesh.context_fingerprint({"model": "m"}, list(long))
+    assert fp != mesh.context_fingerprint({"model": "m"}, long[:-1] + [5])
+    assert fp != mesh.context_fingerprint({"model": "other"}, long)
+    # not Ollama's token list (a client's own): still a fingerprint, no error
+    odd = mesh.context_fingerprint({"model": "m"}, [1, {"a": [2]}])
+    assert len(odd) == 8 and odd != mesh.context_fingerprint({"model": "m"}, [1, {"a": [3]}])
+
+
 SS_BUSY = """0 0 127.0.0.1:11434 127.0.0.1:50000
 \t cubic rto:204 lastsnd:9000 lastrcv:20 lastack:20
 0 0 127.0.0.1:11434 127.0.0.1:50001
