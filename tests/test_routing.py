@@ -72,6 +72,13 @@ def chat(*contents, model="m:1"):
     (chat("hi " * 400), chat("hi " * 400, "reply", model="other:1"), False),  # another model's cache
     ({"model": "m:1", "prompt": "x" * 5000}, {"model": "m:1", "prompt": "x" * 5000 + "y" * 100}, True),
     ({"model": "m:1", "prompt": "x" * 1000}, {"model": "m:1", "prompt": "x" * 1000 + "y"}, False),  # under a block
+    # OpenAI's / Anthropic's content blocks: the texts decide, an image part too
+    (chat([{"type": "text", "text": "hi " * 400}]), chat([{"type": "text", "text": "hi " * 400}], "reply", "more"), True),
+    (chat([{"type": "text", "text": "hi " * 400}]), chat([{"type": "text", "text": "hi " * 399 + "ho"}], "r"), False),
+    (chat([{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "data:a"}}]),
+     chat([{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "data:b"}}], "r"), False),
+    (chat([{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]),
+     chat([{"type": "text", "text": "ab"}], "r"), False),
 ])
 def test_prompt_prefixes_find_what_a_slot_may_hold(earlier, later, shared):
     path = "/api/chat" if "messages" in earlier else "/api/generate"
