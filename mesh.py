@@ -2411,8 +2411,19 @@ def _decode_json(body: bytes, max_depth: int = MAX_JSON_DEPTH) -> Tuple[Any, boo
     except ValueError as exc:
         raise ValueError(f"invalid JSON: {exc}") from None
     fix = _SURROGATE_ESCAPE.search(text) is not None
-    if not fix and text.count("{") + text.count("[") <= max_depth:
-        return obj, sound       # no escape to mend, and too few brackets to nest past max_depth
+    if not fix:
+        # Nothing to mend; only the depth to check.  Too few characters to nest that deep
+        # (a level takes two), or a walk over the containers shows it - cheap for the usual
+        # body, long texts in few containers; failing that within a budget, too few
+        # brackets (counting is cheaper for many small containers), else the whole walk.
+        if len(text) <= 2 * max_depth:
+            return obj, sound
+        shallow = _shallow(obj, max_depth, len(text) >> 6)
+        if shallow is None:
+            shallow = text.count("{") + text.count("[") <= max_depth or _shallow(obj, max_depth)
+        if not shallow:
+            raise ValueError("exceeded max depth")
+        return obj, sound
     # One iterative walk: depth, and lone surrogates replaced where the text had escapes.
     todo = [(obj, 1)]
     while todo:
@@ -2436,6 +2447,26 @@ def _decode_json(body: bytes, max_depth: int = MAX_JSON_DEPTH) -> Tuple[Any, boo
     if fix and isinstance(obj, str):
         obj = _LONE_SURROGATE.sub("\ufffd", obj)
     return obj, sound and not fix
+
+
+def _shallow(obj: Any, max_depth: int, budget: Optional[int] = None) -> Optional[bool]:
+    """Whether a decoded JSON value nests at most max_depth containers deep, found by
+    walking its containers level by level; None when that would take more than
+    `budget` values (then counting brackets is the cheaper proof)."""
+    level: List[Any] = [obj]
+    for _ in range(max_depth):
+        deeper: List[Any] = []
+        for value in level:
+            items = value.values() if type(value) is dict else value if type(value) is list else ()
+            if budget is not None:
+                budget -= len(items)
+                if budget < 0:
+                    return None
+            deeper += [item for item in items if type(item) is dict or type(item) is list]
+        if not deeper:
+            return True
+        level = deeper
+    return False
 
 
 # The request structs of Ollama's api/types.go, and the fields mesh itself reads.
