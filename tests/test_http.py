@@ -576,3 +576,17 @@ def test_a_client_that_stops_reading_is_disconnected(lab):
         wait_for(lambda: 'error="client read nothing for 1 s"' in s.stderr(), 20, "the request's access log line")
     finally:
         s.stop()
+
+
+@pytest.mark.parametrize("shape", ["short", "long text", "many containers"])
+def test_json_depth_limit_is_the_same_however_it_is_proved(shape):
+    # 512 containers deep is taken, 513 is Ollama's "exceeded max depth" - whether the
+    # body is short, mostly text (a walk over its few containers proves it) or made of
+    # many small containers (the brackets are counted, then walked)
+    def body(depth):
+        extra = {"short": "", "long text": '"x":"' + "y" * 5000 + '",',
+                 "many containers": '"m":[' + ",".join(['{"a":[1,{"b":2}]}'] * 400) + "],"}[shape]
+        return ('{' + extra + '"a":' + "[" * (depth - 1) + "]" * (depth - 1) + "}").encode()
+    assert isinstance(mesh.decode_json_body(body(512)), dict)
+    with pytest.raises(ValueError, match="exceeded max depth"):
+        mesh.decode_json_body(body(513))
