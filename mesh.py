@@ -3684,24 +3684,43 @@ SLOT_WAIT_MIN = 0.05         # seconds queued inside Ollama that mean "its paral
 _GENERATE_BLOCK = 2048       # /api/generate prompts are fingerprinted every this many characters
 
 
-def _fingerprint() -> Any:
-    import hashlib
-    return hashlib.blake2b(digest_size=8)
+def _fp(value: Any) -> bytes:
+    """A fingerprint's 8 bytes: Python's hash (SipHash-1-3 over a string's characters,
+    keyed per process).  Fingerprints live only in this process, and hashing a 75 KB
+    conversation this way took ~30 us here where encoding and blake2b took ~170 us."""
+    return hash(value).to_bytes(8, "little", signed=True)
+
+
+def _cut(value: Any, limit: int) -> Any:
+    """A JSON value with each string in it cut to its first `limit` characters."""
+    if isinstance(value, str):
+        return value[:limit]
+    if isinstance(value, dict):
+        return {key: _cut(item, limit) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_cut(item, limit) for item in value]
+    return value
+
+
+def _sample(value: Any, limit: int = 4096) -> str:
+    """A JSON value as text for a fingerprint, each string in it cut to its first
+    `limit` characters: an image (base64, megabytes) costs no more than its start
+    (encoding a 2 MB one whole took ~5-9 ms here, before the node write)."""
+    return json.dumps(_cut(value, limit), sort_keys=True, ensure_ascii=False)
 
 
 def _text_of(content: Any) -> str:
     """A message's content as text for its fingerprint: a string as it is; a list of
-    text parts (OpenAI's and Anthropic's content blocks, {"type": "text", "text": ...})
-    their texts joined - encoding each as JSON cost ~9 us a 1.5 KB message here, before
-    the node write; anything else (images, tool calls) as JSON."""
+    content blocks (OpenAI's and Anthropic's) each block's text, other blocks (an
+    image) as _sample gives them; anything else as _sample gives it."""
     if isinstance(content, str):
         return content
     if content is None:
         return ""
-    if isinstance(content, list) and content and all(
-            type(part) is dict and part.get("type") == "text" and type(part.get("text")) is str for part in content):
-        return "\x1d".join([part["text"] for part in content])
-    return json.dumps(content, sort_keys=True, ensure_ascii=False)
+    if isinstance(content, list):
+        return "\x1d".join([part["text"] if type(part) is dict and part.get("type") == "text"
+                             and type(part.get("text")) is str else _sample(part) for part in content])
+    return _sample(content)
 
 
 def prompt_prefixes(path: str, payload: Dict[str, Any]) -> Tuple[List[Tuple[bytes, int]], int]:
@@ -3710,9 +3729,9 @@ def prompt_prefixes(path: str, payload: Dict[str, Any]) -> Tuple[List[Tuple[byte
     [(8-byte fingerprint, estimated tokens through that prefix)], and the request's
     estimated prompt tokens.  Chat (/api/chat, /v1/chat/completions): one per message;
     /api/generate: one for `context` (the token list a previous reply returned), then
-    one per 2,048 characters of the prompt.  Fingerprints include the model; no text
-    is kept (Ollama reuses the longest common prefix of a slot's last sequence, as its
-    runner's cache does)."""
+    one per 2,048 characters of the prompt.  Fingerprints include the model and path,
+    and are this process's own (_fp); no text is kept (Ollama reuses the longest common
+    prefix of a slot's last sequence, as its runner's cache does)."""
     messages = payload.get("messages")
     if not isinstance(messages, list) and not payload.get("context"):
         prompt = payload.get("prompt")
@@ -3721,9 +3740,8 @@ def prompt_prefixes(path: str, payload: Dict[str, Any]) -> Tuple[List[Tuple[byte
             system = payload.get("system")
             chars = len(_text_of(system)) if system else 0
             return [], int((chars + len(prompt)) / CHARS_PER_TOKEN)
-    model = model_key(str(payload.get("model") or ""))
-    h = _fingerprint()
-    h.update(model.encode("utf-8", "replace") + b"\0" + path.encode())
+    # Each prefix's key is the key before it and what the prefix adds: hash() of the tuple.
+    key: Any = hash((model_key(str(payload.get("model") or "")), path))
     chain: List[Tuple[bytes, int]] = []
     chars = 0
     if isinstance(messages, list):
@@ -3732,41 +3750,30 @@ def prompt_prefixes(path: str, payload: Dict[str, Any]) -> Tuple[List[Tuple[byte
                 continue
             text = _text_of(msg.get("content"))
             role = str(msg.get("role", ""))
-            h.update(b"\x1e" + role.encode("utf-8", "replace") + b"\x1f" + text.encode("utf-8", "replace"))
             extra = msg.get("images") or msg.get("tool_calls")
-            if extra:
-                h.update(_text_of(extra).encode("utf-8", "replace")[:4096])
+            key = hash((key, role, text, _sample(extra) if extra else None))
             chars += len(text) + len(role) + 8
-            chain.append((h.copy().digest(), int(chars / CHARS_PER_TOKEN)))
+            chain.append((_fp(key), int(chars / CHARS_PER_TOKEN)))
         return chain, int(chars / CHARS_PER_TOKEN)
     tokens = 0
     system = payload.get("system")
     if system:
-        h.update(b"\x1es" + _text_of(system).encode("utf-8", "replace"))
-        chars += len(_text_of(system))
+        text = _text_of(system)
+        key = hash((key, "system", text))
+        chars += len(text)
     context = payload.get("context")
     if isinstance(context, list) and context:
-        h.update(b"\x1ec" + _context_bytes(context))
+        try:        # Ollama's token list: ints
+            key = hash((key, "context", tuple(context)))
+        except TypeError:   # something unhashable in it (not Ollama's): its JSON
+            key = hash((key, "context", json.dumps(context, sort_keys=True)))
         tokens = len(context)
-        chain.append((h.copy().digest(), tokens + int(chars / CHARS_PER_TOKEN)))
+        chain.append((_fp(key), tokens + int(chars / CHARS_PER_TOKEN)))
     prompt = _text_of(payload.get("prompt"))
     for start in range(0, len(prompt) - _GENERATE_BLOCK + 1, _GENERATE_BLOCK):
-        h.update(prompt[start:start + _GENERATE_BLOCK].encode("utf-8", "replace"))
-        chain.append((h.copy().digest(), tokens + int((chars + start + _GENERATE_BLOCK) / CHARS_PER_TOKEN)))
+        key = hash((key, prompt[start:start + _GENERATE_BLOCK]))
+        chain.append((_fp(key), tokens + int((chars + start + _GENERATE_BLOCK) / CHARS_PER_TOKEN)))
     return chain, tokens + int((chars + len(prompt)) / CHARS_PER_TOKEN)
-
-
-def _context_bytes(context: List[Any]) -> bytes:
-    """What a generate request's `context` (the token list Ollama's previous reply
-    returned, often thousands of ints) adds to its fingerprint: Python's hash of the
-    tokens as a tuple, 8 bytes.  An int hashes alike in every process, and fingerprints
-    live only in this one; encoding 4,096 tokens as JSON cost ~0.35 ms a request here,
-    the tuple's hash ~0.03 ms.  A list holding something unhashable (never Ollama's)
-    gives its JSON instead."""
-    try:
-        return hash(tuple(context)).to_bytes(8, "little", signed=True)
-    except TypeError:
-        return json.dumps(context, sort_keys=True).encode()
 
 
 def context_fingerprint(payload: Dict[str, Any], context: List[Any]) -> bytes:

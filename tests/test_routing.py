@@ -79,6 +79,15 @@ def chat(*contents, model="m:1"):
      chat([{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "data:b"}}], "r"), False),
     (chat([{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]),
      chat([{"type": "text", "text": "ab"}], "r"), False),
+    # images (base64, often megabytes): the same image continues a conversation, another does not
+    ({"model": "m:1", "messages": [{"role": "user", "content": "hi", "images": ["A" * 3_000_000]}]},
+     {"model": "m:1", "messages": [{"role": "user", "content": "hi", "images": ["A" * 3_000_000]},
+                                   {"role": "assistant", "content": "r"}]}, True),
+    ({"model": "m:1", "messages": [{"role": "user", "content": "hi", "images": ["A" * 3_000_000]}]},
+     {"model": "m:1", "messages": [{"role": "user", "content": "hi", "images": ["B" + "A" * 2_999_999]},
+                                   {"role": "assistant", "content": "r"}]}, False),
+    (chat([{"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 3_000_000}}]),
+     chat([{"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 3_000_000}}], "r"), True),
 ])
 def test_prompt_prefixes_find_what_a_slot_may_hold(earlier, later, shared):
     path = "/api/chat" if "messages" in earlier else "/api/generate"
