@@ -2966,6 +2966,10 @@ _SSE_END = re.compile(rb"^data: ?\[DONE\]|^event: ?message_stop", re.M)
 _SSE_EVENT_END = re.compile(rb"\r?\n\r?\n")      # the blank line that ends an event, LF or CRLF
 
 
+WHOLE_DECODE_LIMIT = 1 << 20   # bytes: a whole answer larger than this is not decoded where only its
+                               # bytes are passed on (ReplyScanner.final_obj, open_stream(decode=False))
+
+
 class ReplyScanner:
     """Finds what mesh must know in a streamed reply without decoding every line:
     where it ends, its final line, and lines that are not what Ollama sends.
@@ -3082,9 +3086,12 @@ class ReplyScanner:
         return out
 
     def final_obj(self) -> Optional[Dict[str, Any]]:
-        """The final line decoded (its statistics: eval_count, eval_duration, ...), or None.
-        Decoded once per line however often it is asked for (the same dict each time)."""
-        line = self.final if self.final is not None else (self.last if not self.sse else None)
+        """The final line decoded (its statistics: eval_count, eval_duration, ...), or None;
+        with no final line, the last line if it is at most WHOLE_DECODE_LIMIT bytes (a
+        larger one is a whole answer - embeddings - with no statistics worth decoding it
+        for).  Decoded once per line however often it is asked for (the same dict each time)."""
+        line = self.final if self.final is not None else \
+            (self.last if not self.sse and len(self.last) <= WHOLE_DECODE_LIMIT else None)
         if line is not self._final_line:
             self._final_line, self._final_obj = line, self._obj(line)
         return self._final_obj
@@ -3122,11 +3129,16 @@ class ReplyScanner:
         return block
 
     def _ndjson(self, block: bytes) -> bytes:
-        n = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
-        if self.strict and not (block[:1] == b"{" and block.count(b"}\n") + (block[-1:] == b"}") == n
-                                and block.count(b"\n{") == n - 1):
+        # One line (a whole answer, often megabytes of embeddings) is checked without a
+        # count over all of it: each pass over 16 MB took ~13 ms here.
+        one = block.find(b"\n") in (-1, len(block) - 1)
+        n = 1 if one else block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
+        if self.strict and not (block[:1] == b"{" and (block.rstrip(b"\n")[-1:] == b"}" if one else
+                                                       block.count(b"}\n") + (block[-1:] == b"}") == n
+                                                       and block.count(b"\n{") == n - 1)):
             block = self._clean(block)      # blank lines, CRLF, or a bad line: line by line
             n = block.count(b"\n")
+            one = False
         end = len(block)
         if b'"error"' in block:
             end = self._find_error(block)
@@ -3146,7 +3158,10 @@ class ReplyScanner:
                 break
             m = _DONE_TRUE.search(block, stop, end)
         out = block[:end]
-        if out:
+        if out and one:
+            self.lines += 1
+            self.last = out
+        elif out:
             self.lines += out.count(b"\n") + (0 if out.endswith(b"\n") else 1)
             last_nl = out.rfind(b"\n", 0, len(out) - 1)
             self.last = out[last_nl + 1:]
@@ -6156,6 +6171,8 @@ class RawStream:
         self._whole: Dict[str, Any] = {}  # stream=False: the answer
         self.whole_bytes: Optional[bytes] = None   # ... and its bytes, when the node sent one object
         self.route_req: Optional[RouteRequest] = None   # what the balancer planned, if it did
+        # stream=False: a single-object answer longer than this is not decoded (see _collect)
+        self.decode_limit: Optional[int] = None
 
     @property
     def final(self) -> Optional[Dict[str, Any]]:
@@ -6361,7 +6378,9 @@ class RawStream:
             if not self._handed_off:
                 await self._ex.close()
         finally:
-            self._orch._release(self._node, self.route_req, self.final)
+            # (the final line only for a request the balancer planned: it learns from it)
+            req = self.route_req
+            self._orch._release(self._node, req, self.final if req is not None and req.ticket else None)
 
     async def __aenter__(self) -> "RawStream":
         return self
@@ -7578,7 +7597,7 @@ class MeshOrchestrator:
         return await self._answer(raw)
 
     async def open_stream(self, path: str, payload: Dict[str, Any], *, node: Optional[str] = None,
-                          stream: bool = True, body: Optional[bytes] = None) -> RawStream:
+                          stream: bool = True, body: Optional[bytes] = None, decode: bool = True) -> RawStream:
         """Route a request and return the reply as a RawStream of the node's own bytes
         (what `serve` relays).  Failover happens here, before anything is returned: a
         node that fails before its first whole line is replaced by the next best one.
@@ -7586,7 +7605,10 @@ class MeshOrchestrator:
         is when given (the client's own bytes), else payload as JSON.  A node whose
         Ollama lacks `path` (Go's plain 404) is skipped, and remembered.  Raises
         MeshError (ModelNotFoundError, NoNodeAvailableError, UnsupportedPathError when
-        no node can serve `path`, NodeError ...)."""
+        no node can serve `path`, NodeError ...).  decode=False (stream=False, for a
+        caller that passes the answer's bytes on, as `serve`): a one-object answer over
+        WHOLE_DECODE_LIMIT bytes is checked at its ends only, not decoded - its bytes are in
+        raw.whole_bytes and raw._whole is {"node": name}."""
         model = payload.get("model")
         pinned = node
         if pinned is None and model and len(self.nodes) > 1:
@@ -7644,7 +7666,8 @@ class MeshOrchestrator:
                     raise self._no_nodes(str(exc)) from None
                 raise
             try:
-                raw = await self._attempt(chosen, path, body, stream, req)
+                raw = await self._attempt(chosen, path, body, stream, req,
+                                          decode_limit=None if decode else WHOLE_DECODE_LIMIT)
             except _ClientError:
                 raise
             except _UnsupportedPath as exc:
@@ -7692,7 +7715,7 @@ class MeshOrchestrator:
                 return raw
 
     async def _attempt(self, node: SSHNode, path: str, body: bytes, streaming: bool,
-                       req: Optional[RouteRequest] = None) -> RawStream:
+                       req: Optional[RouteRequest] = None, *, decode_limit: Optional[int] = None) -> RawStream:
         """One node's try: the reply's head and its first whole line (all of it for
         stream=False).  The node's slot is released on failure, else when the stream closes."""
         try:
@@ -7703,6 +7726,7 @@ class MeshOrchestrator:
             raise
         raw = RawStream(self, node, ex, path, streaming)
         raw.route_req = req
+        raw.decode_limit = decode_limit
         try:
             if ex.status != 200:
                 try:
@@ -7746,6 +7770,13 @@ class MeshOrchestrator:
                 obj = self._merge_lines(data, obj)
             else:
                 raw.whole_bytes = data
+        if obj is None and raw.decode_limit is not None and len(data) > raw.decode_limit \
+                and data.lstrip()[:1] == b"{" and data.rstrip()[-1:] == b"}":
+            # A large object (embeddings for many inputs) that is passed on as its bytes: not
+            # decoded only to be checked - 16 MB took ~0.35 s here, while every other stream
+            # waited; an error answer is small, and is decoded.
+            raw.whole_bytes = data
+            return {"node": raw.node}
         if obj is None:
             try:
                 obj = json.loads(data)
@@ -8381,7 +8412,7 @@ class OllamaAPI(_API):
         body = ex.clean_body
         if not streaming:
             raw = await ex.unless_client_leaves(
-                self.orch.open_stream(path, payload, node=pinned, stream=False, body=body))
+                self.orch.open_stream(path, payload, node=pinned, stream=False, body=body, decode=False))
             try:        # the answer goes out first, then the node's slot is given back
                 result = raw._whole
                 result.pop("node", None)

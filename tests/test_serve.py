@@ -12,6 +12,7 @@ import urllib.request
 
 import pytest
 
+import mesh
 from conftest import needs_sshd
 from lab import MESH, free_port, wait_for
 
@@ -117,6 +118,19 @@ def test_generate_chat_embed_show_shapes(served, lab):
     assert status == 200 and json.loads(body)["embedding"][0] == 4.0
     status, _, body = served.call("POST", "/api/show", {"model": "llama3"})
     assert status == 200 and json.loads(body)["modelfile"] == "FROM llama3"
+
+
+def test_a_large_embeddings_answer_arrives_whole(served, lab):
+    # ~2.5 MB answers, past the size serve decodes: passed on as the node's bytes
+    inputs = ["x" * (i % 50) for i in range(100_000)]
+    status, headers, body = served.call("POST", "/api/embed", {"model": "nomic-embed-text", "input": inputs})
+    obj = json.loads(body)
+    assert status == 200 and len(body) > mesh.WHOLE_DECODE_LIMIT and int(headers["Content-Length"]) == len(body)
+    assert [e[0] for e in obj["embeddings"]] == [float(len(s)) for s in inputs] and obj["prompt_eval_count"] == 3
+    status, headers, body = served.call("POST", "/v1/embeddings", {"model": "nomic-embed-text", "input": inputs})
+    obj = json.loads(body)
+    assert status == 200 and len(body) > mesh.WHOLE_DECODE_LIMIT
+    assert [d["embedding"][0] for d in obj["data"]][:3] == [0.0, 1.0, 2.0] and len(obj["data"]) == len(inputs)
 
 
 def test_pin_with_header(served, lab):

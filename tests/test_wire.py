@@ -279,6 +279,18 @@ def test_reply_scanner_last_line_with_done_reason_but_no_done():
     assert not sc.done and sc.error is None and sc.final_obj() == {"response": "", "done_reason": "stop"}
 
 
+@pytest.mark.parametrize("size, decoded", [(1000, True), (mesh.WHOLE_DECODE_LIMIT + 1, False)])
+def test_reply_scanner_decodes_a_last_line_only_up_to_the_limit(size, decoded):
+    # A whole answer with no final line (embeddings) is passed on as bytes; it is decoded
+    # for its statistics only while small (16 MB took ~0.35 s, holding every other stream)
+    line = b'{"model":"m","embeddings":[[' + b"0.5," * ((size - 40) // 4) + b'0.5]],"prompt_eval_count":3}'
+    sc = mesh.ReplyScanner()
+    assert sc.feed(line) == b"" and sc.finish() == line and sc.error is None
+    assert (sc.final_obj() is not None) is decoded
+    if decoded:
+        assert sc.final_obj()["prompt_eval_count"] == 3
+
+
 @pytest.mark.parametrize("data", [
     b'{"model":"m","response":"hi","done":true,"eval_count":3}',           # Ollama's stream=false answer
     b'{"model":"m","response":"hi","done":true,"eval_count":3}\n',
