@@ -4176,6 +4176,10 @@ class Balancer:
         `waiting` is in arrival order; each request's `candidates` are the node names
         that may take it.  With explain, `why` lists every candidate's estimate."""
         rng = rng or random
+        if len(waiting) == 1 and not explain:
+            lone = self._plan_lone(waiting[0], now, rng)
+            if lone is not None:
+                return lone
         out: List[Tuple[RouteRequest, str, float, str]] = []
         slots: Dict[str, List[float]] = {}
         free_now = 0
@@ -4220,15 +4224,7 @@ class Balancer:
                     start = now
                 load = 0.0 if where == "loaded" else self.load_seconds(node, model)
                 have = cached.get(name, 0) if cached else 0
-                st = node.stats.get(model)     # measured here: the rates as they are (rate() else)
-                ptps = (st.prompt_tps if st is not None and st.prompt_tps
-                        else self.rate(node, model, "prompt_tps", PRIOR_PROMPT_TPS, pool))
-                gtps = (st.gen_tps if st is not None and st.gen_tps
-                        else self.rate(node, model, "gen_tps", PRIOR_GEN_TPS, pool))
-                prompt = (tokens - have if tokens - have > 1 else 1) / ptps
-                gen = reply / gtps
-                # Taking a slot from another conversation costs it its cache: count that too.
-                evict = 0.0 if have or not node.resident else self.eviction_cost(node, now, ptps)
+                prompt, gen, evict = self._estimate(node, model, tokens - have, not have, reply, now, pool)
                 finish = start - now + load + prompt + gen + evict
                 if explain:
                     rows.append(f"{name}={finish:.2f}s(wait {start - now:.2f} load {load:.2f} "
@@ -4264,6 +4260,53 @@ class Balancer:
                 sent[name] = sent.get(name, 0) + 1
                 out.append((req, name, finish, why))
         return out
+
+    def _estimate(self, node: NodeRouteState, model: str, uncached: int, fresh: bool, reply: float,
+                  now: float, pool: Dict[Tuple[str, ...], Optional[float]]) -> Tuple[float, float, float]:
+        """Seconds of (prompt evaluation, generation, the cache taken from another
+        conversation) for a request on `node` once it has a slot: `uncached` prompt
+        tokens to evaluate, `reply` tokens to generate; fresh: none of its prompt is
+        cached there, so it takes a slot another sequence may still need."""
+        st = node.stats.get(model)     # measured here: the rates as they are (rate() else)
+        ptps = (st.prompt_tps if st is not None and st.prompt_tps
+                else self.rate(node, model, "prompt_tps", PRIOR_PROMPT_TPS, pool))
+        gtps = (st.gen_tps if st is not None and st.gen_tps
+                else self.rate(node, model, "gen_tps", PRIOR_GEN_TPS, pool))
+        # Taking a slot from another conversation costs it its cache: count that too.
+        evict = self.eviction_cost(node, now, ptps) if fresh and node.resident else 0.0
+        return (uncached if uncached > 1 else 1) / ptps, reply / gtps, evict
+
+    def _plan_lone(self, req: RouteRequest, now: float,
+                   rng: Any) -> Optional[List[Tuple[RouteRequest, str, float, str]]]:
+        """plan() for one waiting request when every candidate has a slot free now and
+        the model loaded - mesh not saturated, the usual case: the same estimates and
+        choice, without a batch's slot heaps and placements.  None otherwise (plan
+        works it out in full)."""
+        nodes, model = self.nodes, req.model
+        names = req.candidates
+        for name in names:
+            node = nodes.get(name)
+            if node is None or model not in node.loaded or node.slots - len(node.inflight) - node.external < 1:
+                return None
+        if not names:
+            return None
+        cached = self.cached_tokens(req) if req.chain else {}
+        reply = self.expected_reply(req)
+        if len(names) > 1:   # (as plan: equal estimates go to a random one)
+            k = rng.randrange(len(names))
+            names = names[k:] + names[:k]
+        pool, tokens = self._pool, req.tokens
+        best, best_name = 0.0, ""
+        for name in names:
+            have = cached.get(name, 0) if cached else 0
+            prompt, gen, evict = self._estimate(nodes[name], model, tokens - have, not have, reply, now, pool)
+            finish = prompt + gen + evict
+            if not best_name or finish < best - 1e-9:
+                best, best_name = finish, name
+        why = "free slot, earliest completion"
+        if cached.get(best_name):
+            why += f"; {cached[best_name]} prompt tokens cached there"
+        return [(req, best_name, best, why)]
 
     def _explorable(self, req: RouteRequest, sent: Dict[str, int]) -> bool:
         return any(self.nodes[n].busy() + sent.get(n, 0) < self.nodes[n].explore_limit()

@@ -258,3 +258,31 @@ def test_a_node_with_many_slots_plans_as_with_every_slot_listed(busy):
                                                                               rng=random.Random(3))]
     assert plan(True) == plan(False)
     assert len(plan(True)) == min(6, 1000 - busy + 2)   # every free slot is used
+
+
+def test_a_lone_request_is_planned_as_a_batch_would_plan_it():
+    # plan() takes a shortcut for one waiting request when every candidate has a slot and
+    # the model: it must choose as the full plan does (explain=True always takes that)
+    rng = random.Random(7)
+    for trial in range(300):
+        r = router(*[(name, rng.choice([10.0, 30.0, 30.0, 100.0]), rng.choice([1, 2, 4]),
+                      ["m:1"] if rng.random() < 0.9 else ["x:1"]) for name in ("a", "b", "c")])
+        firsts = []
+        for _ in range(rng.randrange(6)):             # earlier conversations, some still in flight
+            firsts.append("w " * rng.randrange(1, 6000))
+            req = waiting(r, 1, chat(firsts[-1]))[0]
+            name = rng.choice(list(r.nodes))
+            r.dispatched(req, name, 1.0, 0.0)
+            if rng.random() < 0.7:
+                r.finished(req, name, 1.0, {"eval_count": 50, "eval_duration": 1e9, "total_duration": 3e9,
+                                            "prompt_eval_count": 400, "prompt_eval_duration": rng.random() * 1e9})
+        # the next turn of one of them (its prefix cached somewhere), a new conversation, or a generate
+        payload = rng.choice([chat(rng.choice(firsts), "r", "next?") if firsts else None,
+                              chat("w " * rng.randrange(1, 6000), "r", "next?"), None])
+        nxt = waiting(r, 1, payload)[0]
+        nxt.candidates = rng.sample(list(r.nodes), rng.randrange(1, 4))
+        seed = rng.randrange(1 << 30)
+        lone = r.plan([nxt], 2.0, rng=random.Random(seed))
+        full = r.plan([nxt], 2.0, explain=True, rng=random.Random(seed))
+        assert [(q, n, round(e, 9), w) for q, n, e, w in lone] == \
+            [(q, n, round(e, 9), w.split(" | ")[0]) for q, n, e, w in full], trial
