@@ -3200,6 +3200,10 @@ class ReplyScanner:
     @staticmethod
     def _decode(line: bytes) -> Any:
         try:
+            if line[:1] == b"{":
+                # What json.loads(bytes) does for a line that starts so (UTF-8, no BOM to
+                # detect), without its encoding detection in Python
+                return json.loads(line.decode("utf-8", "surrogatepass"))
             return json.loads(line)
         except _JSON_ERRORS:
             return None
