@@ -2367,7 +2367,10 @@ def fits_in_memory(size: Optional[int], facts: Dict[str, Any]) -> bool:
 MAX_JSON_DEPTH = 512     # nesting a request body may have; Go's encoding/json allows 10000,
                          # Python's json gives up near 1000 (and so would encoding it again)
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+# A lone surrogate's escape: a high one not followed by a low one, or a low one not after a
+# high one (a pair, "\ud83d\ude00", is one character - an emoji - and needs no mending)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+                               r"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 
 
 def _go_json_constant(name: str) -> Any:
@@ -3190,8 +3193,12 @@ class ReplyScanner:
             line = line.strip()
             if not line:
                 continue
-            if not (line[:1] == b"{" and line[-1:] == b"}") or not isinstance(self._decode(line), dict):
-                what = "not JSON" if self._decode(line) is None else "not a JSON object"
+            # Decoded once at most, and not at all when it starts as an object and does not end
+            # as one (a reply cut off: decoding 32 MB of it only to fail held serve ~0.5 s)
+            braced = line[:1] == b"{" and line[-1:] == b"}"
+            obj = self._decode(line) if braced or line[:1] != b"{" else None
+            if not isinstance(obj, dict):
+                what = "not JSON" if obj is None else "not a JSON object"
                 self.error = f"{what}: {_excerpt(line)}"
                 break
             out.append(line + b"\n")
@@ -3711,9 +3718,11 @@ def _fp(value: Any) -> bytes:
 
 
 def _cut(value: Any, limit: int) -> Any:
-    """A JSON value with each string in it cut to its first `limit` characters."""
+    """A JSON value with each string longer than `limit` characters sampled: its first
+    `limit`, then every 64th - two images that share their first kilobytes (screenshots
+    with the same top bar share ~56 KB of base64) still differ in the sample."""
     if isinstance(value, str):
-        return value[:limit]
+        return value if len(value) <= limit else value[:limit] + value[limit::64]
     if isinstance(value, dict):
         return {key: _cut(item, limit) for key, item in value.items()}
     if isinstance(value, list):
@@ -3722,9 +3731,9 @@ def _cut(value: Any, limit: int) -> Any:
 
 
 def _sample(value: Any, limit: int = 4096) -> str:
-    """A JSON value as text for a fingerprint, each string in it cut to its first
-    `limit` characters: an image (base64, megabytes) costs no more than its start
-    (encoding a 2 MB one whole took ~5-9 ms here, before the node write)."""
+    """A JSON value as text for a fingerprint, each long string in it sampled (_cut):
+    an image (base64, megabytes) costs a 64th of itself (encoding a 2 MB one whole took
+    ~5-9 ms here, before the node write)."""
     return json.dumps(_cut(value, limit), sort_keys=True, ensure_ascii=False)
 
 
@@ -6204,9 +6213,11 @@ class RawStream:
         self.content_type = ex.headers.get("content-type") or "application/x-ndjson"
         self.sse = "text/event-stream" in self.content_type.lower()
         # A whole (stream=false) reply is one line: as large as any reply mesh reads whole
-        # (read_body's 256 MiB: an embeddings answer for thousands of inputs passes 64 MiB).
+        # (read_body's 256 MiB: an embeddings answer for thousands of inputs passes 64 MiB) -
+        # also one relayed as it comes (OpenAI's /v1/embeddings: application/json, not a stream).
+        whole = not streaming or not (self.sse or "ndjson" in self.content_type.lower())
         self._scan = ReplyScanner(sse=self.sse, strict=streaming,
-                                  max_line=(64 if streaming else 256) * 1024 * 1024)
+                                  max_line=(256 if whole else 64) * 1024 * 1024)
         self._path = path
         self._streaming = streaming
         self._first = b""

@@ -436,6 +436,17 @@ def test_every_json_body_gets_an_answer(front, body, status, expected, path="/ap
         assert (error["message"] if isinstance(error, dict) else error) == expected
 
 
+def test_an_escaped_emoji_reaches_the_node_as_the_client_sent_it(front):
+    # a surrogate pair's escapes (what Python's json.dumps and requests send for an emoji) are
+    # one character: nothing to mend, so the node gets the client's own bytes
+    body = b'{"model": "m:1", "prompt": "an emoji \\ud83d\\ude00 and \\uD83D\\uDE00", "stream": false}'
+    reply, _ = exchange(front.port, f"POST /api/generate HTTP/1.1\r\nHost: localhost\r\n{AUTH}Connection: close\r\n"
+                        f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    assert status_of(reply) == 200
+    sent = [r for r in front.lab.fakes["a"].requests if r["path"] == "/api/generate"][-1]
+    assert sent["raw"] == body and sent["body"]["prompt"] == "an emoji \U0001F600 and \U0001F600"
+
+
 @pytest.mark.parametrize("path, body, expected", [
     # Go's encoding/json has no NaN/Infinity and no float64 past 1.8e308: the node never gets them
     ("/api/generate", b'{"model": "m:1", "prompt": NaN}', "invalid JSON: invalid character 'N' looking for beginning of value"),

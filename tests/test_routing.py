@@ -86,6 +86,10 @@ def chat(*contents, model="m:1"):
     ({"model": "m:1", "messages": [{"role": "user", "content": "hi", "images": ["A" * 3_000_000]}]},
      {"model": "m:1", "messages": [{"role": "user", "content": "hi", "images": ["B" + "A" * 2_999_999]},
                                    {"role": "assistant", "content": "r"}]}, False),
+    # ... also when two images share their first 100 KB (screenshots with the same top bar)
+    ({"model": "m:1", "messages": [{"role": "user", "content": "hi", "images": ["A" * 3_000_000]}]},
+     {"model": "m:1", "messages": [{"role": "user", "content": "hi", "images": ["A" * 100_000 + "B" * 2_900_000]},
+                                   {"role": "assistant", "content": "r"}]}, False),
     (chat([{"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 3_000_000}}]),
      chat([{"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 3_000_000}}], "r"), True),
 ])

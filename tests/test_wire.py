@@ -418,3 +418,36 @@ def test_option_flags_take_ollamas_types_too():
         "stop": ["a", "b"], "temperature": 0.1, "seed": 7}
     with pytest.raises(mesh.UsageError, match=re.escape("bad --option 'temperature=warm': invalid float value")):
         mesh._parse_options(["temperature=warm"])
+
+
+def test_a_line_cut_off_inside_an_object_is_not_decoded_to_say_so(monkeypatch):
+    # a reply cut off mid-answer (megabytes of embeddings) ends as "not JSON" without a decode
+    # of what came: decoding 32 MB only to fail held serve ~0.5 s, every other stream with it
+    decoded = []
+    real = mesh.ReplyScanner._decode
+    monkeypatch.setattr(mesh.ReplyScanner, "_decode", staticmethod(lambda line: decoded.append(line) or real(line)))
+    sc = mesh.ReplyScanner()
+    cut = b'{"object":"list","data":[{"embedding":[' + b"0.5," * 1000
+    assert sc.feed(cut) == b"" and sc.finish() == b""
+    assert sc.error == "not JSON: " + mesh._excerpt(cut) and decoded == []
+    sc = mesh.ReplyScanner()
+    assert sc.feed(b"[1]\n") == b"" and sc.error == "not a JSON object: '[1]'"    # still told apart
+
+
+@pytest.mark.parametrize("content_type, limit", [
+    ("application/json; charset=utf-8", 256), ("application/x-ndjson", 64), ("text/event-stream", 64)])
+def test_a_relayed_whole_answer_may_be_as_long_as_a_whole_reply(content_type, limit):
+    # OpenAI's /v1/embeddings with stream false is relayed as it comes, but it is one object,
+    # not a stream's line: it may pass 64 MiB (thousands of inputs) as /api/embed's may
+    import asyncio
+    from types import SimpleNamespace
+
+    async def make():
+        ex = SimpleNamespace(status=200, headers={"content-type": content_type})
+        raw = mesh.RawStream(None, SimpleNamespace(name="n"), ex, "/v1/embeddings", True)
+        raw._closed = True      # (never opened on a node: nothing to close when let go)
+        return raw
+    raw = asyncio.run(make())
+    line = b'{"data":"' + b"x" * (65 * 1024 * 1024) + b'"}'
+    assert raw._scan.feed(line) == b"" and raw._scan.finish() in (b"", line)
+    assert (raw._scan.error is None) is (limit == 256)
